@@ -1,0 +1,130 @@
+/*
+ * attnkit.h: the C kernels behind attnkit, in one header.
+ *
+ * Shape legend (all sizes are int64_t, all strides count elements, not bytes)
+ *   N   rows: every dimension before the reduced one, flattened
+ *   C   the reduced dimension: softmax's axis, or a normalised row
+ *   K   inner size: every dimension after the reduced one, flattened
+ *   B batch, H heads, Hkv key/value heads, L query length, S key length,
+ *   E head dim, Ev value dim (the attention kernels, later)
+ *
+ * Conventions
+ *   - Outputs first, then what forward saves for backward (mean, rstd),
+ *     then const inputs, then sizes, then options.
+ *   - A kernel that cannot fail returns void. No kernel allocates, prints or
+ *     exits; none holds the GIL (the Cython binding releases it).
+ *   - Every kernel exists for float (_f32) and double (_f64). The entry points
+ *     below forward to the instruction set chosen by attnkit_set_isa().
+ *   - Rows are split across OpenMP threads; each row is computed by exactly one
+ *     thread, in a fixed order, so results are bitwise identical whatever the
+ *     thread count.
+ */
+#ifndef ATTNKIT_H
+#define ATTNKIT_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---------------------------------------------------------------------------
+ * Softmax and log-softmax along C of an (N, C, K) array.
+ *
+ *   element (n, c, k) of x lives at x[n*x_strides.n + c*x_strides.c + k]
+ *   (the same for out); the inner stride is always 1, and when K == 1 the
+ *   C stride is 1 too, so every row the kernel reads is contiguous.
+ *   where, if not NULL, is a bool mask broadcast to (N, C, K) by its strides
+ *   (0 for a broadcast dimension): where[n*ws.n + c*ws.c + k*ws.k]. Elements
+ *   with where == 0 are left out, as if they were -inf.
+ *
+ *   softmax:      out = exp(x - max) / sum(exp(x - max))
+ *   log_softmax:  out = (x - max) - log(sum(exp(x - max)))
+ *   A slice with nothing left in it (all -inf, or all masked out) gives 0
+ *   (softmax) or -inf (log_softmax); a NaN in a slice makes that slice NaN.
+ *   out may be x itself (same pointer, same strides).
+ * ------------------------------------------------------------------------- */
+typedef struct {
+    int64_t n, c, k;
+} attnkit_strides;
+
+typedef struct {
+    int64_t N, C, K;
+    attnkit_strides out_strides; /* .k must be 1                      */
+    attnkit_strides x_strides;   /* .k must be 1                      */
+    attnkit_strides where_strides;
+    int log;                     /* 0: softmax, 1: log_softmax        */
+} attnkit_softmax_args;
+
+void attnkit_softmax_f32(float* out, const float* x, const uint8_t* where,
+                         const attnkit_softmax_args* args);
+void attnkit_softmax_f64(double* out, const double* x, const uint8_t* where,
+                         const attnkit_softmax_args* args);
+
+/* ---------------------------------------------------------------------------
+ * Layer norm over rows: x (N, C), rows at x_row_stride, each row contiguous.
+ *
+ *   mean = sum(x) / C                       (N)  may be NULL
+ *   rstd = 1 / sqrt(sum((x - mean)^2) / C + eps)  (N)  may be NULL
+ *   out  = (x - mean) * rstd * weight + bias (N, C) rows at out_row_stride
+ *   weight (C) and bias (C) may each be NULL (meaning 1 and 0).
+ *   The variance is the biased one, as PyTorch's. Sums are carried in double
+ *   and the mean is refined by a second pass, so a row like 1e4 + small noise
+ *   loses nothing to cancellation.
+ * ------------------------------------------------------------------------- */
+void attnkit_layer_norm_f32(float* out, float* mean, float* rstd,
+                            const float* x, const float* weight, const float* bias,
+                            int64_t N, int64_t C, int64_t out_row_stride,
+                            int64_t x_row_stride, double eps);
+void attnkit_layer_norm_f64(double* out, double* mean, double* rstd,
+                            const double* x, const double* weight, const double* bias,
+                            int64_t N, int64_t C, int64_t out_row_stride,
+                            int64_t x_row_stride, double eps);
+
+/* ---------------------------------------------------------------------------
+ * RMS norm over rows: x (N, C) as for layer norm.
+ *
+ *   rrms = 1 / sqrt(sum(x^2) / C + eps)   (N)  may be NULL
+ *   out  = x * rrms * weight              (N, C); weight (C) may be NULL
+ * ------------------------------------------------------------------------- */
+void attnkit_rms_norm_f32(float* out, float* rrms, const float* x, const float* weight,
+                          int64_t N, int64_t C, int64_t out_row_stride,
+                          int64_t x_row_stride, double eps);
+void attnkit_rms_norm_f64(double* out, double* rrms, const double* x, const double* weight,
+                          int64_t N, int64_t C, int64_t out_row_stride,
+                          int64_t x_row_stride, double eps);
+
+/* ---------------------------------------------------------------------------
+ * Instruction sets. Each kernel is built three times from one source; the
+ * entry points above call the build picked here. attnkit_init() picks the
+ * best one the CPU and the OS support.
+ * ------------------------------------------------------------------------- */
+enum { ATTNKIT_ISA_SCALAR = 0, ATTNKIT_ISA_AVX2 = 1, ATTNKIT_ISA_AVX512 = 2, ATTNKIT_ISA_COUNT = 3 };
+
+void attnkit_init(void);                   /* idempotent; call once at import   */
+const char* attnkit_isa_name(int isa);     /* "scalar", "avx2", "avx512"        */
+int attnkit_isa_supported(int isa);        /* 1 if this CPU and OS can run it   */
+int attnkit_get_isa(void);
+int attnkit_set_isa(int isa);              /* 0 ok; -1 unsupported or unknown   */
+
+/* Threads: the count every kernel may use (default: OpenMP's, which honours
+ * OMP_NUM_THREADS). A child process forked after the parent ran threads runs
+ * every kernel on its one thread (see dispatch.c). */
+void attnkit_set_num_threads(int n);       /* n >= 1                            */
+int attnkit_get_num_threads(void);
+int attnkit_in_forked_child(void);
+
+/* How many threads a kernel of `tasks` independent tasks, each costing about
+ * `work_per_task` element-operations, should use: 1 for small work, so that a
+ * small call never pays for waking a team. */
+int attnkit_plan_threads(int64_t tasks, int64_t work_per_task);
+
+/* The build: compiler, flags. */
+const char* attnkit_build_compiler(void);
+const char* attnkit_build_flags(int isa);
+int attnkit_build_sanitized(void);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* ATTNKIT_H */

@@ -1,0 +1,209 @@
+/*
+ * dispatch.c: which compiled copy of each kernel runs, and on how many threads.
+ *
+ * Compiled for baseline x86-64 only: nothing here may use an instruction the
+ * oldest supported CPU lacks, since this is what decides whether the newer
+ * ones can be used at all.
+ */
+#include <omp.h>
+#include <pthread.h>
+#include <stdlib.h>
+
+#include "attnkit.h"
+
+/* ---------------------------------------------------------------------------
+ * The kernel table, one row per instruction set.
+ */
+#define DECLARE_KERNELS(isa)                                                                    \
+    void attnkit_softmax_f32_##isa(float*, const float*, const uint8_t*,                       \
+                                   const attnkit_softmax_args*);                               \
+    void attnkit_softmax_f64_##isa(double*, const double*, const uint8_t*,                     \
+                                   const attnkit_softmax_args*);                               \
+    void attnkit_layer_norm_f32_##isa(float*, float*, float*, const float*, const float*,      \
+                                      const float*, int64_t, int64_t, int64_t, int64_t, double); \
+    void attnkit_layer_norm_f64_##isa(double*, double*, double*, const double*, const double*, \
+                                      const double*, int64_t, int64_t, int64_t, int64_t,       \
+                                      double);                                                 \
+    void attnkit_rms_norm_f32_##isa(float*, float*, const float*, const float*, int64_t,       \
+                                    int64_t, int64_t, int64_t, double);                        \
+    void attnkit_rms_norm_f64_##isa(double*, double*, const double*, const double*, int64_t,   \
+                                    int64_t, int64_t, int64_t, double);
+DECLARE_KERNELS(scalar)
+DECLARE_KERNELS(avx2)
+DECLARE_KERNELS(avx512)
+
+typedef struct {
+    const char* name;
+    void (*softmax_f32)(float*, const float*, const uint8_t*, const attnkit_softmax_args*);
+    void (*softmax_f64)(double*, const double*, const uint8_t*, const attnkit_softmax_args*);
+    void (*layer_norm_f32)(float*, float*, float*, const float*, const float*, const float*,
+                           int64_t, int64_t, int64_t, int64_t, double);
+    void (*layer_norm_f64)(double*, double*, double*, const double*, const double*,
+                           const double*, int64_t, int64_t, int64_t, int64_t, double);
+    void (*rms_norm_f32)(float*, float*, const float*, const float*, int64_t, int64_t, int64_t,
+                         int64_t, double);
+    void (*rms_norm_f64)(double*, double*, const double*, const double*, int64_t, int64_t,
+                         int64_t, int64_t, double);
+} kernel_table;
+
+#define KERNEL_ROW(isa)                                                                        \
+    {#isa,                                                                                     \
+     attnkit_softmax_f32_##isa,                                                                \
+     attnkit_softmax_f64_##isa,                                                                \
+     attnkit_layer_norm_f32_##isa,                                                             \
+     attnkit_layer_norm_f64_##isa,                                                             \
+     attnkit_rms_norm_f32_##isa,                                                               \
+     attnkit_rms_norm_f64_##isa}
+
+static const kernel_table tables[ATTNKIT_ISA_COUNT] = {
+    KERNEL_ROW(scalar),
+    KERNEL_ROW(avx2),
+    KERNEL_ROW(avx512),
+};
+static const kernel_table* active = &tables[ATTNKIT_ISA_SCALAR];
+
+const char* attnkit_isa_name(int isa)
+{
+    return isa >= 0 && isa < ATTNKIT_ISA_COUNT ? tables[isa].name : "unknown";
+}
+
+int attnkit_isa_supported(int isa)
+{
+    /* __builtin_cpu_supports checks the CPUID bits and that the OS saves the
+     * wide registers (XCR0). The AVX2 and AVX-512 copies are compiled for the
+     * x86-64-v3 and -v4 levels, so the whole level must be present. */
+    __builtin_cpu_init();
+    switch (isa) {
+    case ATTNKIT_ISA_SCALAR: return 1;
+    case ATTNKIT_ISA_AVX2: return __builtin_cpu_supports("x86-64-v3") != 0;
+    case ATTNKIT_ISA_AVX512: return __builtin_cpu_supports("x86-64-v4") != 0;
+    default: return 0;
+    }
+}
+
+int attnkit_get_isa(void) { return (int)(active - tables); }
+
+int attnkit_set_isa(int isa)
+{
+    if (!attnkit_isa_supported(isa)) return -1;
+    active = &tables[isa];
+    return 0;
+}
+
+/* The entry points of attnkit.h. */
+void attnkit_softmax_f32(float* out, const float* x, const uint8_t* where,
+                         const attnkit_softmax_args* args)
+{
+    active->softmax_f32(out, x, where, args);
+}
+void attnkit_softmax_f64(double* out, const double* x, const uint8_t* where,
+                         const attnkit_softmax_args* args)
+{
+    active->softmax_f64(out, x, where, args);
+}
+void attnkit_layer_norm_f32(float* out, float* mean, float* rstd, const float* x,
+                            const float* weight, const float* bias, int64_t N, int64_t C,
+                            int64_t out_row_stride, int64_t x_row_stride, double eps)
+{
+    active->layer_norm_f32(out, mean, rstd, x, weight, bias, N, C, out_row_stride, x_row_stride, eps);
+}
+void attnkit_layer_norm_f64(double* out, double* mean, double* rstd, const double* x,
+                            const double* weight, const double* bias, int64_t N, int64_t C,
+                            int64_t out_row_stride, int64_t x_row_stride, double eps)
+{
+    active->layer_norm_f64(out, mean, rstd, x, weight, bias, N, C, out_row_stride, x_row_stride, eps);
+}
+void attnkit_rms_norm_f32(float* out, float* rrms, const float* x, const float* weight, int64_t N,
+                          int64_t C, int64_t out_row_stride, int64_t x_row_stride, double eps)
+{
+    active->rms_norm_f32(out, rrms, x, weight, N, C, out_row_stride, x_row_stride, eps);
+}
+void attnkit_rms_norm_f64(double* out, double* rrms, const double* x, const double* weight,
+                          int64_t N, int64_t C, int64_t out_row_stride, int64_t x_row_stride,
+                          double eps)
+{
+    active->rms_norm_f64(out, rrms, x, weight, N, C, out_row_stride, x_row_stride, eps);
+}
+
+/* ---------------------------------------------------------------------------
+ * Threads.
+ *
+ * GNU libgomp is not fork-safe: a child forked after the parent ran a
+ * parallel region hangs in its first one (the team's threads did not survive
+ * the fork). So a child of a parent that ever started a team runs every
+ * kernel on its one thread, and never enters an OpenMP construct.
+ */
+static int num_threads = 1;
+static volatile int team_started = 0;
+static volatile int forked_after_team = 0;
+
+/* Work below this many element-operations per thread costs less than waking
+ * a thread does (a few microseconds). */
+enum { MIN_WORK_PER_THREAD = 1 << 15 };
+
+static void on_fork_in_child(void)
+{
+    if (team_started) forked_after_team = 1;
+}
+
+void attnkit_set_num_threads(int n) { num_threads = n < 1 ? 1 : n; }
+int attnkit_get_num_threads(void) { return num_threads; }
+int attnkit_in_forked_child(void) { return forked_after_team; }
+
+int attnkit_plan_threads(int64_t tasks, int64_t work_per_task)
+{
+    if (forked_after_team || num_threads <= 1 || tasks <= 1) return 1;
+    int64_t want = num_threads;
+    if (work_per_task < 1) work_per_task = 1;
+    const int64_t by_work = tasks > INT64_MAX / work_per_task
+                                ? want
+                                : tasks * work_per_task / MIN_WORK_PER_THREAD;
+    if (by_work < want) want = by_work;
+    if (tasks < want) want = tasks;
+    if (want <= 1) return 1;
+    team_started = 1;
+    return (int)want;
+}
+
+/* ---------------------------------------------------------------------------
+ * Start-up.
+ */
+void attnkit_init(void)
+{
+    static int done = 0;
+    if (done) return;
+    done = 1;
+    for (int isa = ATTNKIT_ISA_COUNT - 1; isa >= 0; isa--) {
+        if (attnkit_isa_supported(isa)) {
+            active = &tables[isa];
+            break;
+        }
+    }
+    num_threads = omp_get_max_threads(); /* honours OMP_NUM_THREADS */
+    pthread_atfork(NULL, NULL, on_fork_in_child);
+}
+
+/* ---------------------------------------------------------------------------
+ * The build, as show_config() reports it.
+ */
+#ifndef ATTNKIT_COMPILER
+#define ATTNKIT_COMPILER "unknown"
+#define ATTNKIT_CFLAGS ""
+#define ATTNKIT_CFLAGS_AVX2 ""
+#define ATTNKIT_CFLAGS_AVX512 ""
+#define ATTNKIT_SANITIZED 0
+#endif
+
+const char* attnkit_build_compiler(void) { return ATTNKIT_COMPILER; }
+
+const char* attnkit_build_flags(int isa)
+{
+    switch (isa) {
+    case -1: return ATTNKIT_CFLAGS;
+    case ATTNKIT_ISA_AVX2: return ATTNKIT_CFLAGS_AVX2;
+    case ATTNKIT_ISA_AVX512: return ATTNKIT_CFLAGS_AVX512;
+    default: return "";
+    }
+}
+
+int attnkit_build_sanitized(void) { return ATTNKIT_SANITIZED; }

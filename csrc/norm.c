@@ -1,0 +1,342 @@
+/*
+ * norm.c: layer norm and RMS norm over the rows of an (N, C) array.
+ * The contract is in attnkit.h; simd.h says which ISA and precision this
+ * copy is compiled for.
+ *
+ * Layer norm, three passes over a row (it stays in L1/L2 between them):
+ *   1. mean0 = sum(x) / C
+ *   2. d = x - mean0,  s1 = sum(d),  s2 = sum(d^2)
+ *      mean = mean0 + s1/C,  var = s2/C - (s1/C)^2
+ *   3. out = (x - mean) * rstd * weight + bias,  rstd = 1/sqrt(var + eps)
+ * Pass 2 is the corrected two-pass algorithm: the variance is a sum of
+ * squared deviations (never E[x^2] - E[x]^2, which cancels catastrophically
+ * for a row like 1e4 + noise), and s1 repairs whatever rounding mean0 had.
+ * The mean is kept as two reals, hi + lo, so x - mean is (x - hi) - lo: for a
+ * float row near 1e4 the deviation is then exact, not rounded to 1e4's ulp.
+ *
+ * Sums are added in `real` lanes for SUM_BLOCK elements and then in double.
+ * A row whose squares overflow or underflow `real` (|x - mean| above ~1e19 in
+ * float, or a variance so small that eps does not hide the underflow) is
+ * redone by a careful scalar path that scales the row by a power of two
+ * first. Ordinary rows never take it.
+ */
+#include <float.h>
+#include <omp.h>
+
+#include "attnkit.h"
+#include "simd.h"
+
+enum { SUM_BLOCK = 512 };
+
+#if ATTNKIT_REAL_BITS == 32
+/* Below this, squares of the row's deviations may have lost bits to underflow. */
+#define TINY_SUM_OF_SQUARES 0x1p-100
+#else
+#define TINY_SUM_OF_SQUARES 0x1p-960
+#endif
+
+static inline int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+/* ---------------------------------------------------------------------------
+ * The careful path, in double, for rows the fast path cannot do exactly.
+ * The row is scaled by 2^-k so its largest magnitude is in [0.5, 1): then no
+ * sum or square can overflow, and the ratio (x - mean) / std is unchanged.
+ */
+
+/* 2^-k with max|x| * 2^-k in [0.5, 1); 1 for a zero row; NaN if the row holds
+ * a NaN or an infinity (then the whole row's result is NaN). */
+static double row_scale(const real* x, int64_t C)
+{
+    double amax = 0.0;
+    for (int64_t c = 0; c < C; c++) {
+        double a = fabs((double)x[c]);
+        if (!(a <= DBL_MAX)) return NAN;
+        if (a > amax) amax = a;
+    }
+    if (amax == 0.0) return 1.0;
+    int k;
+    frexp(amax, &k);
+    return ldexp(1.0, -k);
+}
+
+static void layer_norm_row_careful(real* out, real* mean_out, real* rstd_out, const real* x,
+                                   const real* weight, const real* bias, int64_t C, double eps)
+{
+    const double scale = row_scale(x, C);
+    double mean = 0.0, s1 = 0.0, s2 = 0.0;
+    for (int64_t c = 0; c < C; c++) mean += x[c] * scale;
+    mean /= (double)C;
+    for (int64_t c = 0; c < C; c++) {
+        double d = x[c] * scale - mean;
+        s1 += d;
+        s2 += d * d;
+    }
+    mean += s1 / (double)C;
+    double var = s2 / (double)C - (s1 / (double)C) * (s1 / (double)C);
+    if (var < 0) var = 0;
+    /* sqrt(var_true + eps) = hypot(std_true, sqrt(eps)), and in scaled units
+     * (std_true = std/scale) the denominator of (x*scale - mean) is: */
+    const double denom = hypot(sqrt(var), sqrt(eps) * scale);
+    for (int64_t c = 0; c < C; c++) {
+        double y = (x[c] * scale - mean) / denom;
+        if (weight) y *= weight[c];
+        if (bias) y += bias[c];
+        out[c] = (real)y;
+    }
+    if (mean_out) *mean_out = (real)(mean / scale);
+    if (rstd_out) *rstd_out = (real)(1.0 / hypot(sqrt(var) / scale, sqrt(eps)));
+}
+
+static void rms_norm_row_careful(real* out, real* rrms_out, const real* x, const real* weight,
+                                 int64_t C, double eps)
+{
+    const double scale = row_scale(x, C);
+    double s2 = 0.0;
+    for (int64_t c = 0; c < C; c++) s2 += (x[c] * scale) * (x[c] * scale);
+    const double rms = sqrt(s2 / (double)C);
+    const double denom = hypot(rms, sqrt(eps) * scale);
+    for (int64_t c = 0; c < C; c++) {
+        double y = x[c] * scale / denom;
+        if (weight) y *= weight[c];
+        out[c] = (real)y;
+    }
+    if (rrms_out) *rrms_out = (real)(1.0 / hypot(rms / scale, sqrt(eps)));
+}
+
+/* ---------------------------------------------------------------------------
+ * The fast path.
+ */
+
+/* sum(x) over one row, blocks of real lanes added in double */
+static double row_sum(const real* x, int64_t C)
+{
+    double sum = 0.0;
+    for (int64_t block = 0; block < C; block += SUM_BLOCK) {
+        const int64_t end = min_i64(C, block + SUM_BLOCK);
+        vreal s0 = v_set1(0), s1 = s0, s2 = s0, s3 = s0;
+        int64_t c = block;
+        for (; c + 4 * VLEN <= end; c += 4 * VLEN) {
+            s0 = v_add(s0, v_load(x + c));
+            s1 = v_add(s1, v_load(x + c + VLEN));
+            s2 = v_add(s2, v_load(x + c + 2 * VLEN));
+            s3 = v_add(s3, v_load(x + c + 3 * VLEN));
+        }
+        for (; c + VLEN <= end; c += VLEN) s0 = v_add(s0, v_load(x + c));
+        double tail = 0.0;
+        for (; c < end; c++) tail += x[c];
+        sum += v_reduce_add(v_add(v_add(s0, s1), v_add(s2, s3))) + tail;
+    }
+    return sum;
+}
+
+/* sum(d) and sum(d^2) for d = (x - hi) - lo over one row */
+static void row_centred_sums(double* sum_d, double* sum_d2, const real* x, real hi, real lo, int64_t C)
+{
+    const vreal vhi = v_set1(hi), vlo = v_set1(lo);
+    double s1 = 0.0, s2 = 0.0;
+    for (int64_t block = 0; block < C; block += SUM_BLOCK) {
+        const int64_t end = min_i64(C, block + SUM_BLOCK);
+        vreal a0 = v_set1(0), a1 = a0, q0 = a0, q1 = a0, q2 = a0, q3 = a0;
+        int64_t c = block;
+        for (; c + 4 * VLEN <= end; c += 4 * VLEN) {
+            vreal d0 = v_sub(v_sub(v_load(x + c), vhi), vlo);
+            vreal d1 = v_sub(v_sub(v_load(x + c + VLEN), vhi), vlo);
+            vreal d2 = v_sub(v_sub(v_load(x + c + 2 * VLEN), vhi), vlo);
+            vreal d3 = v_sub(v_sub(v_load(x + c + 3 * VLEN), vhi), vlo);
+            a0 = v_add(a0, v_add(d0, d1));
+            a1 = v_add(a1, v_add(d2, d3));
+            q0 = v_fma(d0, d0, q0);
+            q1 = v_fma(d1, d1, q1);
+            q2 = v_fma(d2, d2, q2);
+            q3 = v_fma(d3, d3, q3);
+        }
+        for (; c + VLEN <= end; c += VLEN) {
+            vreal d = v_sub(v_sub(v_load(x + c), vhi), vlo);
+            a0 = v_add(a0, d);
+            q0 = v_fma(d, d, q0);
+        }
+        double t1 = 0.0, t2 = 0.0;
+        for (; c < end; c++) {
+            real d = (x[c] - hi) - lo;
+            t1 += d;
+            t2 += (double)d * d;
+        }
+        s1 += v_reduce_add(v_add(a0, a1)) + t1;
+        s2 += v_reduce_add(v_add(v_add(q0, q1), v_add(q2, q3))) + t2;
+    }
+    *sum_d = s1;
+    *sum_d2 = s2;
+}
+
+/* Pass 3 of layer norm: out = ((x - hi) - lo) * rstd [* weight] [+ bias].
+ * Inlined once per combination of weight and bias, so the loop tests neither. */
+AK_INLINE void layer_norm_apply(real* out, const real* x, const real* weight, const real* bias,
+                                int64_t C, real hi, real lo, real rstd,
+                                real* out_next, const real* x_next)
+{
+    const vreal vhi = v_set1(hi), vlo = v_set1(lo), vr = v_set1(rstd);
+    int64_t c = 0;
+    for (; c + VLEN <= C; c += VLEN) {
+        vreal y = v_mul(v_sub(v_sub(v_load(x + c), vhi), vlo), vr);
+        if (weight && bias) y = v_fma(y, v_load(weight + c), v_load(bias + c));
+        else if (weight) y = v_mul(y, v_load(weight + c));
+        else if (bias) y = v_add(y, v_load(bias + c));
+        v_store(out + c, y);
+        prefetch_read(x_next, c, VLEN);
+        prefetch_write(out_next, c, VLEN);
+    }
+    if (c < C) {
+        const int64_t n = C - c;
+        vreal y = v_mul(v_sub(v_sub(v_load_part(x + c, n, 0), vhi), vlo), vr);
+        if (weight && bias) y = v_fma(y, v_load_part(weight + c, n, 0), v_load_part(bias + c, n, 0));
+        else if (weight) y = v_mul(y, v_load_part(weight + c, n, 0));
+        else if (bias) y = v_add(y, v_load_part(bias + c, n, 0));
+        v_store_part(out + c, y, n);
+    }
+}
+
+/* out (C), mean_out and rstd_out (1) or NULL, x (C), weight (C) or NULL,
+ * bias (C) or NULL; out_next and x_next (or NULL): the next row, to prefetch */
+static void layer_norm_row(real* out, real* mean_out, real* rstd_out, const real* x,
+                           const real* weight, const real* bias, int64_t C, double eps,
+                           real* out_next, const real* x_next)
+{
+    /* passes 1 and 2 */
+    double mean = row_sum(x, C) / (double)C;
+    real hi = (real)mean, lo = (real)(mean - (double)hi);
+    double s1, s2;
+    row_centred_sums(&s1, &s2, x, hi, lo, C);
+    const double shift = s1 / (double)C;
+    double var = s2 / (double)C - shift * shift;
+    mean += shift;
+    if (var < 0) var = 0;
+    if (!(isfinite(mean) && var <= DBL_MAX && var + eps >= TINY_SUM_OF_SQUARES)) {
+        layer_norm_row_careful(out, mean_out, rstd_out, x, weight, bias, C, eps);
+        return;
+    }
+    const double rstd = 1.0 / sqrt(var + eps);
+    if (mean_out) *mean_out = (real)mean;
+    if (rstd_out) *rstd_out = (real)rstd;
+
+    /* pass 3 */
+    hi = (real)mean;
+    lo = (real)(mean - (double)hi);
+    if (weight && bias) layer_norm_apply(out, x, weight, bias, C, hi, lo, (real)rstd, out_next, x_next);
+    else if (weight) layer_norm_apply(out, x, weight, NULL, C, hi, lo, (real)rstd, out_next, x_next);
+    else if (bias) layer_norm_apply(out, x, NULL, bias, C, hi, lo, (real)rstd, out_next, x_next);
+    else layer_norm_apply(out, x, NULL, NULL, C, hi, lo, (real)rstd, out_next, x_next);
+}
+
+/* out (C), rrms_out (1) or NULL, x (C), weight (C) or NULL; next row to prefetch */
+static void rms_norm_row(real* out, real* rrms_out, const real* x, const real* weight,
+                         int64_t C, double eps, real* out_next, const real* x_next)
+{
+    /* pass 1: sum of squares */
+    double s2 = 0.0;
+    for (int64_t block = 0; block < C; block += SUM_BLOCK) {
+        const int64_t end = min_i64(C, block + SUM_BLOCK);
+        vreal q0 = v_set1(0), q1 = q0, q2 = q0, q3 = q0;
+        int64_t c = block;
+        for (; c + 4 * VLEN <= end; c += 4 * VLEN) {
+            vreal x0 = v_load(x + c), x1 = v_load(x + c + VLEN);
+            vreal x2 = v_load(x + c + 2 * VLEN), x3 = v_load(x + c + 3 * VLEN);
+            q0 = v_fma(x0, x0, q0);
+            q1 = v_fma(x1, x1, q1);
+            q2 = v_fma(x2, x2, q2);
+            q3 = v_fma(x3, x3, q3);
+        }
+        for (; c + VLEN <= end; c += VLEN) {
+            vreal x0 = v_load(x + c);
+            q0 = v_fma(x0, x0, q0);
+        }
+        double tail = 0.0;
+        for (; c < end; c++) tail += (double)x[c] * x[c];
+        s2 += v_reduce_add(v_add(v_add(q0, q1), v_add(q2, q3))) + tail;
+    }
+    const double mean_square = s2 / (double)C;
+    if (!(mean_square <= DBL_MAX && mean_square + eps >= TINY_SUM_OF_SQUARES)) {
+        rms_norm_row_careful(out, rrms_out, x, weight, C, eps);
+        return;
+    }
+    const double rrms = 1.0 / sqrt(mean_square + eps);
+    if (rrms_out) *rrms_out = (real)rrms;
+
+    /* pass 2: out = x * rrms * weight */
+    const vreal vr = v_set1((real)rrms);
+    int64_t c = 0;
+    for (; c + VLEN <= C; c += VLEN) {
+        vreal y = v_mul(v_load(x + c), vr);
+        if (weight) y = v_mul(y, v_load(weight + c));
+        v_store(out + c, y);
+        prefetch_read(x_next, c, VLEN);
+        prefetch_write(out_next, c, VLEN);
+    }
+    if (c < C) {
+        vreal y = v_mul(v_load_part(x + c, C - c, 0), vr);
+        if (weight) y = v_mul(y, v_load_part(weight + c, C - c, 0));
+        v_store_part(out + c, y, C - c);
+    }
+}
+
+/* ---------------------------------------------------------------------------
+ * Entry points: rows split into one contiguous run per thread, so which
+ * thread computes a row never changes what it computes.
+ */
+typedef struct {
+    real* out;
+    real* stat0; /* mean or rrms, or NULL */
+    real* stat1; /* rstd, or NULL         */
+    const real* x;
+    const real* weight;
+    const real* bias;
+    int64_t C, out_row_stride, x_row_stride;
+    double eps;
+    int rms;
+} norm_job;
+
+static void norm_rows(const norm_job* j, int64_t begin, int64_t end)
+{
+    for (int64_t n = begin; n < end; n++) {
+        real* out = j->out + n * j->out_row_stride;
+        const real* x = j->x + n * j->x_row_stride;
+        const int last = n + 1 == end;
+        real* out_next = last ? NULL : out + j->out_row_stride;
+        const real* x_next = last ? NULL : x + j->x_row_stride;
+        if (j->rms)
+            rms_norm_row(out, j->stat0 ? j->stat0 + n : NULL, x, j->weight, j->C, j->eps,
+                         out_next, x_next);
+        else
+            layer_norm_row(out, j->stat0 ? j->stat0 + n : NULL, j->stat1 ? j->stat1 + n : NULL, x,
+                           j->weight, j->bias, j->C, j->eps, out_next, x_next);
+    }
+}
+
+static void norm_run(const norm_job* j, int64_t N)
+{
+    if (N == 0 || j->C == 0) return;
+    const int threads = attnkit_plan_threads(N, (j->rms ? 2 : 3) * j->C);
+    if (threads <= 1) {
+        norm_rows(j, 0, N);
+        return;
+    }
+#pragma omp parallel num_threads(threads)
+    {
+        const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
+        norm_rows(j, N * t / T, N * (t + 1) / T);
+    }
+}
+
+void KERNEL(layer_norm)(real* out, real* mean, real* rstd, const real* x, const real* weight,
+                        const real* bias, int64_t N, int64_t C, int64_t out_row_stride,
+                        int64_t x_row_stride, double eps)
+{
+    const norm_job j = {out, mean, rstd, x, weight, bias, C, out_row_stride, x_row_stride, eps, 0};
+    norm_run(&j, N);
+}
+
+void KERNEL(rms_norm)(real* out, real* rrms, const real* x, const real* weight, int64_t N,
+                      int64_t C, int64_t out_row_stride, int64_t x_row_stride, double eps)
+{
+    const norm_job j = {out, rrms, NULL, x, weight, NULL, C, out_row_stride, x_row_stride, eps, 1};
+    norm_run(&j, N);
+}

@@ -1,0 +1,206 @@
+/*
+ * softmax.c: softmax and log-softmax along C of an (N, C, K) array.
+ * The contract is in attnkit.h; simd.h says which ISA and precision this
+ * copy is compiled for.
+ *
+ * Three passes over each slice, which stays in L1/L2 between them:
+ *   1. m   = max(x)                      (masked elements count as -inf)
+ *   2. e   = exp(x - m),  sum = sum(e)   (softmax stores e in out)
+ *   3. out = e / sum                     softmax
+ *      out = (x - m) - log(sum)          log_softmax
+ * Subtracting the max keeps every exponential in [0, 1], so no logit, however
+ * large, can overflow. A slice whose max is -inf has nothing to attend to:
+ * m is taken as 0, every e is then 0 (or NaN, if the slice holds a NaN), and
+ * sum == 0 turns into 0 (softmax) or -inf (log_softmax) instead of 0/0.
+ */
+#include <omp.h>
+
+#include "attnkit.h"
+#include "simd.h"
+
+/* Exponentials are added in `real` lanes for SUM_BLOCK elements, then the
+ * block's total is added into a double: a float row of 10^5 elements then
+ * loses no more than a few ulps to summation. */
+enum { SUM_BLOCK = 512 };
+
+static inline int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+/* n lanes (n <= VLEN) of x, with lanes masked out by `where` (and lanes past
+ * n) read as -inf. where == NULL means every element is in. */
+AK_INLINE vreal load_masked(const real* x, const uint8_t* where, int64_t where_step, int64_t n)
+{
+    vreal v = n == VLEN ? v_load(x) : v_load_part(x, n, -INFINITY);
+    if (where) v = v_select(v_where(where, where_step, n), v, v_set1(-INFINITY));
+    return v;
+}
+
+AK_INLINE void store_n(real* p, vreal v, int64_t n)
+{
+    if (n == VLEN) v_store(p, v);
+    else v_store_part(p, v, n);
+}
+
+/* One contiguous slice: out (C), x (C), where (C) at where_step or NULL.
+ * Inlined twice below, once with where == NULL, so that the unmasked loops
+ * carry no test of the mask. */
+AK_INLINE void softmax_row_impl(real* out, const real* x, const uint8_t* where,
+                                int64_t where_step, int64_t C, int take_log,
+                                real* out_next, const real* x_next)
+{
+#define WHERE_AT(c) (where ? where + (c) * where_step : NULL)
+    /* pass 1: the largest element */
+    vreal m0 = v_set1(-INFINITY), m1 = m0, m2 = m0, m3 = m0;
+    int64_t c = 0;
+    for (; c + 4 * VLEN <= C; c += 4 * VLEN) {
+        m0 = v_max(m0, load_masked(x + c, WHERE_AT(c), where_step, VLEN));
+        m1 = v_max(m1, load_masked(x + c + VLEN, WHERE_AT(c + VLEN), where_step, VLEN));
+        m2 = v_max(m2, load_masked(x + c + 2 * VLEN, WHERE_AT(c + 2 * VLEN), where_step, VLEN));
+        m3 = v_max(m3, load_masked(x + c + 3 * VLEN, WHERE_AT(c + 3 * VLEN), where_step, VLEN));
+    }
+    for (; c < C; c += VLEN)
+        m0 = v_max(m0, load_masked(x + c, WHERE_AT(c), where_step, min_i64(VLEN, C - c)));
+    real m = v_reduce_max(v_max(v_max(m0, m1), v_max(m2, m3)));
+    if (m == -INFINITY) m = 0; /* nothing to attend to: see the top of the file */
+    const vreal vm = v_set1(m);
+
+    /* pass 2: e = exp(x - m) and its sum */
+    double sum = 0.0;
+    for (int64_t block = 0; block < C; block += SUM_BLOCK) {
+        const int64_t end = min_i64(C, block + SUM_BLOCK);
+        vreal s0 = v_set1(0), s1 = s0;
+        c = block;
+        for (; c + 2 * VLEN <= end; c += 2 * VLEN) {
+            vreal e0 = v_exp_nonpositive(v_sub(load_masked(x + c, WHERE_AT(c), where_step, VLEN), vm));
+            vreal e1 = v_exp_nonpositive(
+                v_sub(load_masked(x + c + VLEN, WHERE_AT(c + VLEN), where_step, VLEN), vm));
+            if (!take_log) {
+                v_store(out + c, e0);
+                v_store(out + c + VLEN, e1);
+            }
+            prefetch_read(x_next, c, 2 * VLEN);
+            prefetch_write(out_next, c, 2 * VLEN);
+            s0 = v_add(s0, e0);
+            s1 = v_add(s1, e1);
+        }
+        for (; c < end; c += VLEN) {
+            const int64_t n = min_i64(VLEN, end - c);
+            vreal e = v_exp_nonpositive(v_sub(load_masked(x + c, WHERE_AT(c), where_step, n), vm));
+            if (!take_log) store_n(out + c, e, n);
+            s0 = v_add(s0, e);
+        }
+        sum += v_reduce_add(v_add(s0, s1));
+    }
+
+    /* pass 3: normalise */
+    if (!take_log) {
+        const vreal inv = v_set1((real)(sum == 0.0 ? 0.0 : 1.0 / sum));
+        for (c = 0; c + VLEN <= C; c += VLEN) v_store(out + c, v_mul(v_load(out + c), inv));
+        if (c < C) v_store_part(out + c, v_mul(v_load_part(out + c, C - c, 0), inv), C - c);
+    } else {
+        const vreal lse = v_set1((real)(sum == 0.0 ? INFINITY : log(sum)));
+        for (c = 0; c + VLEN <= C; c += VLEN)
+            v_store(out + c, v_sub(v_sub(load_masked(x + c, WHERE_AT(c), where_step, VLEN), vm), lse));
+        if (c < C)
+            v_store_part(out + c, v_sub(v_sub(load_masked(x + c, WHERE_AT(c), where_step, C - c), vm), lse),
+                         C - c);
+    }
+#undef WHERE_AT
+}
+
+/* out_next and x_next (or NULL) are the row the caller does next, to prefetch */
+static void softmax_row(real* out, const real* x, const uint8_t* where, int64_t where_step,
+                        int64_t C, int take_log, real* out_next, const real* x_next)
+{
+    if (where) softmax_row_impl(out, x, where, where_step, C, take_log, out_next, x_next);
+    else softmax_row_impl(out, x, NULL, 0, C, take_log, out_next, x_next);
+}
+
+/* `width` (<= VLEN) neighbouring slices, one per lane: element (c, lane) of x
+ * is x[c*x_step + lane], of where where[c*where_step_c + lane*where_step_i]. */
+static void softmax_columns(real* out, const real* x, const uint8_t* where, int64_t width,
+                            int64_t C, int64_t out_step, int64_t x_step,
+                            int64_t where_step_c, int64_t where_step_i, int take_log)
+{
+#define WHERE_AT(c) (where ? where + (c) * where_step_c : NULL)
+    /* pass 1: each lane's max; lanes with nothing to attend to use 0 */
+    vreal vm = v_set1(-INFINITY);
+    for (int64_t c = 0; c < C; c++)
+        vm = v_max(vm, load_masked(x + c * x_step, WHERE_AT(c), where_step_i, width));
+    vm = v_select(v_is_equal(vm, v_set1(-INFINITY)), v_set1(0), vm);
+
+    /* pass 2: each lane's sum of exponentials, carried in double per block */
+    double sum[VLEN] = {0};
+    real lanes[VLEN];
+    enum { ROWS_PER_BLOCK = 64 };
+    for (int64_t block = 0; block < C; block += ROWS_PER_BLOCK) {
+        const int64_t end = min_i64(C, block + ROWS_PER_BLOCK);
+        vreal s = v_set1(0);
+        for (int64_t c = block; c < end; c++) {
+            vreal e = v_exp_nonpositive(v_sub(load_masked(x + c * x_step, WHERE_AT(c), where_step_i, width), vm));
+            if (!take_log) store_n(out + c * out_step, e, width);
+            s = v_add(s, e);
+        }
+        v_lanes(lanes, s);
+        for (int k = 0; k < VLEN; k++) sum[k] += lanes[k];
+    }
+
+    /* pass 3: normalise, each lane by its own sum */
+    for (int k = 0; k < VLEN; k++) {
+        if (take_log) lanes[k] = (real)(sum[k] == 0.0 ? INFINITY : log(sum[k]));
+        else lanes[k] = (real)(sum[k] == 0.0 ? 0.0 : 1.0 / sum[k]);
+    }
+    const vreal scale = v_load(lanes);
+    for (int64_t c = 0; c < C; c++) {
+        real* o = out + c * out_step;
+        if (!take_log) {
+            store_n(o, v_mul(width == VLEN ? v_load(o) : v_load_part(o, width, 0), scale), width);
+        } else {
+            vreal v = load_masked(x + c * x_step, WHERE_AT(c), where_step_i, width);
+            store_n(o, v_sub(v_sub(v, vm), scale), width);
+        }
+    }
+#undef WHERE_AT
+}
+
+/* Tasks [begin, end): rows when K == 1, (row, group of VLEN columns) pairs
+ * otherwise. */
+static void softmax_tasks(real* out, const real* x, const uint8_t* where,
+                          const attnkit_softmax_args* a, int64_t begin, int64_t end)
+{
+    const attnkit_strides os = a->out_strides, xs = a->x_strides, ws = a->where_strides;
+    if (a->K == 1) {
+        for (int64_t n = begin; n < end; n++) {
+            const int last = n + 1 == end;
+            softmax_row(out + n * os.n, x + n * xs.n, where ? where + n * ws.n : NULL, ws.c,
+                        a->C, a->log, last ? NULL : out + (n + 1) * os.n,
+                        last ? NULL : x + (n + 1) * xs.n);
+        }
+        return;
+    }
+    const int64_t groups = (a->K + VLEN - 1) / VLEN;
+    for (int64_t t = begin; t < end; t++) {
+        const int64_t n = t / groups, i0 = (t % groups) * VLEN;
+        softmax_columns(out + n * os.n + i0, x + n * xs.n + i0,
+                        where ? where + n * ws.n + i0 * ws.k : NULL, min_i64(VLEN, a->K - i0),
+                        a->C, os.c, xs.c, ws.c, ws.k, a->log);
+    }
+}
+
+void KERNEL(softmax)(real* out, const real* x, const uint8_t* where, const attnkit_softmax_args* a)
+{
+    if (a->N == 0 || a->C == 0 || a->K == 0) return;
+    const int64_t tasks = a->K == 1 ? a->N : a->N * ((a->K + VLEN - 1) / VLEN);
+    const int64_t work_per_task = a->K == 1 ? a->C : a->C * VLEN;
+    const int threads = attnkit_plan_threads(tasks, work_per_task);
+    if (threads <= 1) {
+        softmax_tasks(out, x, where, a, 0, tasks);
+        return;
+    }
+    /* Each thread takes one contiguous run of tasks, so the split, and with
+     * it every result, does not depend on scheduling. */
+#pragma omp parallel num_threads(threads)
+    {
+        const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
+        softmax_tasks(out, x, where, a, tasks * t / T, tasks * (t + 1) / T);
+    }
+}

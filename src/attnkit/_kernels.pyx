@@ -1,0 +1,355 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""The binding: NumPy arrays in, C kernels called without the GIL.
+
+functional.py checks what the user passed and lays it out; this module
+re-checks only what memory safety rests on (dtypes, dimensions, strides) and
+raises ValueError/TypeError if a caller got that wrong, so no call from Python
+can make a kernel read or write outside an array.
+
+The arrays are read through NumPy's C API rather than typed memoryviews:
+acquiring a memoryview costs about 0.3 us per argument, which is a fifth of a
+whole softmax call on a small row.
+"""
+cimport numpy as cnp
+from libc.stdint cimport int64_t, uint8_t
+
+cnp.import_array()
+
+cdef extern from "attnkit.h" nogil:
+    ctypedef struct attnkit_strides:
+        int64_t n, c, k
+    ctypedef struct attnkit_softmax_args:
+        int64_t N, C, K
+        attnkit_strides out_strides, x_strides, where_strides
+        int log
+
+    void attnkit_softmax_f32(float* out, const float* x, const uint8_t* where,
+                             const attnkit_softmax_args* args) noexcept
+    void attnkit_softmax_f64(double* out, const double* x, const uint8_t* where,
+                             const attnkit_softmax_args* args) noexcept
+    void attnkit_layer_norm_f32(float* out, float* mean, float* rstd, const float* x,
+                                const float* weight, const float* bias, int64_t N, int64_t C,
+                                int64_t out_row_stride, int64_t x_row_stride, double eps) noexcept
+    void attnkit_layer_norm_f64(double* out, double* mean, double* rstd, const double* x,
+                                const double* weight, const double* bias, int64_t N, int64_t C,
+                                int64_t out_row_stride, int64_t x_row_stride, double eps) noexcept
+    void attnkit_rms_norm_f32(float* out, float* rrms, const float* x, const float* weight,
+                              int64_t N, int64_t C, int64_t out_row_stride,
+                              int64_t x_row_stride, double eps) noexcept
+    void attnkit_rms_norm_f64(double* out, double* rrms, const double* x, const double* weight,
+                              int64_t N, int64_t C, int64_t out_row_stride,
+                              int64_t x_row_stride, double eps) noexcept
+
+    enum:
+        ATTNKIT_ISA_COUNT
+    void attnkit_init() noexcept
+    const char* attnkit_isa_name(int isa) noexcept
+    int attnkit_isa_supported(int isa) noexcept
+    int attnkit_get_isa() noexcept
+    int attnkit_set_isa(int isa) noexcept
+    void attnkit_set_num_threads(int n) noexcept
+    int attnkit_get_num_threads() noexcept
+    int attnkit_in_forked_child() noexcept
+    const char* attnkit_build_compiler() noexcept
+    const char* attnkit_build_flags(int isa) noexcept
+    int attnkit_build_sanitized() noexcept
+
+attnkit_init()
+
+ctypedef fused real:
+    float
+    double
+
+
+# ---------------------------------------------------------------------------
+# Checks
+
+cdef inline object shape_of(cnp.ndarray a):
+    return (<object>a).shape
+
+
+cdef inline bint is_native_float(cnp.ndarray a) noexcept:
+    cdef int t = cnp.PyArray_TYPE(a)
+    return (t == cnp.NPY_FLOAT or t == cnp.NPY_DOUBLE) and cnp.PyArray_ISNOTSWAPPED(a)
+
+
+cdef int64_t element_stride(cnp.ndarray a, int axis, str what) except? -1:
+    """a's stride along axis, in elements; ValueError if not a whole number."""
+    cdef int64_t size = cnp.PyArray_ITEMSIZE(a)
+    cdef int64_t s = cnp.PyArray_STRIDE(a, axis)
+    if s % size != 0:
+        raise ValueError(f"{what}: stride {s} bytes along axis {axis} is not a multiple of "
+                         f"the item size {size}")
+    return s // size
+
+
+cdef check_float_operand(cnp.ndarray a, int ndim, int type_num, str what, bint writable):
+    if cnp.PyArray_NDIM(a) != ndim:
+        raise ValueError(f"{what}: expected {ndim} dimensions, got shape {shape_of(a)}")
+    if cnp.PyArray_TYPE(a) != type_num or not cnp.PyArray_ISNOTSWAPPED(a):
+        raise TypeError(f"{what}: expected native {'float32' if type_num == cnp.NPY_FLOAT else 'float64'}, "
+                        f"got {a.dtype}")
+    if not cnp.PyArray_ISALIGNED(a):
+        raise ValueError(f"{what}: array is not aligned")
+    if writable and not cnp.PyArray_ISWRITEABLE(a):
+        raise ValueError(f"{what}: array is read-only")
+
+
+cdef check_rows(cnp.ndarray a, cnp.ndarray like, str what):
+    """a is (N, C) with contiguous rows and the shape of like."""
+    if a.shape[0] != like.shape[0] or a.shape[1] != like.shape[1]:
+        raise ValueError(f"{what}: shape {shape_of(a)} differs from {shape_of(like)}")
+    if a.shape[1] > 1 and cnp.PyArray_STRIDE(a, 1) != cnp.PyArray_ITEMSIZE(a):
+        raise ValueError(f"{what}: rows of shape {shape_of(a)} are not contiguous")
+
+
+cdef void* optional_vector(object v, int64_t length, int type_num, str what, bint writable) except? NULL:
+    """Data pointer of a contiguous 1-D array of `length` elements, or NULL for None."""
+    if v is None:
+        return NULL
+    if not isinstance(v, cnp.ndarray):
+        raise TypeError(f"{what}: expected an ndarray or None, got {type(v).__name__}")
+    cdef cnp.ndarray a = <cnp.ndarray>v
+    check_float_operand(a, 1, type_num, what, writable)
+    if a.shape[0] != length or not cnp.PyArray_IS_C_CONTIGUOUS(a):
+        raise ValueError(f"{what}: expected a contiguous vector of {length} elements, "
+                         f"got shape {shape_of(a)}")
+    if length == 0:
+        return NULL
+    return cnp.PyArray_DATA(a)
+
+
+# ---------------------------------------------------------------------------
+# Softmax
+
+cdef inline void run_softmax(real* out, const real* x, const uint8_t* where,
+                             const attnkit_softmax_args* args) noexcept nogil:
+    if real is float:
+        attnkit_softmax_f32(out, x, where, args)
+    else:
+        attnkit_softmax_f64(out, x, where, args)
+
+
+def softmax_last_axis(object x, bint log):
+    """softmax (log=True: log_softmax) over the last axis of x, into a new array.
+
+    Only for a C-contiguous, aligned, native float32/float64 ndarray with at
+    least one dimension; returns None for anything else, which the caller
+    then sends down the general path. This is the path small calls take, so
+    it does nothing it need not do.
+    """
+    if type(x) is not cnp.ndarray:
+        return None
+    cdef cnp.ndarray a = <cnp.ndarray>x
+    cdef int ndim = cnp.PyArray_NDIM(a)
+    if ndim == 0 or not is_native_float(a) or not cnp.PyArray_CHKFLAGS(
+            a, cnp.NPY_ARRAY_C_CONTIGUOUS | cnp.NPY_ARRAY_ALIGNED):
+        return None
+    cdef int type_num = cnp.PyArray_TYPE(a)
+    cdef cnp.ndarray out = cnp.PyArray_EMPTY(ndim, cnp.PyArray_DIMS(a), type_num, 0)
+    cdef attnkit_softmax_args args
+    args.C = cnp.PyArray_DIM(a, ndim - 1)
+    if args.C == 0:
+        return out
+    args.N = cnp.PyArray_SIZE(a) // args.C
+    args.K = 1
+    args.out_strides.n = args.C
+    args.out_strides.c = 1
+    args.out_strides.k = 1
+    args.x_strides = args.out_strides
+    args.where_strides.n = 0
+    args.where_strides.c = 0
+    args.where_strides.k = 0
+    args.log = log
+    cdef void* po = cnp.PyArray_DATA(out)
+    cdef const void* px = cnp.PyArray_DATA(a)
+    with nogil:
+        if type_num == cnp.NPY_FLOAT:
+            run_softmax(<float*>po, <const float*>px, NULL, &args)
+        else:
+            run_softmax(<double*>po, <const double*>px, NULL, &args)
+    return out
+
+
+def softmax(cnp.ndarray out, cnp.ndarray x, object where, bint log):
+    """softmax along axis 1 of the (N, C, K) array x, into out (N, C, K).
+
+    where is None or a bool array of shape (N, C, K), any strides (0 for
+    broadcast dimensions). x and out must have unit stride along K, and along
+    C too when K == 1; out may be x itself.
+    """
+    cdef int type_num = cnp.PyArray_TYPE(x)
+    check_float_operand(x, 3, type_num, "softmax input", False)
+    if not is_native_float(x):
+        raise TypeError(f"softmax input: expected native float32 or float64, got {x.dtype}")
+    check_float_operand(out, 3, type_num, "softmax output", True)
+    cdef int d
+    for d in range(3):
+        if out.shape[d] != x.shape[d]:
+            raise ValueError(f"softmax: output shape {shape_of(out)} differs from input shape {shape_of(x)}")
+    cdef attnkit_softmax_args args
+    args.N = x.shape[0]
+    args.C = x.shape[1]
+    args.K = x.shape[2]
+    args.log = log
+    if args.N == 0 or args.C == 0 or args.K == 0:
+        return out
+    args.x_strides.n = element_stride(x, 0, "softmax input")
+    args.x_strides.c = element_stride(x, 1, "softmax input")
+    args.x_strides.k = element_stride(x, 2, "softmax input")
+    args.out_strides.n = element_stride(out, 0, "softmax output")
+    args.out_strides.c = element_stride(out, 1, "softmax output")
+    args.out_strides.k = element_stride(out, 2, "softmax output")
+    if args.K > 1 and (args.x_strides.k != 1 or args.out_strides.k != 1):
+        raise ValueError(f"softmax: the inner axis must be contiguous (input strides {(<object>x).strides}, "
+                         f"output strides {(<object>out).strides})")
+    if args.K == 1 and args.C > 1 and (args.x_strides.c != 1 or args.out_strides.c != 1):
+        raise ValueError(f"softmax: rows must be contiguous (input strides {(<object>x).strides}, "
+                         f"output strides {(<object>out).strides})")
+    args.x_strides.k = 1
+    args.out_strides.k = 1
+    if args.K == 1:
+        args.x_strides.c = 1
+        args.out_strides.c = 1
+
+    cdef const uint8_t* pw = NULL
+    cdef cnp.ndarray w
+    if where is not None:
+        if not isinstance(where, cnp.ndarray):
+            raise TypeError(f"softmax where: expected an ndarray or None, got {type(where).__name__}")
+        w = <cnp.ndarray>where
+        if cnp.PyArray_TYPE(w) != cnp.NPY_BOOL or cnp.PyArray_NDIM(w) != 3:
+            raise TypeError(f"softmax where: expected a 3-d bool array, got {w.dtype} {shape_of(w)}")
+        for d in range(3):
+            if w.shape[d] != x.shape[d]:
+                raise ValueError(f"softmax: where shape {shape_of(w)} differs from input shape {shape_of(x)}")
+        args.where_strides.n = cnp.PyArray_STRIDE(w, 0)
+        args.where_strides.c = cnp.PyArray_STRIDE(w, 1)
+        args.where_strides.k = cnp.PyArray_STRIDE(w, 2)
+        pw = <const uint8_t*>cnp.PyArray_DATA(w)
+    else:
+        args.where_strides.n = 0
+        args.where_strides.c = 0
+        args.where_strides.k = 0
+
+    cdef void* po = cnp.PyArray_DATA(out)
+    cdef const void* px = cnp.PyArray_DATA(x)
+    with nogil:
+        if type_num == cnp.NPY_FLOAT:
+            run_softmax(<float*>po, <const float*>px, pw, &args)
+        else:
+            run_softmax(<double*>po, <const double*>px, pw, &args)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Norms
+
+def layer_norm(cnp.ndarray out, object mean, object rstd, cnp.ndarray x,
+               object weight, object bias, double eps):
+    """Layer norm of each row of x (N, C) into out (N, C).
+
+    mean and rstd, if not None, are float vectors (N) that receive each row's
+    mean and 1/sqrt(var + eps). weight and bias are vectors (C) or None.
+    """
+    cdef int type_num = cnp.PyArray_TYPE(x)
+    check_float_operand(x, 2, type_num, "layer_norm input", False)
+    if not is_native_float(x):
+        raise TypeError(f"layer_norm input: expected native float32 or float64, got {x.dtype}")
+    check_float_operand(out, 2, type_num, "layer_norm output", True)
+    check_rows(x, x, "layer_norm input")
+    check_rows(out, x, "layer_norm output")
+    cdef int64_t N = x.shape[0], C = x.shape[1]
+    cdef void* pm = optional_vector(mean, N, type_num, "layer_norm mean", True)
+    cdef void* pr = optional_vector(rstd, N, type_num, "layer_norm rstd", True)
+    cdef const void* pw = optional_vector(weight, C, type_num, "layer_norm weight", False)
+    cdef const void* pb = optional_vector(bias, C, type_num, "layer_norm bias", False)
+    if N == 0 or C == 0:
+        return out
+    cdef int64_t os = element_stride(out, 0, "layer_norm output")
+    cdef int64_t xs = element_stride(x, 0, "layer_norm input")
+    cdef void* po = cnp.PyArray_DATA(out)
+    cdef const void* px = cnp.PyArray_DATA(x)
+    with nogil:
+        if type_num == cnp.NPY_FLOAT:
+            attnkit_layer_norm_f32(<float*>po, <float*>pm, <float*>pr, <const float*>px,
+                                   <const float*>pw, <const float*>pb, N, C, os, xs, eps)
+        else:
+            attnkit_layer_norm_f64(<double*>po, <double*>pm, <double*>pr, <const double*>px,
+                                   <const double*>pw, <const double*>pb, N, C, os, xs, eps)
+    return out
+
+
+def rms_norm(cnp.ndarray out, object rrms, cnp.ndarray x, object weight, double eps):
+    """RMS norm of each row of x (N, C) into out (N, C).
+
+    rrms, if not None, is a float vector (N) that receives 1/sqrt(mean(x^2) + eps).
+    """
+    cdef int type_num = cnp.PyArray_TYPE(x)
+    check_float_operand(x, 2, type_num, "rms_norm input", False)
+    if not is_native_float(x):
+        raise TypeError(f"rms_norm input: expected native float32 or float64, got {x.dtype}")
+    check_float_operand(out, 2, type_num, "rms_norm output", True)
+    check_rows(x, x, "rms_norm input")
+    check_rows(out, x, "rms_norm output")
+    cdef int64_t N = x.shape[0], C = x.shape[1]
+    cdef void* pr = optional_vector(rrms, N, type_num, "rms_norm rrms", True)
+    cdef const void* pw = optional_vector(weight, C, type_num, "rms_norm weight", False)
+    if N == 0 or C == 0:
+        return out
+    cdef int64_t os = element_stride(out, 0, "rms_norm output")
+    cdef int64_t xs = element_stride(x, 0, "rms_norm input")
+    cdef void* po = cnp.PyArray_DATA(out)
+    cdef const void* px = cnp.PyArray_DATA(x)
+    with nogil:
+        if type_num == cnp.NPY_FLOAT:
+            attnkit_rms_norm_f32(<float*>po, <float*>pr, <const float*>px, <const float*>pw,
+                                 N, C, os, xs, eps)
+        else:
+            attnkit_rms_norm_f64(<double*>po, <double*>pr, <const double*>px, <const double*>pw,
+                                 N, C, os, xs, eps)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Instruction sets, threads, build
+
+def isa_names():
+    """Names of the compiled instruction-set paths, lowest first."""
+    return [attnkit_isa_name(i).decode() for i in range(ATTNKIT_ISA_COUNT)]
+
+
+def isa_supported(int isa):
+    return bool(attnkit_isa_supported(isa))
+
+
+def get_isa():
+    return attnkit_get_isa()
+
+
+def set_isa(int isa):
+    if attnkit_set_isa(isa) != 0:
+        raise ValueError(f"instruction set {attnkit_isa_name(isa).decode()!r} ({isa}) "
+                         "is not supported by this CPU")
+
+
+def set_num_threads(int n):
+    attnkit_set_num_threads(n)
+
+
+def get_num_threads():
+    return attnkit_get_num_threads()
+
+
+def in_forked_child():
+    return bool(attnkit_in_forked_child())
+
+
+def build_info():
+    return {
+        "compiler": attnkit_build_compiler().decode(),
+        "flags": attnkit_build_flags(-1).decode(),
+        "isa_flags": {attnkit_isa_name(i).decode(): attnkit_build_flags(i).decode()
+                      for i in range(ATTNKIT_ISA_COUNT)},
+        "sanitized": bool(attnkit_build_sanitized()),
+    }

@@ -1,0 +1,313 @@
+"""Array in, array out: softmax, log_softmax, layer_norm, rms_norm.
+
+Each function checks its arguments (naming the problem and the shapes),
+lays the data out the way the C kernel reads it, and calls the kernel. The
+maths itself is in csrc/ (fast) and in attnkit.reference (plain NumPy).
+
+Conventions, as in NumPy and PyTorch:
+  - float32 and float64 in native byte order are computed in their own
+    precision and returned in it; other dtypes are refused (TypeError).
+  - Inputs are never modified. `out=` may be the input itself.
+  - Any strides, negative ones included, are accepted; when the kernel cannot
+    read an array in place it reads a contiguous copy.
+"""
+import math
+import operator
+
+import numpy as np
+from numpy.lib.array_utils import normalize_axis_index, normalize_axis_tuple
+
+from . import _kernels
+
+__all__ = ["softmax", "log_softmax", "layer_norm", "rms_norm"]
+
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+# ---------------------------------------------------------------------------
+# Checks shared by every function
+
+def _as_float_array(x, func, name="x"):
+    """x as an ndarray of native float32/float64; TypeError otherwise."""
+    a = np.asarray(x)
+    if a.dtype in _FLOAT_DTYPES:  # dtype equality ignores byte order...
+        if a.dtype.isnative:  # ...so check it separately
+            return a
+        raise TypeError(
+            f"{func}: {name} has non-native byte order ({a.dtype.str}, shape {a.shape}); "
+            f"convert it with {name}.astype({name}.dtype.newbyteorder('='))"
+        )
+    raise TypeError(
+        f"{func}: {name} must be a float32 or float64 array, got dtype {a.dtype} "
+        f"(shape {a.shape}); convert it with {name}.astype(np.float32)"
+    )
+
+
+def _check_out(out, x, func):
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"{func}: out must be a NumPy array, got {type(out).__name__}")
+    if out.dtype != x.dtype or not out.dtype.isnative:
+        raise TypeError(f"{func}: out has dtype {out.dtype} but the result is {x.dtype}")
+    if out.shape != x.shape:
+        raise ValueError(f"{func}: out has shape {out.shape} but the result has shape {x.shape}")
+    if not out.flags.writeable:
+        raise ValueError(f"{func}: out (shape {out.shape}) is read-only")
+
+
+def _data_address(a):
+    return a.__array_interface__["data"][0]
+
+
+def _same_layout(a, b):
+    return _data_address(a) == _data_address(b) and a.strides == b.strides
+
+
+def _readable_as(x, shape, unit_axis):
+    """x reshaped to `shape` without a copy if possible, with unit stride along
+    `unit_axis` (when that axis has more than one element) and aligned;
+    otherwise a C-contiguous copy of it. Never changes x."""
+    try:
+        v = x.reshape(shape, copy=False)
+    except ValueError:
+        return np.ascontiguousarray(x).reshape(shape)
+    if (shape[unit_axis] > 1 and v.strides[unit_axis] != v.itemsize) or not v.flags.aligned:
+        return np.array(v, order="C", copy=True)
+    return v
+
+
+def _writable_as(out, shape, unit_axis, *inputs):
+    """out reshaped to `shape` so the kernel can write it directly, or None when
+    it cannot: a copy would be needed, the layout is not one the kernel
+    writes, or out overlaps an input in any other way than being it."""
+    try:
+        v = out.reshape(shape, copy=False)
+    except ValueError:
+        return None
+    if (shape[unit_axis] > 1 and v.strides[unit_axis] != v.itemsize) or not v.flags.aligned:
+        return None
+    for a in inputs:
+        if a is not None and np.may_share_memory(v, a) and not (
+            a.dtype == v.dtype and _same_layout(v, a)
+        ):
+            return None
+    return v
+
+
+def _run_into(out, shape, unit_axis, inputs, result_shape, result_dtype, kernel):
+    """Call kernel(dest) on an array `dest` of `shape` that is: a fresh array
+    when out is None; a view of `out` when the kernel can write it in place;
+    otherwise a temporary, copied into out afterwards. Returns the user's
+    result: out itself, or the fresh array shaped `result_shape`."""
+    if out is None:
+        dest = np.empty(shape, dtype=result_dtype)
+        kernel(dest)
+        return dest.reshape(result_shape)
+    view = _writable_as(out, shape, unit_axis, *inputs)
+    if view is not None:
+        kernel(view)
+        return out
+    tmp = np.empty(shape, dtype=result_dtype)
+    kernel(tmp)
+    out[...] = tmp.reshape(out.shape)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# softmax and log_softmax
+
+def _normalize_axes(axis, ndim, func):
+    """Sorted tuple of the axes to reduce over; AxisError or TypeError."""
+    if axis is None:
+        return tuple(range(ndim))
+    if isinstance(axis, (tuple, list)):
+        try:
+            axes = normalize_axis_tuple(tuple(operator.index(a) for a in axis), ndim)
+        except TypeError:
+            raise TypeError(f"{func}: axis must be an int, a tuple of ints or None, got {axis!r}") from None
+        return tuple(sorted(axes))
+    try:
+        index = operator.index(axis)
+    except TypeError:
+        raise TypeError(
+            f"{func}: axis must be an int, a tuple of ints or None, got {type(axis).__name__}"
+        ) from None
+    return (normalize_axis_index(index, ndim),)
+
+
+def _softmax(x, axis, where, out, log, func):
+    x = _as_float_array(x, func)
+    axes = _normalize_axes(axis, x.ndim, func)
+    if where is not None:
+        where = np.asarray(where)
+        if where.dtype != np.bool_:
+            raise TypeError(f"{func}: where must be a bool array, got dtype {where.dtype} "
+                            f"(shape {where.shape})")
+        try:
+            where = np.broadcast_to(where, x.shape)
+        except ValueError:
+            raise ValueError(f"{func}: where of shape {where.shape} does not broadcast to "
+                             f"the shape of x, {x.shape}") from None
+    if out is not None:
+        _check_out(out, x, func)
+    if x.size == 0:
+        return out if out is not None else np.empty(x.shape, x.dtype)
+
+    # Lay x out as (N, C, K), C being the reduced axes. Reduced axes that are
+    # not next to each other are first moved to the end.
+    if axes and axes != tuple(range(axes[0], axes[-1] + 1)):
+        moved = tuple(range(x.ndim - len(axes), x.ndim))
+        x_m = np.moveaxis(x, axes, moved)
+        where_m = None if where is None else np.moveaxis(where, axes, moved)
+        result = _softmax(x_m, moved, where_m, None, log, func)
+        result = np.moveaxis(result, moved, axes)
+        if out is None:
+            return np.ascontiguousarray(result)
+        out[...] = result
+        return out
+    if axes:
+        first, last = axes[0], axes[-1] + 1
+    else:  # axis=(): every element is a slice of its own
+        first = last = x.ndim
+    shape3 = (math.prod(x.shape[:first]), math.prod(x.shape[first:last]),
+              math.prod(x.shape[last:]))
+    unit_axis = 1 if shape3[2] == 1 else 2
+    x3 = _readable_as(x, shape3, unit_axis)
+    where3 = None if where is None else where.reshape(shape3)
+    return _run_into(out, shape3, unit_axis, (x3, where3), x.shape, x.dtype,
+                     lambda dest: _kernels.softmax(dest, x3, where3, log))
+
+
+def softmax(x, axis=-1, *, where=None, out=None):
+    """Softmax along `axis`: exp(x - max) / sum(exp(x - max)).
+
+    Parameters
+    ----------
+    x : array_like, float32 or float64
+    axis : int, tuple of ints or None
+        The axis (or axes, or all axes for None) each softmax runs over.
+    where : array_like of bool, optional
+        Broadcast to x's shape. Elements where it is False take no part: they
+        get probability 0, as if they were -inf.
+    out : ndarray, optional
+        Where to write the result (same shape and dtype as x; may be x).
+
+    Returns
+    -------
+    ndarray of x's shape and dtype. Each slice sums to 1, however large the
+    logits. A slice with nothing to attend to (all -inf, or all masked out)
+    gives 0 everywhere, never NaN; a NaN in a slice gives NaN in that slice.
+    """
+    if where is None and out is None and type(axis) is int and axis == -1:
+        result = _kernels.softmax_last_axis(x, False)
+        if result is not None:
+            return result
+    return _softmax(x, axis, where, out, False, "softmax")
+
+
+def log_softmax(x, axis=-1, *, where=None, out=None):
+    """Log of the softmax along `axis`: (x - max) - log(sum(exp(x - max))).
+
+    Same arguments as `softmax`. Masked-out elements, and every element of a
+    slice with nothing to attend to, give -inf; a NaN gives a NaN slice.
+    Computed directly, not as log(softmax(x)), so that very negative
+    log-probabilities keep their precision instead of underflowing to -inf.
+    """
+    if where is None and out is None and type(axis) is int and axis == -1:
+        result = _kernels.softmax_last_axis(x, True)
+        if result is not None:
+            return result
+    return _softmax(x, axis, where, out, True, "log_softmax")
+
+
+# ---------------------------------------------------------------------------
+# layer_norm and rms_norm
+
+def _normalized_shape(normalized_shape, x, func):
+    try:
+        shape = (operator.index(normalized_shape),)
+    except TypeError:
+        try:
+            shape = tuple(operator.index(d) for d in normalized_shape)
+        except TypeError:
+            raise TypeError(f"{func}: normalized_shape must be an int or a tuple of ints, "
+                            f"got {normalized_shape!r}") from None
+    if any(d < 0 for d in shape):
+        raise ValueError(f"{func}: normalized_shape {shape} has a negative dimension")
+    if len(shape) > x.ndim or x.shape[x.ndim - len(shape):] != shape:
+        raise ValueError(f"{func}: normalized_shape {shape} does not match the trailing "
+                         f"dimensions of the input, whose shape is {x.shape}")
+    return shape
+
+
+def _parameter(p, shape, dtype, func, name):
+    """weight/bias as a contiguous vector of x's dtype, or None."""
+    if p is None:
+        return None
+    a = np.asarray(p)
+    if a.dtype != dtype or not a.dtype.isnative:
+        raise TypeError(f"{func}: {name} has dtype {a.dtype} but the input is {dtype}; "
+                        f"convert it with {name}.astype(np.{dtype})")
+    if a.shape != shape:
+        raise ValueError(f"{func}: {name} has shape {a.shape} but normalized_shape is {shape}")
+    return np.ascontiguousarray(a).reshape(-1)
+
+
+def _check_eps(eps, func):
+    try:
+        value = float(eps)
+    except (TypeError, ValueError):
+        raise TypeError(f"{func}: eps must be a number, got {type(eps).__name__}") from None
+    if not (value >= 0 and math.isfinite(value)):
+        raise ValueError(f"{func}: eps must be finite and >= 0, got {eps!r}")
+    return value
+
+
+def _rows(x, normalized_shape, out, func):
+    """x as (N, C) rows with C the normalized size, and the out check."""
+    if out is not None:
+        _check_out(out, x, func)
+    C = math.prod(normalized_shape)
+    N = math.prod(x.shape[: x.ndim - len(normalized_shape)])
+    return (N, C), _readable_as(x, (N, C), 1)
+
+
+def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=None):
+    """Layer normalisation over the trailing `normalized_shape` dimensions.
+
+    out = (x - mean) / sqrt(var + eps) * weight + bias, with the mean and the
+    biased variance taken over the last len(normalized_shape) dimensions, as
+    in torch.nn.functional.layer_norm.
+
+    Parameters
+    ----------
+    x : array_like, float32 or float64, shape (..., *normalized_shape)
+    normalized_shape : int or tuple of ints
+    weight, bias : array_like of shape normalized_shape and x's dtype, optional
+    eps : float >= 0, added to the variance
+    out : ndarray, optional (x's shape and dtype; may be x)
+    """
+    func = "layer_norm"
+    x = _as_float_array(x, func, "input")
+    shape = _normalized_shape(normalized_shape, x, func)
+    w = _parameter(weight, shape, x.dtype, func, "weight")
+    b = _parameter(bias, shape, x.dtype, func, "bias")
+    eps = _check_eps(eps, func)
+    shape2, x2 = _rows(x, shape, out, func)
+    return _run_into(out, shape2, 1, (x2,), x.shape, x.dtype,
+                     lambda dest: _kernels.layer_norm(dest, None, None, x2, w, b, eps))
+
+
+def rms_norm(x, normalized_shape, weight=None, eps=None, *, out=None):
+    """Root-mean-square normalisation over the trailing `normalized_shape` dimensions.
+
+    out = x / sqrt(mean(x**2) + eps) * weight, as torch.nn.functional.rms_norm;
+    eps=None means the machine epsilon of x's dtype.
+    """
+    func = "rms_norm"
+    x = _as_float_array(x, func, "input")
+    shape = _normalized_shape(normalized_shape, x, func)
+    w = _parameter(weight, shape, x.dtype, func, "weight")
+    eps = float(np.finfo(x.dtype).eps) if eps is None else _check_eps(eps, func)
+    shape2, x2 = _rows(x, shape, out, func)
+    return _run_into(out, shape2, 1, (x2,), x.shape, x.dtype,
+                     lambda dest: _kernels.rms_norm(dest, None, x2, w, eps))
