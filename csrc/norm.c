@@ -12,7 +12,7 @@
  * squared deviations (never E[x^2] - E[x]^2, which cancels catastrophically
  * for a row like 1e4 + noise), and s1 repairs whatever rounding mean0 had.
  * The mean is kept as two reals, hi + lo, so x - mean is (x - hi) - lo: for a
- * float row near 1e4 the deviation is then exact, not rounded to 1e4's ulp.
+ * row near 1e4 the deviation is then exact, not rounded to 1e4's ulp.
  *
  * Sums are added in `real` lanes for SUM_BLOCK elements and then in double.
  * A row whose squares overflow or underflow `real` (|x - mean| above ~1e19 in
@@ -43,8 +43,9 @@ static inline int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
  * sum or square can overflow, and the ratio (x - mean) / std is unchanged.
  */
 
-/* 2^-k with max|x| * 2^-k in [0.5, 1); 1 for a zero row; NaN if the row holds
- * a NaN or an infinity (then the whole row's result is NaN). */
+/* 2^-k with max|x| * 2^-k in [0.5, 1) (or as near as double allows); 1 for a
+ * zero row; NaN if the row holds a NaN or an infinity (then the whole row's
+ * result is NaN). */
 static double row_scale(const real* x, int64_t C)
 {
     double amax = 0.0;
@@ -56,7 +57,9 @@ static double row_scale(const real* x, int64_t C)
     if (amax == 0.0) return 1.0;
     int k;
     frexp(amax, &k);
-    return ldexp(1.0, -k);
+    /* a subnormal row would want up to 2^1074, past double's range; 2^1000
+     * is enough to lift its squares clear of underflow */
+    return ldexp(1.0, -k < 1000 ? -k : 1000);
 }
 
 static void layer_norm_row_careful(real* out, real* mean_out, real* rstd_out, const real* x,
@@ -202,14 +205,21 @@ static void layer_norm_row(real* out, real* mean_out, real* rstd_out, const real
                            real* out_next, const real* x_next)
 {
     /* passes 1 and 2 */
-    double mean = row_sum(x, C) / (double)C;
-    real hi = (real)mean, lo = (real)(mean - (double)hi);
+    const double mean0 = row_sum(x, C) / (double)C;
+    real hi = (real)mean0, lo = (real)(mean0 - (double)hi);
     double s1, s2;
     row_centred_sums(&s1, &s2, x, hi, lo, C);
     const double shift = s1 / (double)C;
     double var = s2 / (double)C - shift * shift;
-    mean += shift;
     if (var < 0) var = 0;
+    /* The refined mean is hi + (lo + shift), kept as a pair of reals by an
+     * exact two-sum: in double, rounding it to one number would cost up to
+     * half an ulp of the mean, which is a lot of a row 1e4 + 1e-2 noise. */
+    const real tail = (real)((double)lo + shift);
+    const real sum = hi + tail, hi_part = sum - tail;
+    lo = (hi - hi_part) + (tail - (sum - hi_part));
+    hi = sum;
+    const double mean = (double)hi + (double)lo;
     if (!(isfinite(mean) && var <= DBL_MAX && var + eps >= TINY_SUM_OF_SQUARES)) {
         layer_norm_row_careful(out, mean_out, rstd_out, x, weight, bias, C, eps);
         return;
@@ -219,8 +229,6 @@ static void layer_norm_row(real* out, real* mean_out, real* rstd_out, const real
     if (rstd_out) *rstd_out = (real)rstd;
 
     /* pass 3 */
-    hi = (real)mean;
-    lo = (real)(mean - (double)hi);
     if (weight && bias) layer_norm_apply(out, x, weight, bias, C, hi, lo, (real)rstd, out_next, x_next);
     else if (weight) layer_norm_apply(out, x, weight, NULL, C, hi, lo, (real)rstd, out_next, x_next);
     else if (bias) layer_norm_apply(out, x, NULL, bias, C, hi, lo, (real)rstd, out_next, x_next);

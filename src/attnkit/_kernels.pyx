@@ -99,7 +99,7 @@ cdef check_rows(cnp.ndarray a, cnp.ndarray like, str what):
     """a is (N, C) with contiguous rows and the shape of like."""
     if a.shape[0] != like.shape[0] or a.shape[1] != like.shape[1]:
         raise ValueError(f"{what}: shape {shape_of(a)} differs from {shape_of(like)}")
-    if a.shape[1] > 1 and cnp.PyArray_STRIDE(a, 1) != cnp.PyArray_ITEMSIZE(a):
+    if a.shape[0] > 0 and a.shape[1] > 1 and cnp.PyArray_STRIDE(a, 1) != cnp.PyArray_ITEMSIZE(a):
         raise ValueError(f"{what}: rows of shape {shape_of(a)} are not contiguous")
 
 

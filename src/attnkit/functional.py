@@ -21,7 +21,7 @@ from . import _kernels
 
 __all__ = ["softmax", "log_softmax", "layer_norm", "rms_norm"]
 
-_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))  # native byte order
 
 
 # ---------------------------------------------------------------------------
@@ -30,9 +30,9 @@ _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 def _as_float_array(x, func, name="x"):
     """x as an ndarray of native float32/float64; TypeError otherwise."""
     a = np.asarray(x)
-    if a.dtype in _FLOAT_DTYPES:  # dtype equality ignores byte order...
-        if a.dtype.isnative:  # ...so check it separately
-            return a
+    if a.dtype in _FLOAT_DTYPES:
+        return a
+    if a.dtype.newbyteorder("=") in _FLOAT_DTYPES:
         raise TypeError(
             f"{func}: {name} has non-native byte order ({a.dtype.str}, shape {a.shape}); "
             f"convert it with {name}.astype({name}.dtype.newbyteorder('='))"

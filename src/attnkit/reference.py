@@ -8,9 +8,21 @@ Nothing here is fast, and nothing here is clever.
 
 Shape names: x is any shape (...); a reduced axis has length C.
 """
+import functools
+
 import numpy as np
 
 __all__ = ["softmax", "log_softmax", "layer_norm", "rms_norm"]
+
+
+def _ieee(func):
+    """Let infinities and NaNs follow IEEE arithmetic without warnings: the
+    reference must give the answer for inputs like [inf, 1], not complain."""
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        with np.errstate(all="ignore"):
+            return func(*args, **kwargs)
+    return wrapper
 
 
 def _masked(x, where, dtype):
@@ -27,6 +39,7 @@ def _shifted_exp(x, axis):
     return np.exp(x - m), m                                      # (...), every value in [0, 1]
 
 
+@_ieee
 def softmax(x, axis=-1, where=None, *, dtype=np.float64):
     """exp(x - max) / sum(exp(x - max)) along axis (int, tuple or None).
 
@@ -36,17 +49,16 @@ def softmax(x, axis=-1, where=None, *, dtype=np.float64):
     x = _masked(x, where, dtype)                                 # (...)
     e, _ = _shifted_exp(x, axis)                                 # (...)
     s = np.sum(e, axis=axis, keepdims=True)                      # (..., 1, ...) in [1, C], or 0
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(s == 0, 0, e / s).astype(dtype)          # (...)
+    return np.where(s == 0, 0, e / s).astype(dtype)              # (...)
 
 
+@_ieee
 def log_softmax(x, axis=-1, where=None, *, dtype=np.float64):
     """(x - max) - log(sum(exp(x - max))) along axis; -inf where softmax is 0."""
     x = _masked(x, where, dtype)                                 # (...)
     e, m = _shifted_exp(x, axis)                                 # (...), (..., 1, ...)
     s = np.sum(e, axis=axis, keepdims=True)                      # (..., 1, ...)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(s == 0, -np.inf, (x - m) - np.log(s)).astype(dtype)
+    return np.where(s == 0, -np.inf, (x - m) - np.log(s)).astype(dtype)
 
 
 def _trailing_axes(x, normalized_shape):
@@ -55,6 +67,7 @@ def _trailing_axes(x, normalized_shape):
     return tuple(range(x.ndim - len(shape), x.ndim))
 
 
+@_ieee
 def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, dtype=np.float64):
     """(x - mean) / sqrt(var + eps) * weight + bias over the trailing dimensions.
 
@@ -72,6 +85,7 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, dtype=n
     return y.astype(dtype)
 
 
+@_ieee
 def rms_norm(x, normalized_shape, weight=None, eps=None, *, dtype=np.float64):
     """x / sqrt(mean(x**2) + eps) * weight over the trailing dimensions.
 

@@ -1,0 +1,63 @@
+"""The accuracy rule every kernel test uses, and the optional second oracle.
+
+The rule (FlashAttention's): a kernel's error against a reference computed in
+higher precision may be at most a small multiple of the error that the same
+maths, done naively in the kernel's own precision, makes; plus a few ulps of
+the result's scale so that exactly-representable results need no slack.
+float32 kernels are judged against float64, float64 kernels against
+np.longdouble (80-bit extended precision on x86-64).
+"""
+import numpy as np
+import pytest
+
+
+def higher_precision(dtype):
+    return np.float64 if np.dtype(dtype) == np.float32 else np.longdouble
+
+
+def assert_nonfinite_match(actual, expected):
+    """NaN where the reference is NaN, the same infinities, finite elsewhere."""
+    actual = np.asarray(actual)
+    expected = np.asarray(expected)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    nan_a, nan_e = np.isnan(actual), np.isnan(expected)
+    assert np.array_equal(nan_a, nan_e), (
+        f"NaN mismatch at {np.argwhere(nan_a != nan_e)[:5].tolist()}"
+    )
+    inf_e = np.isinf(expected)
+    assert np.array_equal(np.isinf(actual), inf_e), (
+        f"infinity mismatch at {np.argwhere(np.isinf(actual) != inf_e)[:5].tolist()}"
+    )
+    assert np.array_equal(actual[inf_e], expected[inf_e].astype(actual.dtype))
+
+
+def assert_accurate(actual, reference_fn, x_dtype, factor=4.0, ulps=4.0):
+    """actual (the kernel's result) against reference_fn(dtype) run in higher
+    precision, by the rule at the top of this file."""
+    hi = reference_fn(higher_precision(x_dtype))
+    naive = reference_fn(np.dtype(x_dtype).type)
+    assert actual.dtype == np.dtype(x_dtype)
+    with np.errstate(over="ignore"):
+        # a value beyond the dtype's range is correctly rounded to an infinity
+        hi_rounded = hi.astype(x_dtype)
+    assert_nonfinite_match(actual, hi_rounded)
+    finite = np.isfinite(hi_rounded)
+    if not finite.any():
+        return
+    hi_f = hi[finite]
+    kernel_err = float(np.max(np.abs(actual[finite].astype(hi.dtype) - hi_f)))
+    naive_f = naive[finite].astype(hi.dtype)
+    naive_err = float(np.max(np.abs(np.where(np.isfinite(naive_f), naive_f - hi_f, 0))))
+    scale = float(np.max(np.abs(hi_f)))
+    eps = float(np.finfo(x_dtype).eps)
+    bound = factor * naive_err + ulps * eps * scale
+    assert kernel_err <= bound, (
+        f"error {kernel_err:.3g} > {bound:.3g} (naive {np.dtype(x_dtype).name} error "
+        f"{naive_err:.3g}, scale {scale:.3g})"
+    )
+
+
+def torch_or_skip():
+    """PyTorch, the second oracle; tests that need it skip where it is not installed."""
+    return pytest.importorskip("torch", reason="PyTorch (the second oracle) is not installed")
+
