@@ -44,17 +44,17 @@ static inline int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
  */
 
 /* 2^-k with max|x| * 2^-k in [0.5, 1) (or as near as double allows); 1 for a
- * zero row; NaN if the row holds a NaN or an infinity (then the whole row's
- * result is NaN). */
+ * zero row; 0 if the row holds an infinity, NaN if it holds a NaN. */
 static double row_scale(const real* x, int64_t C)
 {
     double amax = 0.0;
     for (int64_t c = 0; c < C; c++) {
         double a = fabs((double)x[c]);
-        if (!(a <= DBL_MAX)) return NAN;
+        if (a != a) return NAN;
         if (a > amax) amax = a;
     }
     if (amax == 0.0) return 1.0;
+    if (amax > DBL_MAX) return 0.0;
     int k;
     frexp(amax, &k);
     /* a subnormal row would want up to 2^1074, past double's range; 2^1000
@@ -66,6 +66,12 @@ static void layer_norm_row_careful(real* out, real* mean_out, real* rstd_out, co
                                    const real* weight, const real* bias, int64_t C, double eps)
 {
     const double scale = row_scale(x, C);
+    if (!(scale > 0)) { /* an infinity or a NaN: mean and variance are NaN */
+        for (int64_t c = 0; c < C; c++) out[c] = NAN;
+        if (mean_out) *mean_out = NAN;
+        if (rstd_out) *rstd_out = NAN;
+        return;
+    }
     double mean = 0.0, s1 = 0.0, s2 = 0.0;
     for (int64_t c = 0; c < C; c++) mean += x[c] * scale;
     mean /= (double)C;
@@ -94,6 +100,15 @@ static void rms_norm_row_careful(real* out, real* rrms_out, const real* x, const
                                  int64_t C, double eps)
 {
     const double scale = row_scale(x, C);
+    if (!(scale > 0)) {
+        /* rms is inf (an infinity) or NaN (a NaN): out = x * (1/rms) * weight
+         * as IEEE arithmetic has it, so finite elements of a row with an
+         * infinity give 0 and the infinities NaN, as in PyTorch. */
+        const double rrms = scale == 0.0 ? 0.0 : NAN;
+        for (int64_t c = 0; c < C; c++) out[c] = (real)(x[c] * rrms * (weight ? weight[c] : 1));
+        if (rrms_out) *rrms_out = (real)rrms;
+        return;
+    }
     double s2 = 0.0;
     for (int64_t c = 0; c < C; c++) s2 += (x[c] * scale) * (x[c] * scale);
     const double rms = sqrt(s2 / (double)C);

@@ -6,6 +6,7 @@ rule out a path); asking for a path the CPU lacks falls back, with a warning,
 to the best one it has below that.
 """
 import contextlib
+import operator
 import os
 import warnings
 
@@ -81,11 +82,12 @@ def set_num_threads(n):
     one thread whatever this says, and results do not depend on it: every row
     is computed the same way on any number of threads.
     """
-    if isinstance(n, bool) or not isinstance(n, int):
-        try:
-            n = int(n.__index__())
-        except (AttributeError, TypeError):
-            raise TypeError(f"set_num_threads: expected an int, got {type(n).__name__}") from None
+    if isinstance(n, bool):
+        raise TypeError("set_num_threads: expected an int, got bool")
+    try:
+        n = operator.index(n)
+    except TypeError:
+        raise TypeError(f"set_num_threads: expected an int, got {type(n).__name__}") from None
     if n < 1:
         raise ValueError(f"set_num_threads: need at least 1 thread, got {n}")
     _kernels.set_num_threads(n)

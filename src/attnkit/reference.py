@@ -75,6 +75,8 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, dtype=n
     """
     x = np.asarray(x, dtype=dtype)                               # (..., *normalized_shape)
     axes = _trailing_axes(x, normalized_shape)
+    if x.size == 0:
+        return x.copy()                                          # nothing to normalise
     mean = np.mean(x, axis=axes, keepdims=True)                  # (..., 1, ..., 1)
     var = np.mean((x - mean) ** 2, axis=axes, keepdims=True)     # (..., 1, ..., 1)
     y = (x - mean) / np.sqrt(var + dtype(eps))                   # (..., *normalized_shape)
@@ -95,6 +97,8 @@ def rms_norm(x, normalized_shape, weight=None, eps=None, *, dtype=np.float64):
         eps = np.finfo(np.asarray(x).dtype).eps
     x = np.asarray(x, dtype=dtype)                               # (..., *normalized_shape)
     axes = _trailing_axes(x, normalized_shape)
+    if x.size == 0:
+        return x.copy()
     mean_square = np.mean(x * x, axis=axes, keepdims=True)       # (..., 1, ..., 1)
     y = x / np.sqrt(mean_square + dtype(eps))                    # (..., *normalized_shape)
     if weight is not None:
