@@ -123,6 +123,7 @@ int attnkit_plan_threads(int64_t tasks, int64_t work_per_task);
 const char* attnkit_build_compiler(void);
 const char* attnkit_build_flags(int isa);
 int attnkit_build_sanitized(void);
+int attnkit_build_emulated_avx512(void); /* test build: AVX-512 path through SIMDe */
 
 #ifdef __cplusplus
 }

@@ -11,6 +11,18 @@
 
 #include "attnkit.h"
 
+/* What CMake tells about the build (defaults for a build without it). */
+#ifndef ATTNKIT_COMPILER
+#define ATTNKIT_COMPILER "unknown"
+#define ATTNKIT_CFLAGS ""
+#define ATTNKIT_CFLAGS_AVX2 ""
+#define ATTNKIT_CFLAGS_AVX512 ""
+#define ATTNKIT_SANITIZED 0
+#endif
+#ifndef ATTNKIT_EMULATED_AVX512
+#define ATTNKIT_EMULATED_AVX512 0
+#endif
+
 /* ---------------------------------------------------------------------------
  * The kernel table, one row per instruction set.
  */
@@ -76,7 +88,12 @@ int attnkit_isa_supported(int isa)
     switch (isa) {
     case ATTNKIT_ISA_SCALAR: return 1;
     case ATTNKIT_ISA_AVX2: return __builtin_cpu_supports("x86-64-v3") != 0;
+#if ATTNKIT_EMULATED_AVX512
+    /* a test build: the AVX-512 copy runs on SIMDe's AVX2 emulation */
+    case ATTNKIT_ISA_AVX512: return __builtin_cpu_supports("x86-64-v3") != 0;
+#else
     case ATTNKIT_ISA_AVX512: return __builtin_cpu_supports("x86-64-v4") != 0;
+#endif
     default: return 0;
     }
 }
@@ -186,13 +203,6 @@ void attnkit_init(void)
 /* ---------------------------------------------------------------------------
  * The build, as show_config() reports it.
  */
-#ifndef ATTNKIT_COMPILER
-#define ATTNKIT_COMPILER "unknown"
-#define ATTNKIT_CFLAGS ""
-#define ATTNKIT_CFLAGS_AVX2 ""
-#define ATTNKIT_CFLAGS_AVX512 ""
-#define ATTNKIT_SANITIZED 0
-#endif
 
 const char* attnkit_build_compiler(void) { return ATTNKIT_COMPILER; }
 
@@ -207,3 +217,4 @@ const char* attnkit_build_flags(int isa)
 }
 
 int attnkit_build_sanitized(void) { return ATTNKIT_SANITIZED; }
+int attnkit_build_emulated_avx512(void) { return ATTNKIT_EMULATED_AVX512; }

@@ -197,7 +197,11 @@ AK_INLINE vmask v_where(const uint8_t* w, int64_t step, int64_t n) {
 
 /* ======================================================================== */
 #elif defined(ATTNKIT_ISA_avx512)
+#if defined(ATTNKIT_EMULATE_AVX512)
+#include "avx512_emulation.h" /* test builds on CPUs without AVX-512 */
+#else
 #include <immintrin.h>
+#endif
 #if ATTNKIT_REAL_BITS == 32
 enum { VLEN = 16 };
 typedef __m512 vreal;

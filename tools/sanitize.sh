@@ -62,9 +62,12 @@ VPY=$VENV/bin/python
 # NumPy from PyPI) and in a fresh build directory, so nothing of an earlier
 # unsanitized build can leak in; a local directory is always rebuilt.
 say "building attnkit with ATTNKIT_SANITIZE=ON"
-BUILD_LOG=$WORK/build.log
+BUILD_LOG=$VENV/sanitize-build.log   # kept, for a look at the compile lines
+# install.strip=false: scikit-build-core strips installed binaries by default,
+# which would throw away the -g line tables and leave reports with bare
+# offsets ("_kernels...so+0x83f26") instead of csrc/softmax.c:98.
 if ! ATTNKIT_SANITIZE=ON "$VPY" -m pip install -v \
-        -C build.verbose=true ".[test]" >"$BUILD_LOG" 2>&1; then
+        -C build.verbose=true -C install.strip=false ".[test]" >"$BUILD_LOG" 2>&1; then
     tail -n 80 "$BUILD_LOG" >&2
     die "build failed (log above)"
 fi

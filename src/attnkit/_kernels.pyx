@@ -53,6 +53,7 @@ cdef extern from "attnkit.h" nogil:
     const char* attnkit_build_compiler() noexcept
     const char* attnkit_build_flags(int isa) noexcept
     int attnkit_build_sanitized() noexcept
+    int attnkit_build_emulated_avx512() noexcept
 
 attnkit_init()
 
@@ -352,4 +353,5 @@ def build_info():
         "isa_flags": {attnkit_isa_name(i).decode(): attnkit_build_flags(i).decode()
                       for i in range(ATTNKIT_ISA_COUNT)},
         "sanitized": bool(attnkit_build_sanitized()),
+        "avx512_emulated": bool(attnkit_build_emulated_avx512()),
     }

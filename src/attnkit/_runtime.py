@@ -141,6 +141,8 @@ def show_config(mode="stdout"):
               for name, flags in build["isa_flags"].items()]
     if build["sanitized"]:
         lines.append("  built with:           -fsanitize=address,undefined")
+    if build["avx512_emulated"]:
+        lines.append("  test build:           the avx512 path runs on SIMDe's emulation (not for speed)")
     if threads["single_threaded_after_fork"]:
         lines.append("  forked child:         kernels run single-threaded (OpenMP is not fork-safe)")
     print("\n".join(lines))

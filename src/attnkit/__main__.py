@@ -1,0 +1,288 @@
+"""python -m attnkit: check the kernels against attnkit.reference, then time them.
+
+    python -m attnkit                  the build, a self-check, a speed table
+    python -m attnkit --quick          the same, timed with fewer repeats
+    python -m attnkit --no-bench       the build and the self-check only
+    python -m attnkit --threads 2      all of it on 2 threads (default 1)
+    python -m attnkit check [...]      the same, by name
+
+The self-check runs softmax, log_softmax, layer_norm and rms_norm in float32
+and float64 on a few inputs (odd sizes, another axis, a `where` mask, strided
+views) and holds each result to the rule the test suite uses: its largest
+error against a reference computed in higher precision (float64 for float32,
+np.longdouble for float64) may be at most 4 times the error of the reference
+computed naively in the kernel's own dtype, plus 4 eps times the largest
+|value|. The exit status is 1 if any case fails.
+
+The speed table times attnkit, the NumPy reference computed in float32 and,
+if it can be imported, torch, on softmax and layer_norm (float32, last axis).
+The contenders take turns, so that a noisy machine slows them alike; the
+table gives median times and the ratios numpy/attnkit and torch/attnkit.
+It is a quick look: bench/ in the source tree measures with more care.
+"""
+import argparse
+import math
+import statistics
+import sys
+import timeit
+
+import numpy as np
+
+import attnkit
+from attnkit import reference
+
+# ---------------------------------------------------------------------------
+# The self-check
+
+FACTOR = 4.0  # times the naive computation's error
+ULPS = 4.0  # times eps times the largest |value|
+
+
+def _higher_precision(dtype):
+    return np.float64 if dtype == np.float32 else np.longdouble
+
+
+def self_check_cases(seed=0):
+    """(kernel name, dtype, description, keyword arguments) for every case.
+
+    The keyword arguments suit both the kernel and its reference."""
+    rng = np.random.default_rng(seed)
+    for dtype in (np.float32, np.float64):
+
+        def randn(*shape, scale=3.0):
+            return (rng.standard_normal(shape) * scale).astype(dtype)
+
+        for kernel in ("softmax", "log_softmax"):
+            x = randn(3, 7)
+            x[1] += 1000  # only the shift by the row's max keeps exp() finite
+            yield kernel, dtype, "(3, 7), one row + 1000", dict(x=x)
+            yield kernel, dtype, "(16, 1023)", dict(x=randn(16, 1023))
+            yield kernel, dtype, "(5, 257, 3), axis=1", dict(x=randn(5, 257, 3), axis=1)
+            yield kernel, dtype, "(64, 4099)", dict(x=randn(64, 4099))
+            where = rng.random((9, 59)) < 0.7
+            where[4] = False  # a row with nothing to attend to
+            yield kernel, dtype, "(9, 59), where mask, one row all False", dict(
+                x=randn(9, 59), where=where)
+            yield kernel, dtype, "(12, 113), strided view [::2, ::3]", dict(
+                x=randn(24, 339)[::2, ::3])
+
+        for kernel in ("layer_norm", "rms_norm"):
+
+            def params(*shape):
+                p = dict(weight=1 + randn(*shape, scale=0.1))
+                if kernel == "layer_norm":
+                    p["bias"] = randn(*shape, scale=0.1)
+                return p
+
+            names = "weight, bias" if kernel == "layer_norm" else "weight"
+            yield kernel, dtype, "(3, 7), no parameters", dict(x=randn(3, 7), normalized_shape=7)
+            yield kernel, dtype, f"(16, 1023), {names}", dict(
+                x=randn(16, 1023), normalized_shape=1023, **params(1023))
+            yield kernel, dtype, f"(2, 3, 4, 33) over (4, 33), {names}", dict(
+                x=randn(2, 3, 4, 33), normalized_shape=(4, 33), **params(4, 33))
+            yield kernel, dtype, f"(64, 4099), mean 1000, {names}", dict(
+                x=randn(64, 4099) + 1000, normalized_shape=4099, **params(4099))
+            yield kernel, dtype, "(12, 113), transposed view", dict(
+                x=randn(113, 12).T, normalized_shape=113)
+
+
+def judge(result, hi, naive, dtype):
+    """(error, bound, passed) for a kernel's result, by the rule above.
+
+    hi is the reference in higher precision, naive the reference computed in
+    dtype. Where the rounded reference is not finite (a masked-out -inf, say)
+    the result must hold the same value; the error is taken over the rest."""
+    dtype = np.dtype(dtype)
+    if result.dtype != dtype or result.shape != hi.shape:
+        return math.nan, math.nan, False
+    with np.errstate(over="ignore"):
+        hi_rounded = hi.astype(dtype)
+    finite = np.isfinite(hi_rounded)
+    nonfinite_match = (np.array_equal(result[~finite], hi_rounded[~finite], equal_nan=True)
+                       and bool(np.isfinite(result[finite]).all()))
+    if not finite.any():
+        return 0.0, 0.0, nonfinite_match
+    hi_f = hi[finite]
+    error = np.max(np.abs(result[finite].astype(hi.dtype) - hi_f))
+    naive_f = naive[finite].astype(hi.dtype)
+    naive_error = np.max(np.abs(np.where(np.isfinite(naive_f), naive_f - hi_f, 0)))
+    bound = FACTOR * naive_error + ULPS * np.finfo(dtype).eps * np.max(np.abs(hi_f))
+    return float(error), float(bound), bool(nonfinite_match and error <= bound)
+
+
+def run_self_check():
+    """Print one line per case; return the number of cases that failed."""
+    print(f"\nself-check: attnkit against attnkit.reference ({attnkit.simd_path()} path, "
+          f"{attnkit.get_num_threads()} thread(s))")
+    print(f"  pass: error vs float64 (float32) or longdouble (float64) reference <= "
+          f"{FACTOR:g} x naive error + {ULPS:g} eps x max|value|")
+    print(f"  {'kernel':<12}{'dtype':<9}{'input':<40}{'max error':>10}{'bound':>10}")
+    failed = passed = 0
+    for kernel, dtype, description, kwargs in self_check_cases():
+        result = getattr(attnkit, kernel)(**kwargs)
+        ref = getattr(reference, kernel)
+        hi = ref(**kwargs, dtype=_higher_precision(dtype))
+        naive = ref(**kwargs, dtype=dtype)
+        error, bound, ok = judge(result, hi, naive, dtype)
+        passed += ok
+        failed += not ok
+        print(f"  {kernel:<12}{np.dtype(dtype).name:<9}{description:<40}"
+              f"{error:>10.2e}{bound:>10.2e}  {'PASS' if ok else 'FAIL'}")
+    print(f"self-check: {passed} passed, {failed} failed")
+    return failed
+
+
+# ---------------------------------------------------------------------------
+# The speed table
+
+BENCH_SHAPES = [(4096, 1024), (12288, 128), (256, 32768), (8192, 768), (128, 384)]
+SMALL_SHAPE = (1, 64)  # what a call costs when there is next to nothing to compute
+EPS = 1e-5
+
+
+def _import_torch():
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
+
+
+def bench_cases(torch, seed=0):
+    """(name, {contender: function of no arguments}) for every case, float32."""
+    rng = np.random.default_rng(seed)
+    for op, shapes in (("softmax", BENCH_SHAPES + [SMALL_SHAPE]), ("layer_norm", BENCH_SHAPES)):
+        for shape in shapes:
+            cols = shape[-1]
+            x = (rng.standard_normal(shape) * 3).astype(np.float32)
+            w = (1 + 0.1 * rng.standard_normal(cols)).astype(np.float32)
+            b = (0.1 * rng.standard_normal(cols)).astype(np.float32)
+            if op == "softmax":
+                functions = {"attnkit": lambda x=x: attnkit.softmax(x),
+                             "numpy": lambda x=x: reference.softmax(x, dtype=np.float32)}
+            else:
+                functions = {
+                    "attnkit": lambda x=x, w=w, b=b: attnkit.layer_norm(x, cols, w, b, EPS),
+                    "numpy": lambda x=x, w=w, b=b: reference.layer_norm(
+                        x, cols, w, b, EPS, dtype=np.float32),
+                }
+            if torch is not None:
+                tx, tw, tb = torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(b)
+                if op == "softmax":
+                    functions["torch"] = lambda tx=tx: torch.softmax(tx, dim=-1)
+                else:
+                    functions["torch"] = lambda tx=tx, tw=tw, tb=tb: (
+                        torch.nn.functional.layer_norm(tx, (cols,), tw, tb, EPS))
+            yield f"{op} {shape[0]}x{shape[1]}", functions
+
+
+def median_times(functions, repeats, min_time):
+    """{name: median seconds per call}. Each function is timed in `repeats`
+    batches of at least min_time seconds, the functions taking turns."""
+    timers = {name: timeit.Timer(f) for name, f in functions.items()}
+    calls = {}
+    for name, timer in timers.items():  # size the batches; this warms up too
+        n = 1
+        while (elapsed := timer.timeit(n)) < min_time:
+            n = min(10 * n, max(n + 1, math.ceil(1.2 * n * min_time / max(elapsed, 1e-9))))
+        calls[name] = n
+    names = list(timers)
+    samples = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            samples[name].append(timers[name].timeit(calls[name]) / calls[name])
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def format_time(seconds):
+    """About three significant digits: '2.05 ms', '24.9 us', '692 ns'."""
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6), ("ns", 1e-9)):
+        if seconds >= scale or unit == "ns":
+            value = seconds / scale
+            return f"{value:.{0 if value >= 100 else 1 if value >= 10 else 2}f} {unit}"
+
+
+def run_speed_table(threads, quick):
+    repeats, min_time = (3, 0.003) if quick else (7, 0.01)
+    torch = _import_torch()
+    if torch is not None:
+        torch.set_num_threads(threads)
+    names = ["attnkit", "numpy"] + (["torch"] if torch is not None else [])
+    others = names[1:]
+    versions = f"numpy {np.__version__}, " + (
+        f"torch {torch.__version__}" if torch is not None else "torch not installed")
+    print(f"\nspeed: float32, last axis, {threads} thread(s), median of {repeats} "
+          f"interleaved samples; {versions}")
+    print("  numpy = attnkit.reference in float32; ratio = its time / attnkit's "
+          "(above 1: attnkit is faster)")
+    header = f"  {'case':<22}" + "".join(f"{n:>11}" for n in names)
+    header += "".join(f"{n + '/attnkit':>16}" for n in others)
+    print(header)
+    for name, functions in bench_cases(torch):
+        medians = median_times(functions, repeats, min_time)
+        line = f"  {name:<22}" + "".join(f"{format_time(medians[n]):>11}" for n in names)
+        line += "".join(f"{medians[n] / medians['attnkit']:>15.2f}x" for n in others)
+        print(line, flush=True)
+
+
+# ---------------------------------------------------------------------------
+# Commands
+
+def run_check(args):
+    """The default command: the build, the self-check, then (unless
+    --no-bench) the speed table. Returns the exit status."""
+    attnkit.set_num_threads(args.threads)
+    attnkit.show_config()
+    failed = run_self_check()
+    if not args.no_bench:
+        run_speed_table(args.threads, args.quick)
+    return 1 if failed else 0
+
+
+def _positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _add_check_options(parser, with_defaults):
+    """The check command's options. The main parser holds their defaults; the
+    `check` subparser leaves unset ones alone (SUPPRESS), so that both
+    `python -m attnkit --quick` and `python -m attnkit check --quick` work."""
+    def default(value):
+        return value if with_defaults else argparse.SUPPRESS
+
+    parser.add_argument("--threads", type=_positive_int, default=default(1), metavar="N",
+                        help="threads for attnkit (and torch) (default 1)")
+    parser.add_argument("--quick", action="store_true", default=default(False),
+                        help="time with fewer repeats")
+    parser.add_argument("--no-bench", action="store_true", default=default(False),
+                        help="run the self-check only, no speed table")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="python -m attnkit",
+        description="Check attnkit's kernels against attnkit.reference and time them.",
+        epilog="Without a command, runs `check`.",
+    )
+    _add_check_options(parser, with_defaults=True)
+    parser.set_defaults(handler=run_check)
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+    check = commands.add_parser("check", help="self-check and speed table (the default)",
+                                description=run_check.__doc__)
+    _add_check_options(check, with_defaults=False)
+    check.set_defaults(handler=run_check)
+    # A new command adds its own subparser here and sets handler= to a
+    # function that takes the parsed arguments and returns the exit status.
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
