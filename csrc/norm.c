@@ -4,7 +4,7 @@
  * copy is compiled for.
  *
  * Layer norm, three passes over a row (it stays in L1/L2 between them):
- *   1. mean0 = sum(x) / C
+ *   1. mean0 = sum(x) / C                (summed in double)
  *   2. d = x - mean0,  s1 = sum(d),  s2 = sum(d^2)
  *      mean = mean0 + s1/C,  var = s2/C - (s1/C)^2
  *   3. out = (x - mean) * rstd * weight + bias,  rstd = 1/sqrt(var + eps)
@@ -14,7 +14,7 @@
  * The mean is kept as two reals, hi + lo, so x - mean is (x - hi) - lo: for a
  * row near 1e4 the deviation is then exact, not rounded to 1e4's ulp.
  *
- * Sums are added in `real` lanes for SUM_BLOCK elements and then in double.
+ * Other sums are added in `real` lanes for SUM_BLOCK elements, then in double.
  * A row whose squares overflow or underflow `real` (|x - mean| above ~1e19 in
  * float, or a variance so small that eps does not hide the underflow) is
  * redone by a careful scalar path that scales the row by a power of two
@@ -125,26 +125,20 @@ static void rms_norm_row_careful(real* out, real* rrms_out, const real* x, const
  * The fast path.
  */
 
-/* sum(x) over one row, blocks of real lanes added in double */
+/* sum(x) over one row, added in double: a row of equal values then has the
+ * exact mean, and the second pass has only rounding left to repair */
 static double row_sum(const real* x, int64_t C)
 {
-    double sum = 0.0;
-    for (int64_t block = 0; block < C; block += SUM_BLOCK) {
-        const int64_t end = min_i64(C, block + SUM_BLOCK);
-        vreal s0 = v_set1(0), s1 = s0, s2 = s0, s3 = s0;
-        int64_t c = block;
-        for (; c + 4 * VLEN <= end; c += 4 * VLEN) {
-            s0 = v_add(s0, v_load(x + c));
-            s1 = v_add(s1, v_load(x + c + VLEN));
-            s2 = v_add(s2, v_load(x + c + 2 * VLEN));
-            s3 = v_add(s3, v_load(x + c + 3 * VLEN));
-        }
-        for (; c + VLEN <= end; c += VLEN) s0 = v_add(s0, v_load(x + c));
-        double tail = 0.0;
-        for (; c < end; c++) tail += x[c];
-        sum += v_reduce_add(v_add(v_add(s0, s1), v_add(s2, s3))) + tail;
+    vacc a0 = vacc_zero(), a1 = vacc_zero();
+    int64_t c = 0;
+    for (; c + 2 * VLEN <= C; c += 2 * VLEN) {
+        a0 = vacc_add(a0, v_load(x + c));
+        a1 = vacc_add(a1, v_load(x + c + VLEN));
     }
-    return sum;
+    for (; c + VLEN <= C; c += VLEN) a0 = vacc_add(a0, v_load(x + c));
+    double tail = 0.0;
+    for (; c < C; c++) tail += x[c];
+    return (vacc_sum(a0) + vacc_sum(a1)) + tail;
 }
 
 /* sum(d) and sum(d^2) for d = (x - hi) - lo over one row */

@@ -14,6 +14,8 @@
  *   v_exp_nonpositive (x <= 0) is accurate to about 1 ulp, right down into
  *   the subnormals, exactly 0 for -inf, and NaN for NaN
  *   v_reduce_add adds the lanes in double
+ *   vacc is an accumulator of VLEN doubles: vacc_add(acc, v) adds v's lanes
+ *   converted to double, vacc_sum(acc) the total
  */
 #ifndef ATTNKIT_SIMD_H
 #define ATTNKIT_SIMD_H
@@ -79,6 +81,10 @@ AK_INLINE void v_lanes(real* dst, vreal v) { *dst = v; }
 AK_INLINE vreal v_load_part(const real* p, int64_t n, real fill) { return n > 0 ? *p : fill; }
 AK_INLINE void v_store_part(real* p, vreal v, int64_t n) { if (n > 0) *p = v; }
 AK_INLINE vmask v_where(const uint8_t* w, int64_t step, int64_t n) { (void)step; return n > 0 && *w != 0; }
+typedef double vacc;
+AK_INLINE vacc vacc_zero(void) { return 0.0; }
+AK_INLINE vacc vacc_add(vacc acc, vreal v) { return acc + (double)v; }
+AK_INLINE double vacc_sum(vacc acc) { return acc; }
 AK_INLINE vreal v_shl_bits(vreal v, int k) {
     /* the bits of v shifted left by k, as a real */
     real_bits bits;
@@ -120,6 +126,18 @@ AK_INLINE real v_reduce_max(vreal v) {
     return _mm_cvtss_f32(m);
 }
 AK_INLINE void v_lanes(real* dst, vreal v) { _mm256_storeu_ps(dst, v); }
+typedef struct { __m256d lo, hi; } vacc;
+AK_INLINE vacc vacc_zero(void) { vacc a = {_mm256_setzero_pd(), _mm256_setzero_pd()}; return a; }
+AK_INLINE vacc vacc_add(vacc a, vreal v) {
+    a.lo = _mm256_add_pd(a.lo, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
+    a.hi = _mm256_add_pd(a.hi, _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+    return a;
+}
+AK_INLINE double vacc_sum(vacc a) {
+    __m256d s = _mm256_add_pd(a.lo, a.hi);
+    __m128d h = _mm_add_pd(_mm256_castpd256_pd128(s), _mm256_extractf128_pd(s, 1));
+    return _mm_cvtsd_f64(_mm_add_sd(h, _mm_unpackhi_pd(h, h)));
+}
 AK_INLINE __m256i lanes_below_(int64_t n) {
     return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
@@ -158,6 +176,10 @@ AK_INLINE real v_reduce_max(vreal v) {
     return _mm_cvtsd_f64(m);
 }
 AK_INLINE void v_lanes(real* dst, vreal v) { _mm256_storeu_pd(dst, v); }
+typedef __m256d vacc;
+AK_INLINE vacc vacc_zero(void) { return _mm256_setzero_pd(); }
+AK_INLINE vacc vacc_add(vacc a, vreal v) { return _mm256_add_pd(a, v); }
+AK_INLINE double vacc_sum(vacc a) { return v_reduce_add(a); }
 AK_INLINE __m256i lanes_below_(int64_t n) {
     return _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3));
 }
@@ -232,6 +254,15 @@ AK_INLINE real v_reduce_max(vreal v) {
     return _mm_cvtss_f32(m);
 }
 AK_INLINE void v_lanes(real* dst, vreal v) { _mm512_storeu_ps(dst, v); }
+typedef struct { __m512d lo, hi; } vacc;
+AK_INLINE vacc vacc_zero(void) { vacc a = {_mm512_setzero_pd(), _mm512_setzero_pd()}; return a; }
+AK_INLINE vacc vacc_add(vacc a, vreal v) {
+    a.lo = _mm512_add_pd(a.lo, _mm512_cvtps_pd(_mm512_castps512_ps256(v)));
+    a.hi = _mm512_add_pd(a.hi, _mm512_cvtps_pd(
+        _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))));
+    return a;
+}
+AK_INLINE double vacc_sum(vacc a) { return _mm512_reduce_add_pd(_mm512_add_pd(a.lo, a.hi)); }
 AK_INLINE vmask lanes_below_(int64_t n) { return (vmask)((1u << n) - 1u); }
 AK_INLINE vreal v_load_part(const real* p, int64_t n, real fill) {
     return _mm512_mask_loadu_ps(_mm512_set1_ps(fill), lanes_below_(n), p);
@@ -264,6 +295,10 @@ AK_INLINE real v_reduce_max(vreal v) {
     return _mm_cvtsd_f64(m);
 }
 AK_INLINE void v_lanes(real* dst, vreal v) { _mm512_storeu_pd(dst, v); }
+typedef __m512d vacc;
+AK_INLINE vacc vacc_zero(void) { return _mm512_setzero_pd(); }
+AK_INLINE vacc vacc_add(vacc a, vreal v) { return _mm512_add_pd(a, v); }
+AK_INLINE double vacc_sum(vacc a) { return _mm512_reduce_add_pd(a); }
 AK_INLINE vmask lanes_below_(int64_t n) { return (vmask)((1u << n) - 1u); }
 AK_INLINE vreal v_load_part(const real* p, int64_t n, real fill) {
     return _mm512_mask_loadu_pd(_mm512_set1_pd(fill), lanes_below_(n), p);

@@ -310,3 +310,13 @@ def test_matches_pytorch(simd, dtype, shape, nshape, rng):
                                F.rms_norm(t(x), nshape, t(w)).numpy(), **tol)
     np.testing.assert_allclose(attnkit.rms_norm(x, nshape, w, eps=1e-6),
                                F.rms_norm(t(x), nshape, t(w), eps=1e-6).numpy(), **tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("length", [1, 3, 7, 33, 1000])
+def test_constant_rows_normalise_to_exactly_the_bias(simd, dtype, length):
+    x = np.full((3, length), 2.161022, dtype)
+    x[1] = -7.3e5
+    bias = np.linspace(-1, 1, length).astype(dtype)
+    np.testing.assert_array_equal(attnkit.layer_norm(x, length), 0)
+    np.testing.assert_array_equal(attnkit.layer_norm(x, length, None, bias), np.broadcast_to(bias, x.shape))

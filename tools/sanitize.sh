@@ -2,28 +2,34 @@
 # tools/sanitize.sh: build attnkit with AddressSanitizer + UndefinedBehaviorSanitizer
 # and run the test suite under them.
 #
-#   bash tools/sanitize.sh            (from anywhere; it works on the repo it lives in)
+#   bash tools/sanitize.sh        (from anywhere: it works on the repo it lives in)
 #
 # Exits non-zero if the build fails, if any test fails, or if any sanitizer
-# report appears (in this process or in any subprocess a test starts).
+# report appears, in pytest's process or in any process a test starts.
+#
+# What runs: the whole suite, `python -m pytest tests -x -q -p no:cacheprovider`.
+# No subset: under ASan it takes well under a minute on 2 cores (the kernels
+# are built at -O1; NumPy and CPython are not instrumented and run at full
+# speed), and the runtime tests (forced SIMD paths in subprocesses, fork after
+# an OpenMP team, concurrent calls) are exactly where memory bugs would hide.
 #
 # Environment (all optional):
 #   PYTHON                    interpreter to make the venv from (default: python3)
 #   ATTNKIT_SANITIZE_VENV     venv to (re)use (default: <repo>/.venv-sanitize,
 #                             git-ignored by `.venv*/`)
 #   ATTNKIT_SANITIZE_PYTEST   extra pytest arguments (e.g. "-k softmax")
-#
-# What runs: the whole suite, `python -m pytest tests -x -q -p no:cacheprovider`.
-# Under ASan it takes a few minutes on 2 cores; no subset is needed.
+#   ATTNKIT_SANITIZE_TIMEOUT  seconds the test run may take (default: 420)
+#   CC                        the compiler whose sanitizer runtimes to use (gcc)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 PYTHON=${PYTHON:-python3}
 VENV=${ATTNKIT_SANITIZE_VENV:-$ROOT/.venv-sanitize}
+TIMEOUT=${ATTNKIT_SANITIZE_TIMEOUT:-420}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/attnkit-sanitize.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
-LOGS=$WORK/reports          # sanitizer reports land here, one file per process
+LOGS=$WORK/reports          # sanitizer reports land here: report.<pid>
 mkdir -p "$LOGS"
 START=$SECONDS
 
@@ -31,22 +37,23 @@ say() { printf '== sanitize: %s\n' "$*"; }
 die() { printf '== sanitize: FAILED: %s\n' "$*" >&2; exit 1; }
 
 # --- the sanitizer runtimes --------------------------------------------------
-# The extension is built by gcc with -fsanitize=address,undefined, which links
-# the shared libasan and libubsan. CPython is not built with ASan, so libasan
-# must be preloaded: it has to be the first library in the process to
-# intercept malloc & co. before anything else allocates. libubsan is
-# preloaded too so that its runtime (and UBSAN_OPTIONS) is set up at start-up
-# rather than at dlopen time of the extension.
+# The extension is built by gcc with -fsanitize=address,undefined, so it needs
+# gcc's shared libasan and libubsan. CPython is not built with ASan, so libasan
+# must be preloaded: it has to come first in the process to intercept malloc
+# and friends before anything else allocates. libubsan is preloaded with it
+# so that it is loaded (and its report path can be set, see below) before the
+# extension is.
 CC=${CC:-gcc}
 command -v "$CC" >/dev/null || die "$CC not found"
 ASAN_LIB=$("$CC" -print-file-name=libasan.so)
 UBSAN_LIB=$("$CC" -print-file-name=libubsan.so)
 for lib in "$ASAN_LIB" "$UBSAN_LIB"; do
     # -print-file-name echoes the bare name back when it finds nothing
-    [[ "$lib" == /* && -e "$lib" ]] || die "sanitizer runtime $lib not found (install gcc's libasan/libubsan)"
+    [[ "$lib" == /* && -e "$lib" ]] || die "sanitizer runtime $lib not found (gcc's libasan/libubsan)"
 done
 ASAN_LIB=$(readlink -f "$ASAN_LIB")
 UBSAN_LIB=$(readlink -f "$UBSAN_LIB")
+PRELOAD="$ASAN_LIB:$UBSAN_LIB${LD_PRELOAD:+:$LD_PRELOAD}"
 
 # --- the virtual environment -------------------------------------------------
 if [[ ! -x "$VENV/bin/python" ]]; then
@@ -55,71 +62,127 @@ if [[ ! -x "$VENV/bin/python" ]]; then
         || die "could not create a venv with '$PYTHON -m venv' (on Debian: apt-get install python3-venv)"
 fi
 VPY=$VENV/bin/python
+# Debian 12's venv pip is 23.0; a current one for --config-settings.
 "$VPY" -m pip install -q --upgrade pip
 
 # --- the build ---------------------------------------------------------------
 # pip builds the wheel in an isolated environment (scikit-build-core, Cython,
 # NumPy from PyPI) and in a fresh build directory, so nothing of an earlier
-# unsanitized build can leak in; a local directory is always rebuilt.
+# unsanitized build can leak in; a local directory is always rebuilt and
+# reinstalled.
+# install.strip=false: scikit-build-core strips installed binaries by default,
+#   which throws away the -g line tables and leaves reports with bare offsets
+#   ("_kernels...so+0x83f26") instead of "softmax_row_impl csrc/softmax.c:98".
+# build.verbose + pip -v: the compile lines go to the log, so we can check
+#   that -fsanitize really reached the compiler.
 say "building attnkit with ATTNKIT_SANITIZE=ON"
 BUILD_LOG=$VENV/sanitize-build.log   # kept, for a look at the compile lines
-# install.strip=false: scikit-build-core strips installed binaries by default,
-# which would throw away the -g line tables and leave reports with bare
-# offsets ("_kernels...so+0x83f26") instead of csrc/softmax.c:98.
 if ! ATTNKIT_SANITIZE=ON "$VPY" -m pip install -v \
-        -C build.verbose=true -C install.strip=false ".[test]" >"$BUILD_LOG" 2>&1; then
+        --config-settings=build.verbose=true --config-settings=install.strip=false \
+        ".[test]" >"$BUILD_LOG" 2>&1; then
     tail -n 80 "$BUILD_LOG" >&2
-    die "build failed (log above)"
+    die "build failed (log above; whole log in $BUILD_LOG)"
 fi
-grep -E -q -- '-fsanitize=address,undefined' "$BUILD_LOG" \
-    || { tail -n 80 "$BUILD_LOG" >&2; die "the build log shows no -fsanitize flags"; }
+grep -q -- '-fsanitize=address,undefined -fno-sanitize-recover=all' "$BUILD_LOG" \
+    || die "the build log shows no -fsanitize compile flags ($BUILD_LOG)"
 say "build done ($((SECONDS - START)) s)"
 
-# --- the run -----------------------------------------------------------------
-# detect_leaks=0: CPython and NumPy leave allocations behind at exit on
-#   purpose; LeakSanitizer would report those, none of which are ours.
-# abort_on_error / halt_on_error: the first report kills the process.
-# log_path: reports go to files (<prefix>.<pid>) as well as failing the
-#   process, so a report in a subprocess whose stderr a test swallowed, or in a
-#   forked child, is still seen. Any such file fails the run.
-# strict_string_checks=0, detect_odr_violation=0 and the rest are ASan's
-#   defaults, stated here only where they matter.
-export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:halt_on_error=1:print_stacktrace=1:symbolize=1:detect_stack_use_after_return=0:log_path=$LOGS/asan"
-export UBSAN_OPTIONS="halt_on_error=1:abort_on_error=1:print_stacktrace=1:symbolize=1:log_path=$LOGS/ubsan"
+# --- the sanitizer options -----------------------------------------------------
+# ASan:
+#   detect_leaks=0     CPython and NumPy keep allocations alive until exit on
+#                      purpose; LeakSanitizer would report those, none ours.
+#   abort_on_error=1, halt_on_error=1
+#                      the first report kills the process (SIGABRT, so pytest's
+#                      faulthandler prints which test was running).
+#   log_path           reports go to files <prefix>.<pid>, so a report in a
+#                      subprocess whose stderr a test captured, or in a forked
+#                      child, is still seen. Any such file fails the run.
+# UBSan: halt_on_error=1 (and the build's -fno-sanitize-recover=all) make the
+#   first report fatal; print_stacktrace=1 says where it came from.
+# No suppressions are needed: libgomp's thread teams, NumPy and CPython run
+# clean under the preloaded runtime (NumPy's and libgomp's own code is not
+# instrumented; only their malloc/memcpy calls are checked, and they are
+# right).
+PREFIX=$LOGS/report
+export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:halt_on_error=1:symbolize=1:log_path=$PREFIX"
+export UBSAN_OPTIONS="halt_on_error=1:abort_on_error=1:print_stacktrace=1:symbolize=1:log_path=$PREFIX"
+
+# UBSAN_OPTIONS' log_path alone does not work with gcc: gcc ships ASan and
+# UBSan as two shared runtimes, each with its own copy of sanitizer_common,
+# and libubsan applies its log_path by calling __sanitizer_set_report_path
+# through the PLT, which binds to libasan's (preloaded first) copy. UBSan's
+# own reports then still go to stderr, where pytest's fd capture swallows them
+# when the process aborts (and a test's subprocess.run(capture_output=True)
+# would too). So every Python process of the run (PYTHONPATH is inherited by
+# the subprocesses the tests start) sets libubsan's own report path at
+# start-up, from a sitecustomize that reads it from UBSAN_OPTIONS.
+SITE=$WORK/site
+mkdir -p "$SITE"
+cat >"$SITE/sitecustomize.py" <<'EOF'
+# Written by tools/sanitize.sh: point libubsan's own report path at
+# UBSAN_OPTIONS' log_path (see the comment there).
+import ctypes, os
+_opts = dict(kv.split("=", 1) for kv in os.environ.get("UBSAN_OPTIONS", "").split(":") if "=" in kv)
+if _opts.get("log_path"):
+    for _lib in os.environ.get("LD_PRELOAD", "").split(":"):
+        if os.path.basename(_lib).startswith("libubsan"):
+            ctypes.CDLL(_lib).__sanitizer_set_report_path(_opts["log_path"].encode())
+EOF
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+
+# Sanity: the installed extension is the sanitized build, the ASan runtime is
+# in the process, and libubsan's reports go to the log directory.
+LD_PRELOAD=$PRELOAD UBSAN_LIB=$UBSAN_LIB PREFIX=$PREFIX "$VPY" - <<'EOF' \
+    || die "the installed attnkit is not a sanitized build, or does not load under ASan"
+import ctypes, os, attnkit
+info = attnkit.show_config(mode="dicts")
+assert info["build"]["sanitized"], "attnkit was built without ATTNKIT_SANITIZE"
+ctypes.CDLL(None).__asan_init  # AttributeError if the ASan runtime is not loaded
+get = ctypes.CDLL(os.environ["UBSAN_LIB"]).__sanitizer_get_report_path
+get.restype = ctypes.c_char_p
+path = (get() or b"").decode()
+assert path.startswith(os.environ["PREFIX"]), f"libubsan reports to {path!r}"
+print("== sanitize: attnkit", info["version"], "is sanitized; SIMD paths this CPU runs:",
+      ", ".join(info["simd"]["supported_by_cpu"]) + "; threads:", info["threads"]["num_threads"])
+EOF
+rm -f "$LOGS"/*   # the check above opens an (empty) report file
+
+# --- the run -------------------------------------------------------------------
 PYTEST_ARGS=(tests -x -q -p no:cacheprovider)
 if [[ -n "${ATTNKIT_SANITIZE_PYTEST:-}" ]]; then
     read -r -a extra <<<"$ATTNKIT_SANITIZE_PYTEST"
     PYTEST_ARGS+=("${extra[@]}")
 fi
-
-# Sanity: the installed extension really is the sanitized build, and the
-# preloaded runtime is live in the interpreter.
-LD_PRELOAD="$ASAN_LIB:$UBSAN_LIB${LD_PRELOAD:+:$LD_PRELOAD}" "$VPY" - <<'EOF' \
-    || die "the installed attnkit is not a sanitized build, or it does not load under ASan"
-import ctypes, attnkit
-info = attnkit.show_config(mode="dicts")
-assert info["build"]["sanitized"], "attnkit was built without ATTNKIT_SANITIZE"
-ctypes.CDLL(None).__asan_init  # the ASan runtime is in the process
-print("== sanitize: attnkit", info["version"], "sanitized; SIMD paths this CPU runs:",
-      ", ".join(info["simd"]["supported_by_cpu"]), "; threads:", info["threads"]["num_threads"])
-EOF
-
 say "running: python -m pytest ${PYTEST_ARGS[*]}"
+# A private Hypothesis database, as in a fresh clone: the run neither replays
+# nor adds to the developer's .hypothesis/, and writes no bytecode into tests/.
+export HYPOTHESIS_STORAGE_DIRECTORY=$WORK/hypothesis PYTHONDONTWRITEBYTECODE=1
+# timeout: a hang (say, a thread team after fork) must not eat CI's time;
+# SIGABRT makes faulthandler print where it hung.
 set +e
-LD_PRELOAD="$ASAN_LIB:$UBSAN_LIB${LD_PRELOAD:+:$LD_PRELOAD}" \
-    "$VPY" -m pytest "${PYTEST_ARGS[@]}"
-status=$?
+LD_PRELOAD=$PRELOAD timeout -s ABRT -k 30 "$TIMEOUT" "$VPY" -m pytest "${PYTEST_ARGS[@]}" 2>&1 \
+    | tee "$WORK/pytest.log"
+status=${PIPESTATUS[0]}
 set -e
 
-reports=$(find "$LOGS" -type f -size +0c | sort)
-if [[ -n "$reports" ]]; then
-    for f in $reports; do
-        printf '\n== sanitize: report %s\n' "$(basename "$f")" >&2
-        cat "$f" >&2
-    done
-    die "sanitizer report(s) above (pytest exit status $status)"
+# Any non-empty report file fails the run; so does a report that reached
+# pytest's own output some other way.
+mapfile -t reports < <(find "$LOGS" -type f -size +0c | sort)
+for f in "${reports[@]}"; do
+    printf '\n== sanitize: report %s\n' "$(basename "$f")" >&2
+    cat "$f" >&2
+done
+if ((${#reports[@]})); then
+    die "${#reports[@]} sanitizer report(s) above (pytest exit status $status)"
 fi
-if [[ $status -ne 0 ]]; then
+if grep -E -q 'ERROR: (Address|Leak)Sanitizer|runtime error: |SUMMARY: (Address|UndefinedBehavior)Sanitizer' \
+        "$WORK/pytest.log"; then
+    die "a sanitizer report appeared in pytest's output (exit status $status)"
+fi
+if ((status == 124 || status == 137)); then
+    die "the test run did not finish within $TIMEOUT s"
+fi
+if ((status != 0)); then
     die "pytest exited with status $status"
 fi
 say "OK: no sanitizer reports, all tests passed ($((SECONDS - START)) s)"

@@ -87,27 +87,31 @@ def self_check_cases(seed=0):
 
 
 def judge(result, hi, naive, dtype):
-    """(error, bound, passed) for a kernel's result, by the rule above.
+    """(error, bound, problem) for a kernel's result, by the rule above;
+    problem is None when the result passes, else what is wrong.
 
     hi is the reference in higher precision, naive the reference computed in
     dtype. Where the rounded reference is not finite (a masked-out -inf, say)
     the result must hold the same value; the error is taken over the rest."""
     dtype = np.dtype(dtype)
     if result.dtype != dtype or result.shape != hi.shape:
-        return math.nan, math.nan, False
+        return math.nan, math.nan, f"got {result.dtype} {result.shape}, expected {dtype} {hi.shape}"
     with np.errstate(over="ignore"):
         hi_rounded = hi.astype(dtype)
     finite = np.isfinite(hi_rounded)
     nonfinite_match = (np.array_equal(result[~finite], hi_rounded[~finite], equal_nan=True)
                        and bool(np.isfinite(result[finite]).all()))
+    problem = None if nonfinite_match else "infinities or NaNs differ from the reference"
     if not finite.any():
-        return 0.0, 0.0, nonfinite_match
+        return 0.0, 0.0, problem
     hi_f = hi[finite]
     error = np.max(np.abs(result[finite].astype(hi.dtype) - hi_f))
     naive_f = naive[finite].astype(hi.dtype)
     naive_error = np.max(np.abs(np.where(np.isfinite(naive_f), naive_f - hi_f, 0)))
     bound = FACTOR * naive_error + ULPS * np.finfo(dtype).eps * np.max(np.abs(hi_f))
-    return float(error), float(bound), bool(nonfinite_match and error <= bound)
+    if problem is None and not error <= bound:
+        problem = "error above the bound"
+    return float(error), float(bound), problem
 
 
 def run_self_check():
@@ -119,15 +123,20 @@ def run_self_check():
     print(f"  {'kernel':<12}{'dtype':<9}{'input':<40}{'max error':>10}{'bound':>10}")
     failed = passed = 0
     for kernel, dtype, description, kwargs in self_check_cases():
-        result = getattr(attnkit, kernel)(**kwargs)
         ref = getattr(reference, kernel)
         hi = ref(**kwargs, dtype=_higher_precision(dtype))
         naive = ref(**kwargs, dtype=dtype)
-        error, bound, ok = judge(result, hi, naive, dtype)
-        passed += ok
-        failed += not ok
+        try:
+            result = np.asarray(getattr(attnkit, kernel)(**kwargs))
+        except Exception as e:  # report it as a failed case and go on
+            error = bound = math.nan
+            problem = f"raised {type(e).__name__}: {e}"
+        else:
+            error, bound, problem = judge(result, hi, naive, dtype)
+        passed += problem is None
+        failed += problem is not None
         print(f"  {kernel:<12}{np.dtype(dtype).name:<9}{description:<40}"
-              f"{error:>10.2e}{bound:>10.2e}  {'PASS' if ok else 'FAIL'}")
+              f"{error:>10.2e}{bound:>10.2e}  {'PASS' if problem is None else 'FAIL: ' + problem}")
     print(f"self-check: {passed} passed, {failed} failed")
     return failed
 
@@ -148,32 +157,35 @@ def _import_torch():
     return torch
 
 
+def contenders(op, x, weight, bias, torch):
+    """{contender: function of no arguments} computing `op` on float32 x."""
+    cols = x.shape[-1]
+    if op == "softmax":
+        functions = {"attnkit": lambda: attnkit.softmax(x),
+                     "numpy": lambda: reference.softmax(x, dtype=np.float32)}
+    else:
+        functions = {
+            "attnkit": lambda: attnkit.layer_norm(x, cols, weight, bias, EPS),
+            "numpy": lambda: reference.layer_norm(x, cols, weight, bias, EPS, dtype=np.float32),
+        }
+    if torch is not None:
+        tx, tw, tb = torch.from_numpy(x), torch.from_numpy(weight), torch.from_numpy(bias)
+        if op == "softmax":
+            functions["torch"] = lambda: torch.softmax(tx, dim=-1)
+        else:
+            functions["torch"] = lambda: torch.nn.functional.layer_norm(tx, (cols,), tw, tb, EPS)
+    return functions
+
+
 def bench_cases(torch, seed=0):
-    """(name, {contender: function of no arguments}) for every case, float32."""
+    """(name, {contender: function}) for every case of the speed table."""
     rng = np.random.default_rng(seed)
     for op, shapes in (("softmax", BENCH_SHAPES + [SMALL_SHAPE]), ("layer_norm", BENCH_SHAPES)):
         for shape in shapes:
-            cols = shape[-1]
             x = (rng.standard_normal(shape) * 3).astype(np.float32)
-            w = (1 + 0.1 * rng.standard_normal(cols)).astype(np.float32)
-            b = (0.1 * rng.standard_normal(cols)).astype(np.float32)
-            if op == "softmax":
-                functions = {"attnkit": lambda x=x: attnkit.softmax(x),
-                             "numpy": lambda x=x: reference.softmax(x, dtype=np.float32)}
-            else:
-                functions = {
-                    "attnkit": lambda x=x, w=w, b=b: attnkit.layer_norm(x, cols, w, b, EPS),
-                    "numpy": lambda x=x, w=w, b=b: reference.layer_norm(
-                        x, cols, w, b, EPS, dtype=np.float32),
-                }
-            if torch is not None:
-                tx, tw, tb = torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(b)
-                if op == "softmax":
-                    functions["torch"] = lambda tx=tx: torch.softmax(tx, dim=-1)
-                else:
-                    functions["torch"] = lambda tx=tx, tw=tw, tb=tb: (
-                        torch.nn.functional.layer_norm(tx, (cols,), tw, tb, EPS))
-            yield f"{op} {shape[0]}x{shape[1]}", functions
+            weight = (1 + 0.1 * rng.standard_normal(shape[-1])).astype(np.float32)
+            bias = (0.1 * rng.standard_normal(shape[-1])).astype(np.float32)
+            yield f"{op} {shape[0]}x{shape[1]}", contenders(op, x, weight, bias, torch)
 
 
 def median_times(functions, repeats, min_time):
@@ -270,8 +282,11 @@ def build_parser():
     _add_check_options(parser, with_defaults=True)
     parser.set_defaults(handler=run_check)
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
-    check = commands.add_parser("check", help="self-check and speed table (the default)",
-                                description=run_check.__doc__)
+    check = commands.add_parser(
+        "check", help="self-check and speed table (the default)",
+        description="Show the build, check every kernel against attnkit.reference, "
+                    "then (unless --no-bench) time softmax and layer_norm against "
+                    "NumPy and torch. Exits with 1 if any check fails.")
     _add_check_options(check, with_defaults=False)
     check.set_defaults(handler=run_check)
     # A new command adds its own subparser here and sets handler= to a

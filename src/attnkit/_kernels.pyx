@@ -246,6 +246,70 @@ def softmax(cnp.ndarray out, cnp.ndarray x, object where, bint log):
 # ---------------------------------------------------------------------------
 # Norms
 
+cdef inline bint is_plain_vector(object v, int type_num, int64_t length) noexcept:
+    """v is None, or a contiguous aligned 1-D ndarray of type_num and length."""
+    if v is None:
+        return True
+    if type(v) is not cnp.ndarray:
+        return False
+    cdef cnp.ndarray a = <cnp.ndarray>v
+    return (cnp.PyArray_NDIM(a) == 1 and cnp.PyArray_DIM(a, 0) == length
+            and cnp.PyArray_TYPE(a) == type_num and cnp.PyArray_ISNOTSWAPPED(a)
+            and cnp.PyArray_CHKFLAGS(a, cnp.NPY_ARRAY_C_CONTIGUOUS | cnp.NPY_ARRAY_ALIGNED))
+
+
+cdef inline const void* vector_data(object v) noexcept:
+    return NULL if v is None else cnp.PyArray_DATA(<cnp.ndarray>v)
+
+
+def norm_last_axis(object x, object normalized_shape, object weight, object bias,
+                   double eps, bint rms):
+    """layer_norm (rms=False) or rms_norm (rms=True, bias ignored) over the last
+    axis of x, into a new array, for the common case only: x a C-contiguous,
+    aligned, native float32/float64 ndarray whose last axis is
+    normalized_shape (an int or a 1-tuple), weight and bias None or
+    contiguous vectors of x's dtype, eps finite and >= 0. Returns None for
+    anything else; the caller then takes the general path, which explains
+    what is wrong."""
+    if type(x) is not cnp.ndarray or not (eps >= 0 and eps <= 1.7976931348623157e308):
+        return None
+    cdef cnp.ndarray a = <cnp.ndarray>x
+    cdef int ndim = cnp.PyArray_NDIM(a)
+    if ndim == 0 or not is_native_float(a) or not cnp.PyArray_CHKFLAGS(
+            a, cnp.NPY_ARRAY_C_CONTIGUOUS | cnp.NPY_ARRAY_ALIGNED):
+        return None
+    cdef int64_t C = cnp.PyArray_DIM(a, ndim - 1)
+    if type(normalized_shape) is tuple and len(<tuple>normalized_shape) == 1:
+        normalized_shape = (<tuple>normalized_shape)[0]
+    if type(normalized_shape) is not int or normalized_shape != C or C == 0:
+        return None
+    cdef int type_num = cnp.PyArray_TYPE(a)
+    if not (is_plain_vector(weight, type_num, C) and is_plain_vector(bias, type_num, C)):
+        return None
+    cdef cnp.ndarray out = cnp.PyArray_EMPTY(ndim, cnp.PyArray_DIMS(a), type_num, 0)
+    cdef int64_t N = cnp.PyArray_SIZE(a) // C
+    cdef void* po = cnp.PyArray_DATA(out)
+    cdef const void* px = cnp.PyArray_DATA(a)
+    cdef const void* pw = vector_data(weight)
+    cdef const void* pb = vector_data(bias)
+    with nogil:
+        if type_num == cnp.NPY_FLOAT:
+            if rms:
+                attnkit_rms_norm_f32(<float*>po, NULL, <const float*>px, <const float*>pw,
+                                     N, C, C, C, eps)
+            else:
+                attnkit_layer_norm_f32(<float*>po, NULL, NULL, <const float*>px, <const float*>pw,
+                                       <const float*>pb, N, C, C, C, eps)
+        else:
+            if rms:
+                attnkit_rms_norm_f64(<double*>po, NULL, <const double*>px, <const double*>pw,
+                                     N, C, C, C, eps)
+            else:
+                attnkit_layer_norm_f64(<double*>po, NULL, NULL, <const double*>px,
+                                       <const double*>pw, <const double*>pb, N, C, C, C, eps)
+    return out
+
+
 def layer_norm(cnp.ndarray out, object mean, object rstd, cnp.ndarray x,
                object weight, object bias, double eps):
     """Layer norm of each row of x (N, C) into out (N, C).

@@ -22,6 +22,7 @@ from . import _kernels
 __all__ = ["softmax", "log_softmax", "layer_norm", "rms_norm"]
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))  # native byte order
+_MACHINE_EPSILON = {"f": float(np.finfo(np.float32).eps), "d": float(np.finfo(np.float64).eps)}
 
 
 # ---------------------------------------------------------------------------
@@ -286,6 +287,10 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=Non
     eps : float >= 0, added to the variance
     out : ndarray, optional (x's shape and dtype; may be x)
     """
+    if out is None and type(eps) is float:
+        result = _kernels.norm_last_axis(x, normalized_shape, weight, bias, eps, False)
+        if result is not None:
+            return result
     func = "layer_norm"
     x = _as_float_array(x, func, "input")
     shape = _normalized_shape(normalized_shape, x, func)
@@ -303,6 +308,12 @@ def rms_norm(x, normalized_shape, weight=None, eps=None, *, out=None):
     out = x / sqrt(mean(x**2) + eps) * weight, as torch.nn.functional.rms_norm;
     eps=None means the machine epsilon of x's dtype.
     """
+    if out is None and (eps is None or type(eps) is float) and type(x) is np.ndarray:
+        eps_value = eps if eps is not None else _MACHINE_EPSILON.get(x.dtype.char)
+        if eps_value is not None:
+            result = _kernels.norm_last_axis(x, normalized_shape, weight, None, eps_value, True)
+            if result is not None:
+                return result
     func = "rms_norm"
     x = _as_float_array(x, func, "input")
     shape = _normalized_shape(normalized_shape, x, func)
