@@ -13,10 +13,13 @@ attnkit is faster). Quote the ratios of one run; absolute times drift.
 """
 import argparse
 import math
+import os
 import statistics
 import timeit
 
 import contenders
+
+NOISY = 0.25  # a median is marked * when the IQR of its samples exceeds this fraction of it
 
 
 def calls_per_sample(function, min_time):
@@ -32,8 +35,8 @@ def calls_per_sample(function, min_time):
         number = min(10 * number, max(number + 1, wanted))
 
 
-def interleaved_medians(functions, repeats, min_time):
-    """{name: median seconds per call}, the functions timed in turns."""
+def interleaved_samples(functions, repeats, min_time):
+    """{name: [seconds per call, one per sample]}, the functions timed in turns."""
     names = list(functions)
     timers = {name: timeit.Timer(functions[name]) for name in names}
     numbers = {name: calls_per_sample(functions[name], min_time) for name in names}
@@ -42,7 +45,15 @@ def interleaved_medians(functions, repeats, min_time):
         turn = r % len(names)
         for name in names[turn:] + names[:turn]:
             samples[name].append(timers[name].timeit(numbers[name]) / numbers[name])
-    return {name: statistics.median(samples[name]) for name in names}
+    return samples
+
+
+def is_noisy(samples):
+    """Whether the samples' interquartile range exceeds NOISY x their median."""
+    if len(samples) < 4:
+        return False
+    q1, median, q3 = statistics.quantiles(samples, n=4)
+    return q3 - q1 > NOISY * median
 
 
 def format_time(seconds):
@@ -70,6 +81,7 @@ def main(argv=None):
     names = [c for c in contenders.CONTENDERS if contenders.available(c)]
     others = [c for c in names if c != "attnkit"]
     print(f"{contenders.versions()}")
+    print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs at the start")
     print(f"{args.threads} thread(s); float32, last axis; median time per call of "
           f"{args.repeats} interleaved samples of >= {args.min_time:g} s each")
     print("ratio = contender's median / attnkit's median (above 1: attnkit is faster)")
@@ -84,8 +96,12 @@ def main(argv=None):
         for shape in shapes:
             case = contenders.Case(op, shape)
             functions = {name: case.function(name) for name in names}
-            medians = interleaved_medians(functions, args.repeats, args.min_time)
-            line = f"{case.name:<22}" + "".join(f"{format_time(medians[n]):>11}" for n in names)
+            samples = interleaved_samples(functions, args.repeats, args.min_time)
+            medians = {name: statistics.median(samples[name]) for name in names}
+            line = f"{case.name:<22}"
+            for name in names:
+                mark = "*" if is_noisy(samples[name]) else " "
+                line += f"{format_time(medians[name]):>10}{mark}"
             for name in others:
                 ratio = medians[name] / medians["attnkit"]
                 line += f"{ratio:>15.2f}x"
@@ -96,6 +112,8 @@ def main(argv=None):
     line = f"{'geomean (large cases)':<22}" + " " * 11 * len(names)
     line += "".join(f"{statistics.geometric_mean(ratios[n]):>15.2f}x" for n in others)
     print(line)
+    print(f"* the samples' interquartile range exceeds {NOISY:.0%} of the median: noisy")
+    print(f"load average {os.getloadavg()[0]:.2f} at the end")
 
 
 if __name__ == "__main__":

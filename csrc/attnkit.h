@@ -15,9 +15,9 @@
  *     exits; none holds the GIL (the Cython binding releases it).
  *   - Every kernel exists for float (_f32) and double (_f64). The entry points
  *     below forward to the instruction set chosen by attnkit_set_isa().
- *   - Rows are split across OpenMP threads; each row is computed by exactly one
- *     thread, in a fixed order, so results are bitwise identical whatever the
- *     thread count.
+ *   - Rows are shared out among OpenMP threads; each row is computed whole by
+ *     one thread, in a fixed order, so results are bitwise identical whatever
+ *     the thread count and however the rows are dealt.
  */
 #ifndef ATTNKIT_H
 #define ATTNKIT_H
@@ -118,6 +118,8 @@ int attnkit_in_forked_child(void);
  * `work_per_task` element-operations, should use: 1 for small work, so that a
  * small call never pays for waking a team. */
 int attnkit_plan_threads(int64_t tasks, int64_t work_per_task);
+/* How many tasks a thread takes at a time, when `threads` share `tasks`. */
+int64_t attnkit_chunk_size(int64_t tasks, int threads);
 
 /* The build: compiler, flags. */
 const char* attnkit_build_compiler(void);

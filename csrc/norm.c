@@ -21,7 +21,6 @@
  * first. Ordinary rows never take it.
  */
 #include <float.h>
-#include <omp.h>
 
 #include "attnkit.h"
 #include "simd.h"
@@ -296,8 +295,8 @@ static void rms_norm_row(real* out, real* rrms_out, const real* x, const real* w
 }
 
 /* ---------------------------------------------------------------------------
- * Entry points: rows split into one contiguous run per thread, so which
- * thread computes a row never changes what it computes.
+ * Entry points: chunks of rows go to whichever thread is free (as in
+ * softmax.c); which thread computes a row never changes what it computes.
  */
 typedef struct {
     real* out;
@@ -336,11 +335,10 @@ static void norm_run(const norm_job* j, int64_t N)
         norm_rows(j, 0, N);
         return;
     }
-#pragma omp parallel num_threads(threads)
-    {
-        const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
-        norm_rows(j, N * t / T, N * (t + 1) / T);
-    }
+    const int64_t chunk = attnkit_chunk_size(N, threads);
+    const int64_t chunks = (N + chunk - 1) / chunk;
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+    for (int64_t k = 0; k < chunks; k++) norm_rows(j, k * chunk, min_i64(N, (k + 1) * chunk));
 }
 
 void KERNEL(layer_norm)(real* out, real* mean, real* rstd, const real* x, const real* weight,

@@ -13,7 +13,6 @@
  * m is taken as 0, every e is then 0 (or NaN, if the slice holds a NaN), and
  * sum == 0 turns into 0 (softmax) or -inf (log_softmax) instead of 0/0.
  */
-#include <omp.h>
 
 #include "attnkit.h"
 #include "simd.h"
@@ -190,17 +189,19 @@ void KERNEL(softmax)(real* out, const real* x, const uint8_t* where, const attnk
 {
     if (a->N == 0 || a->C == 0 || a->K == 0) return;
     const int64_t tasks = a->K == 1 ? a->N : a->N * ((a->K + VLEN - 1) / VLEN);
-    const int64_t work_per_task = a->K == 1 ? a->C : a->C * VLEN;
+    /* an exponential costs about four of a norm's element-operations */
+    const int64_t work_per_task = 4 * (a->K == 1 ? a->C : a->C * VLEN);
     const int threads = attnkit_plan_threads(tasks, work_per_task);
     if (threads <= 1) {
         softmax_tasks(out, x, where, a, 0, tasks);
         return;
     }
-    /* Each thread takes one contiguous run of tasks, so the split, and with
-     * it every result, does not depend on scheduling. */
-#pragma omp parallel num_threads(threads)
-    {
-        const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
-        softmax_tasks(out, x, where, a, tasks * t / T, tasks * (t + 1) / T);
-    }
+    /* Chunks of tasks go to whichever thread is free, so a thread slowed by
+     * another process does not hold the rest back. Every task is computed
+     * whole by one thread, so how they are dealt never changes a result. */
+    const int64_t chunk = attnkit_chunk_size(tasks, threads);
+    const int64_t chunks = (tasks + chunk - 1) / chunk;
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+    for (int64_t k = 0; k < chunks; k++)
+        softmax_tasks(out, x, where, a, k * chunk, min_i64(tasks, (k + 1) * chunk));
 }

@@ -20,6 +20,9 @@
 #   ATTNKIT_SANITIZE_PYTEST   extra pytest arguments (e.g. "-k softmax")
 #   ATTNKIT_SANITIZE_TIMEOUT  seconds the test run may take (default: 420)
 #   CC                        the compiler whose sanitizer runtimes to use (gcc)
+#   ATTNKIT_EMULATE_AVX512=ON and ATTNKIT_SIMDE_INCLUDE=<dir>
+#                             also put the AVX-512 path (through SIMDe, see
+#                             tools/emulate_avx512.sh) under the sanitizers
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -64,6 +67,17 @@ fi
 VPY=$VENV/bin/python
 # Debian 12's venv pip is 23.0; a current one for --config-settings.
 "$VPY" -m pip install -q --upgrade pip
+# PyTorch is the tests' second oracle; without it those tests would skip. Its
+# CPU build (on local disk) runs fine under the preloaded ASan runtime.
+"$VPY" -m pip install -q torch==2.13.0
+
+# With ATTNKIT_EMULATE_AVX512=ON, SIMDe's headers come from the simde-py wheel
+# unless ATTNKIT_SIMDE_INCLUDE says where they are.
+if [[ "${ATTNKIT_EMULATE_AVX512:-OFF}" == ON && -z "${ATTNKIT_SIMDE_INCLUDE:-}" ]]; then
+    "$VPY" -m pip install -q simde-py
+    ATTNKIT_SIMDE_INCLUDE=$("$VPY" -c 'import simde_py; print(simde_py.get_include())')
+    export ATTNKIT_SIMDE_INCLUDE
+fi
 
 # --- the build ---------------------------------------------------------------
 # pip builds the wheel in an isolated environment (scikit-build-core, Cython,
@@ -137,6 +151,9 @@ LD_PRELOAD=$PRELOAD UBSAN_LIB=$UBSAN_LIB PREFIX=$PREFIX "$VPY" - <<'EOF' \
 import ctypes, os, attnkit
 info = attnkit.show_config(mode="dicts")
 assert info["build"]["sanitized"], "attnkit was built without ATTNKIT_SANITIZE"
+if os.environ.get("ATTNKIT_EMULATE_AVX512") == "ON":
+    assert info["build"]["avx512_emulated"], "ATTNKIT_EMULATE_AVX512=ON did not reach the build"
+    assert "avx512" in info["simd"]["supported_by_cpu"], info["simd"]
 ctypes.CDLL(None).__asan_init  # AttributeError if the ASan runtime is not loaded
 get = ctypes.CDLL(os.environ["UBSAN_LIB"]).__sanitizer_get_report_path
 get.restype = ctypes.c_char_p

@@ -48,42 +48,53 @@ def self_check_cases(seed=0):
     The keyword arguments suit both the kernel and its reference."""
     rng = np.random.default_rng(seed)
     for dtype in (np.float32, np.float64):
-
-        def randn(*shape, scale=3.0):
-            return (rng.standard_normal(shape) * scale).astype(dtype)
-
         for kernel in ("softmax", "log_softmax"):
-            x = randn(3, 7)
-            x[1] += 1000  # only the shift by the row's max keeps exp() finite
-            yield kernel, dtype, "(3, 7), one row + 1000", dict(x=x)
-            yield kernel, dtype, "(16, 1023)", dict(x=randn(16, 1023))
-            yield kernel, dtype, "(5, 257, 3), axis=1", dict(x=randn(5, 257, 3), axis=1)
-            yield kernel, dtype, "(64, 4099)", dict(x=randn(64, 4099))
-            where = rng.random((9, 59)) < 0.7
-            where[4] = False  # a row with nothing to attend to
-            yield kernel, dtype, "(9, 59), where mask, one row all False", dict(
-                x=randn(9, 59), where=where)
-            yield kernel, dtype, "(12, 113), strided view [::2, ::3]", dict(
-                x=randn(24, 339)[::2, ::3])
-
+            for description, kwargs in _softmax_inputs(rng, dtype):
+                yield kernel, dtype, description, kwargs
         for kernel in ("layer_norm", "rms_norm"):
+            for description, kwargs in _norm_inputs(rng, dtype, with_bias=kernel == "layer_norm"):
+                yield kernel, dtype, description, kwargs
 
-            def params(*shape):
-                p = dict(weight=1 + randn(*shape, scale=0.1))
-                if kernel == "layer_norm":
-                    p["bias"] = randn(*shape, scale=0.1)
-                return p
 
-            names = "weight, bias" if kernel == "layer_norm" else "weight"
-            yield kernel, dtype, "(3, 7), no parameters", dict(x=randn(3, 7), normalized_shape=7)
-            yield kernel, dtype, f"(16, 1023), {names}", dict(
-                x=randn(16, 1023), normalized_shape=1023, **params(1023))
-            yield kernel, dtype, f"(2, 3, 4, 33) over (4, 33), {names}", dict(
-                x=randn(2, 3, 4, 33), normalized_shape=(4, 33), **params(4, 33))
-            yield kernel, dtype, f"(64, 4099), mean 1000, {names}", dict(
-                x=randn(64, 4099) + 1000, normalized_shape=4099, **params(4099))
-            yield kernel, dtype, "(12, 113), transposed view", dict(
-                x=randn(113, 12).T, normalized_shape=113)
+def _randn(rng, dtype, *shape, scale=3.0):
+    return (rng.standard_normal(shape) * scale).astype(dtype)
+
+
+def _softmax_inputs(rng, dtype):
+    def randn(*shape):
+        return _randn(rng, dtype, *shape)
+
+    x = randn(3, 7)
+    x[1] += 1000  # only the shift by the row's max keeps exp() finite
+    yield "(3, 7), one row + 1000", dict(x=x)
+    yield "(16, 1023)", dict(x=randn(16, 1023))
+    yield "(5, 257, 3), axis=1", dict(x=randn(5, 257, 3), axis=1)
+    yield "(64, 4099)", dict(x=randn(64, 4099))
+    where = rng.random((9, 59)) < 0.7
+    where[4] = False  # a row with nothing to attend to
+    yield "(9, 59), where mask, one row all False", dict(x=randn(9, 59), where=where)
+    yield "(12, 113), strided view [::2, ::3]", dict(x=randn(24, 339)[::2, ::3])
+
+
+def _norm_inputs(rng, dtype, with_bias):
+    def randn(*shape):
+        return _randn(rng, dtype, *shape)
+
+    def parameters(*shape):
+        p = dict(weight=1 + _randn(rng, dtype, *shape, scale=0.1))
+        if with_bias:
+            p["bias"] = _randn(rng, dtype, *shape, scale=0.1)
+        return p
+
+    names = "weight, bias" if with_bias else "weight"
+    yield "(3, 7), no parameters", dict(x=randn(3, 7), normalized_shape=7)
+    yield f"(16, 1023), {names}", dict(x=randn(16, 1023), normalized_shape=1023,
+                                       **parameters(1023))
+    yield f"(2, 3, 4, 33) over (4, 33), {names}", dict(
+        x=randn(2, 3, 4, 33), normalized_shape=(4, 33), **parameters(4, 33))
+    yield f"(64, 4099), mean 1000, {names}", dict(
+        x=randn(64, 4099) + 1000, normalized_shape=4099, **parameters(4099))
+    yield "(12, 113), transposed view", dict(x=randn(113, 12).T, normalized_shape=113)
 
 
 def judge(result, hi, naive, dtype):
