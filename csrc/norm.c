@@ -27,6 +27,7 @@
 
 enum { SUM_BLOCK = 512 };
 
+
 #if ATTNKIT_REAL_BITS == 32
 /* Below this, squares of the row's deviations may have lost bits to underflow. */
 #define TINY_SUM_OF_SQUARES 0x1p-100
@@ -180,37 +181,52 @@ static void row_centred_sums(double* sum_d, double* sum_d2, const real* x, real 
 }
 
 /* Pass 3 of layer norm: out = ((x - hi) - lo) * rstd [* weight] [+ bias].
- * Inlined once per combination of weight and bias, so the loop tests neither. */
+ * Inlined once per combination of weight and bias, so the loop tests neither.
+ * With `stream`, whole aligned vectors of out are written past the caches. */
+AK_INLINE vreal layer_norm_value(const real* x, const real* weight, const real* bias, int64_t c,
+                                 int64_t n, vreal vhi, vreal vlo, vreal vr)
+{
+    const int full = n == VLEN;
+    vreal y = v_mul(v_sub(v_sub(full ? v_load(x + c) : v_load_part(x + c, n, 0), vhi), vlo), vr);
+    if (weight && bias)
+        y = v_fma(y, full ? v_load(weight + c) : v_load_part(weight + c, n, 0),
+                  full ? v_load(bias + c) : v_load_part(bias + c, n, 0));
+    else if (weight) y = v_mul(y, full ? v_load(weight + c) : v_load_part(weight + c, n, 0));
+    else if (bias) y = v_add(y, full ? v_load(bias + c) : v_load_part(bias + c, n, 0));
+    return y;
+}
+
 AK_INLINE void layer_norm_apply(real* out, const real* x, const real* weight, const real* bias,
-                                int64_t C, real hi, real lo, real rstd,
+                                int64_t C, real hi, real lo, real rstd, int stream,
                                 real* out_next, const real* x_next)
 {
     const vreal vhi = v_set1(hi), vlo = v_set1(lo), vr = v_set1(rstd);
     int64_t c = 0;
+    if (stream) {
+        /* plain stores up to the first aligned vector, then streaming ones */
+        const int64_t head = stream_head(out);
+        if (head > 0 && head < C) {
+            v_store_part(out, layer_norm_value(x, weight, bias, 0, head, vhi, vlo, vr), head);
+            c = head;
+        }
+        for (; c + VLEN <= C; c += VLEN) {
+            v_stream(out + c, layer_norm_value(x, weight, bias, c, VLEN, vhi, vlo, vr));
+            prefetch_read(x_next, c, VLEN);
+        }
+    }
     for (; c + VLEN <= C; c += VLEN) {
-        vreal y = v_mul(v_sub(v_sub(v_load(x + c), vhi), vlo), vr);
-        if (weight && bias) y = v_fma(y, v_load(weight + c), v_load(bias + c));
-        else if (weight) y = v_mul(y, v_load(weight + c));
-        else if (bias) y = v_add(y, v_load(bias + c));
-        v_store(out + c, y);
+        v_store(out + c, layer_norm_value(x, weight, bias, c, VLEN, vhi, vlo, vr));
         prefetch_read(x_next, c, VLEN);
         prefetch_write(out_next, c, VLEN);
     }
-    if (c < C) {
-        const int64_t n = C - c;
-        vreal y = v_mul(v_sub(v_sub(v_load_part(x + c, n, 0), vhi), vlo), vr);
-        if (weight && bias) y = v_fma(y, v_load_part(weight + c, n, 0), v_load_part(bias + c, n, 0));
-        else if (weight) y = v_mul(y, v_load_part(weight + c, n, 0));
-        else if (bias) y = v_add(y, v_load_part(bias + c, n, 0));
-        v_store_part(out + c, y, n);
-    }
+    if (c < C) v_store_part(out + c, layer_norm_value(x, weight, bias, c, C - c, vhi, vlo, vr), C - c);
 }
 
 /* out (C), mean_out and rstd_out (1) or NULL, x (C), weight (C) or NULL,
  * bias (C) or NULL; out_next and x_next (or NULL): the next row, to prefetch */
 static void layer_norm_row(real* out, real* mean_out, real* rstd_out, const real* x,
                            const real* weight, const real* bias, int64_t C, double eps,
-                           real* out_next, const real* x_next)
+                           int stream, real* out_next, const real* x_next)
 {
     /* passes 1 and 2 */
     const double mean0 = row_sum(x, C) / (double)C;
@@ -237,15 +253,16 @@ static void layer_norm_row(real* out, real* mean_out, real* rstd_out, const real
     if (rstd_out) *rstd_out = (real)rstd;
 
     /* pass 3 */
-    if (weight && bias) layer_norm_apply(out, x, weight, bias, C, hi, lo, (real)rstd, out_next, x_next);
-    else if (weight) layer_norm_apply(out, x, weight, NULL, C, hi, lo, (real)rstd, out_next, x_next);
-    else if (bias) layer_norm_apply(out, x, NULL, bias, C, hi, lo, (real)rstd, out_next, x_next);
-    else layer_norm_apply(out, x, NULL, NULL, C, hi, lo, (real)rstd, out_next, x_next);
+    const real r = (real)rstd;
+    if (weight && bias) layer_norm_apply(out, x, weight, bias, C, hi, lo, r, stream, out_next, x_next);
+    else if (weight) layer_norm_apply(out, x, weight, NULL, C, hi, lo, r, stream, out_next, x_next);
+    else if (bias) layer_norm_apply(out, x, NULL, bias, C, hi, lo, r, stream, out_next, x_next);
+    else layer_norm_apply(out, x, NULL, NULL, C, hi, lo, r, stream, out_next, x_next);
 }
 
 /* out (C), rrms_out (1) or NULL, x (C), weight (C) or NULL; next row to prefetch */
 static void rms_norm_row(real* out, real* rrms_out, const real* x, const real* weight,
-                         int64_t C, double eps, real* out_next, const real* x_next)
+                         int64_t C, double eps, int stream, real* out_next, const real* x_next)
 {
     /* pass 1: sum of squares */
     double s2 = 0.0;
@@ -277,21 +294,31 @@ static void rms_norm_row(real* out, real* rrms_out, const real* x, const real* w
     const double rrms = 1.0 / sqrt(mean_square + eps);
     if (rrms_out) *rrms_out = (real)rrms;
 
-    /* pass 2: out = x * rrms * weight */
+    /* pass 2: out = x * rrms * weight, streamed as in layer_norm_apply */
     const vreal vr = v_set1((real)rrms);
+#define SCALED(c, n) (weight                                                                   \
+    ? v_mul(v_mul((n) == VLEN ? v_load(x + (c)) : v_load_part(x + (c), n, 0), vr),             \
+            (n) == VLEN ? v_load(weight + (c)) : v_load_part(weight + (c), n, 0))              \
+    : v_mul((n) == VLEN ? v_load(x + (c)) : v_load_part(x + (c), n, 0), vr))
     int64_t c = 0;
+    if (stream) {
+        const int64_t head = stream_head(out);
+        if (head > 0 && head < C) {
+            v_store_part(out, SCALED(0, head), head);
+            c = head;
+        }
+        for (; c + VLEN <= C; c += VLEN) {
+            v_stream(out + c, SCALED(c, VLEN));
+            prefetch_read(x_next, c, VLEN);
+        }
+    }
     for (; c + VLEN <= C; c += VLEN) {
-        vreal y = v_mul(v_load(x + c), vr);
-        if (weight) y = v_mul(y, v_load(weight + c));
-        v_store(out + c, y);
+        v_store(out + c, SCALED(c, VLEN));
         prefetch_read(x_next, c, VLEN);
         prefetch_write(out_next, c, VLEN);
     }
-    if (c < C) {
-        vreal y = v_mul(v_load_part(x + c, C - c, 0), vr);
-        if (weight) y = v_mul(y, v_load_part(weight + c, C - c, 0));
-        v_store_part(out + c, y, C - c);
-    }
+    if (c < C) v_store_part(out + c, SCALED(c, C - c), C - c);
+#undef SCALED
 }
 
 /* ---------------------------------------------------------------------------
@@ -308,6 +335,7 @@ typedef struct {
     int64_t C, out_row_stride, x_row_stride;
     double eps;
     int rms;
+    int stream; /* write the output past the caches (it is larger than they are) */
 } norm_job;
 
 static void norm_rows(const norm_job* j, int64_t begin, int64_t end)
@@ -320,11 +348,12 @@ static void norm_rows(const norm_job* j, int64_t begin, int64_t end)
         const real* x_next = last ? NULL : x + j->x_row_stride;
         if (j->rms)
             rms_norm_row(out, j->stat0 ? j->stat0 + n : NULL, x, j->weight, j->C, j->eps,
-                         out_next, x_next);
+                         j->stream, out_next, x_next);
         else
             layer_norm_row(out, j->stat0 ? j->stat0 + n : NULL, j->stat1 ? j->stat1 + n : NULL, x,
-                           j->weight, j->bias, j->C, j->eps, out_next, x_next);
+                           j->weight, j->bias, j->C, j->eps, j->stream, out_next, x_next);
     }
+    if (j->stream) v_stream_fence();
 }
 
 static void norm_run(const norm_job* j, int64_t N)
@@ -345,13 +374,15 @@ void KERNEL(layer_norm)(real* out, real* mean, real* rstd, const real* x, const 
                         const real* bias, int64_t N, int64_t C, int64_t out_row_stride,
                         int64_t x_row_stride, double eps)
 {
-    const norm_job j = {out, mean, rstd, x, weight, bias, C, out_row_stride, x_row_stride, eps, 0};
+    const norm_job j = {out, mean, rstd, x, weight, bias, C, out_row_stride, x_row_stride, eps, 0,
+                        N * C * (int64_t)sizeof(real) > STREAM_MIN_BYTES};
     norm_run(&j, N);
 }
 
 void KERNEL(rms_norm)(real* out, real* rrms, const real* x, const real* weight, int64_t N,
                       int64_t C, int64_t out_row_stride, int64_t x_row_stride, double eps)
 {
-    const norm_job j = {out, rrms, NULL, x, weight, NULL, C, out_row_stride, x_row_stride, eps, 1};
+    const norm_job j = {out, rrms, NULL, x, weight, NULL, C, out_row_stride, x_row_stride, eps, 1,
+                        N * C * (int64_t)sizeof(real) > STREAM_MIN_BYTES};
     norm_run(&j, N);
 }

@@ -14,6 +14,9 @@
  *   v_exp_nonpositive (x <= 0) is accurate to about 1 ulp, right down into
  *   the subnormals, exactly 0 for -inf, and NaN for NaN
  *   v_reduce_add adds the lanes in double
+ *   v_stream stores to a VLEN-aligned address past the caches (a non-temporal
+ *   store: no read-for-ownership of a line that will be overwritten anyway);
+ *   v_stream_fence orders such stores before anything that follows
  *   vacc is an accumulator of VLEN doubles: vacc_add(acc, v) adds v's lanes
  *   converted to double, vacc_sum(acc) the total
  */
@@ -64,6 +67,8 @@ typedef int vmask;
 
 AK_INLINE vreal v_load(const real* p) { return *p; }
 AK_INLINE void v_store(real* p, vreal v) { *p = v; }
+AK_INLINE void v_stream(real* p, vreal v) { *p = v; }
+AK_INLINE void v_stream_fence(void) {}
 AK_INLINE vreal v_set1(real a) { return a; }
 AK_INLINE vreal v_add(vreal a, vreal b) { return a + b; }
 AK_INLINE vreal v_sub(vreal a, vreal b) { return a - b; }
@@ -103,6 +108,7 @@ typedef __m256 vreal;
 typedef __m256 vmask; /* all-ones or all-zeros lanes */
 AK_INLINE vreal v_load(const real* p) { return _mm256_loadu_ps(p); }
 AK_INLINE void v_store(real* p, vreal v) { _mm256_storeu_ps(p, v); }
+AK_INLINE void v_stream(real* p, vreal v) { _mm256_stream_ps(p, v); }
 AK_INLINE vreal v_set1(real a) { return _mm256_set1_ps(a); }
 AK_INLINE vreal v_add(vreal a, vreal b) { return _mm256_add_ps(a, b); }
 AK_INLINE vreal v_sub(vreal a, vreal b) { return _mm256_sub_ps(a, b); }
@@ -156,6 +162,7 @@ typedef __m256d vreal;
 typedef __m256d vmask;
 AK_INLINE vreal v_load(const real* p) { return _mm256_loadu_pd(p); }
 AK_INLINE void v_store(real* p, vreal v) { _mm256_storeu_pd(p, v); }
+AK_INLINE void v_stream(real* p, vreal v) { _mm256_stream_pd(p, v); }
 AK_INLINE vreal v_set1(real a) { return _mm256_set1_pd(a); }
 AK_INLINE vreal v_add(vreal a, vreal b) { return _mm256_add_pd(a, b); }
 AK_INLINE vreal v_sub(vreal a, vreal b) { return _mm256_sub_pd(a, b); }
@@ -230,6 +237,7 @@ typedef __m512 vreal;
 typedef __mmask16 vmask;
 AK_INLINE vreal v_load(const real* p) { return _mm512_loadu_ps(p); }
 AK_INLINE void v_store(real* p, vreal v) { _mm512_storeu_ps(p, v); }
+AK_INLINE void v_stream(real* p, vreal v) { _mm512_stream_ps(p, v); }
 AK_INLINE vreal v_set1(real a) { return _mm512_set1_ps(a); }
 AK_INLINE vreal v_add(vreal a, vreal b) { return _mm512_add_ps(a, b); }
 AK_INLINE vreal v_sub(vreal a, vreal b) { return _mm512_sub_ps(a, b); }
@@ -277,6 +285,7 @@ typedef __m512d vreal;
 typedef __mmask8 vmask;
 AK_INLINE vreal v_load(const real* p) { return _mm512_loadu_pd(p); }
 AK_INLINE void v_store(real* p, vreal v) { _mm512_storeu_pd(p, v); }
+AK_INLINE void v_stream(real* p, vreal v) { _mm512_stream_pd(p, v); }
 AK_INLINE vreal v_set1(real a) { return _mm512_set1_pd(a); }
 AK_INLINE vreal v_add(vreal a, vreal b) { return _mm512_add_pd(a, b); }
 AK_INLINE vreal v_sub(vreal a, vreal b) { return _mm512_sub_pd(a, b); }
@@ -325,6 +334,24 @@ AK_INLINE vmask v_where(const uint8_t* w, int64_t step, int64_t n) {
     return (vmask)_mm_test_epi8_mask(bytes, bytes);
 }
 #endif /* ISA */
+
+#if !defined(ATTNKIT_ISA_scalar)
+AK_INLINE void v_stream_fence(void) { _mm_sfence(); }
+#endif
+
+/* An output larger than this will not stay in the caches (32 MB of L3 here,
+ * shared by every core), so kernels write it with streaming stores, which
+ * skip reading each line in before overwriting it. */
+#ifndef STREAM_MIN_BYTES
+#define STREAM_MIN_BYTES ((int64_t)16 << 20)
+#endif
+
+/* How many elements from p to the first address v_stream may write (p must
+ * be aligned to sizeof(real), as NumPy's aligned arrays are). */
+AK_INLINE int64_t stream_head(const real* p) {
+    const uintptr_t align = VLEN * sizeof(real);
+    return (int64_t)(((align - (uintptr_t)p % align) % align) / sizeof(real));
+}
 
 /* ======================================================================== */
 /* exp(x) for x <= 0, written once for every ISA. Softmax only ever needs the

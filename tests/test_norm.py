@@ -320,3 +320,27 @@ def test_constant_rows_normalise_to_exactly_the_bias(simd, dtype, length):
     bias = np.linspace(-1, 1, length).astype(dtype)
     np.testing.assert_array_equal(attnkit.layer_norm(x, length), 0)
     np.testing.assert_array_equal(attnkit.layer_norm(x, length, None, bias), np.broadcast_to(bias, x.shape))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_large_outputs_written_past_the_caches(simd, dtype, rng):
+    """An output over 16 MB is written with streaming stores, aligned vectors
+    only; rows of odd length start at every alignment, so the plain head and
+    tail of each row are exercised too. Small calls do not stream, so the same
+    rows in small pieces must give bitwise the same result."""
+    C = 1001
+    N = (17 << 20) // (C * np.dtype(dtype).itemsize) + 1
+    x = (rng.standard_normal((N, C)) * 2 + 3).astype(dtype)
+    w = rng.standard_normal(C).astype(dtype)
+    b = rng.standard_normal(C).astype(dtype)
+    pieces = range(0, N, 997)
+    ln = attnkit.layer_norm(x, C, w, b)
+    rn = attnkit.rms_norm(x, C, w)
+    out = np.empty(N * C + 1, dtype)[1:].reshape(N, C)  # no row 32-byte aligned at its start
+    assert attnkit.layer_norm(x, C, w, b, out=out) is out
+    for i in pieces:
+        expected = attnkit.layer_norm(x[i:i + 997], C, w, b)
+        np.testing.assert_array_equal(ln[i:i + 997], expected)
+        np.testing.assert_array_equal(out[i:i + 997], expected)
+        np.testing.assert_array_equal(rn[i:i + 997], attnkit.rms_norm(x[i:i + 997], C, w))
+    assert_accurate(ln[:50], lambda dt: reference.layer_norm(x[:50], C, w, b, dtype=dt), dtype)
