@@ -74,6 +74,18 @@ cdef inline bint is_native_float(cnp.ndarray a) noexcept:
     return (t == cnp.NPY_FLOAT or t == cnp.NPY_DOUBLE) and cnp.PyArray_ISNOTSWAPPED(a)
 
 
+cdef inline cnp.ndarray plain_float_array(object x):
+    """x itself if it is an ndarray of native float32/float64, C-contiguous and
+    aligned, with at least one dimension (what the fast paths take), else None."""
+    if type(x) is not cnp.ndarray:
+        return None
+    cdef cnp.ndarray a = <cnp.ndarray>x
+    if cnp.PyArray_NDIM(a) == 0 or not is_native_float(a) or not cnp.PyArray_CHKFLAGS(
+            a, cnp.NPY_ARRAY_C_CONTIGUOUS | cnp.NPY_ARRAY_ALIGNED):
+        return None
+    return a
+
+
 cdef int64_t element_stride(cnp.ndarray a, int axis, str what) except? -1:
     """a's stride along axis, in elements; ValueError if not a whole number."""
     cdef int64_t size = cnp.PyArray_ITEMSIZE(a)
@@ -139,13 +151,10 @@ def softmax_last_axis(object x, bint log):
     then sends down the general path. This is the path small calls take, so
     it does nothing it need not do.
     """
-    if type(x) is not cnp.ndarray:
+    cdef cnp.ndarray a = plain_float_array(x)
+    if a is None:
         return None
-    cdef cnp.ndarray a = <cnp.ndarray>x
     cdef int ndim = cnp.PyArray_NDIM(a)
-    if ndim == 0 or not is_native_float(a) or not cnp.PyArray_CHKFLAGS(
-            a, cnp.NPY_ARRAY_C_CONTIGUOUS | cnp.NPY_ARRAY_ALIGNED):
-        return None
     cdef int type_num = cnp.PyArray_TYPE(a)
     cdef cnp.ndarray out = cnp.PyArray_EMPTY(ndim, cnp.PyArray_DIMS(a), type_num, 0)
     cdef attnkit_softmax_args args
@@ -271,13 +280,10 @@ def norm_last_axis(object x, object normalized_shape, object weight, object bias
     contiguous vectors of x's dtype, eps finite and >= 0. Returns None for
     anything else; the caller then takes the general path, which explains
     what is wrong."""
-    if type(x) is not cnp.ndarray or not (eps >= 0 and eps <= 1.7976931348623157e308):
+    cdef cnp.ndarray a = plain_float_array(x)
+    if a is None or not (eps >= 0 and eps <= 1.7976931348623157e308):
         return None
-    cdef cnp.ndarray a = <cnp.ndarray>x
     cdef int ndim = cnp.PyArray_NDIM(a)
-    if ndim == 0 or not is_native_float(a) or not cnp.PyArray_CHKFLAGS(
-            a, cnp.NPY_ARRAY_C_CONTIGUOUS | cnp.NPY_ARRAY_ALIGNED):
-        return None
     cdef int64_t C = cnp.PyArray_DIM(a, ndim - 1)
     if type(normalized_shape) is tuple and len(<tuple>normalized_shape) == 1:
         normalized_shape = (<tuple>normalized_shape)[0]
@@ -310,6 +316,19 @@ def norm_last_axis(object x, object normalized_shape, object weight, object bias
     return out
 
 
+cdef int check_norm_operands(cnp.ndarray out, cnp.ndarray x, str name) except -1:
+    """x (N, C) and out (N, C): native floats of one dtype, rows contiguous;
+    returns the dtype's type number."""
+    cdef int type_num = cnp.PyArray_TYPE(x)
+    check_float_operand(x, 2, type_num, f"{name} input", False)
+    if not is_native_float(x):
+        raise TypeError(f"{name} input: expected native float32 or float64, got {x.dtype}")
+    check_float_operand(out, 2, type_num, f"{name} output", True)
+    check_rows(x, x, f"{name} input")
+    check_rows(out, x, f"{name} output")
+    return type_num
+
+
 def layer_norm(cnp.ndarray out, object mean, object rstd, cnp.ndarray x,
                object weight, object bias, double eps):
     """Layer norm of each row of x (N, C) into out (N, C).
@@ -317,13 +336,7 @@ def layer_norm(cnp.ndarray out, object mean, object rstd, cnp.ndarray x,
     mean and rstd, if not None, are float vectors (N) that receive each row's
     mean and 1/sqrt(var + eps). weight and bias are vectors (C) or None.
     """
-    cdef int type_num = cnp.PyArray_TYPE(x)
-    check_float_operand(x, 2, type_num, "layer_norm input", False)
-    if not is_native_float(x):
-        raise TypeError(f"layer_norm input: expected native float32 or float64, got {x.dtype}")
-    check_float_operand(out, 2, type_num, "layer_norm output", True)
-    check_rows(x, x, "layer_norm input")
-    check_rows(out, x, "layer_norm output")
+    cdef int type_num = check_norm_operands(out, x, "layer_norm")
     cdef int64_t N = x.shape[0], C = x.shape[1]
     cdef void* pm = optional_vector(mean, N, type_num, "layer_norm mean", True)
     cdef void* pr = optional_vector(rstd, N, type_num, "layer_norm rstd", True)
@@ -350,13 +363,7 @@ def rms_norm(cnp.ndarray out, object rrms, cnp.ndarray x, object weight, double 
 
     rrms, if not None, is a float vector (N) that receives 1/sqrt(mean(x^2) + eps).
     """
-    cdef int type_num = cnp.PyArray_TYPE(x)
-    check_float_operand(x, 2, type_num, "rms_norm input", False)
-    if not is_native_float(x):
-        raise TypeError(f"rms_norm input: expected native float32 or float64, got {x.dtype}")
-    check_float_operand(out, 2, type_num, "rms_norm output", True)
-    check_rows(x, x, "rms_norm input")
-    check_rows(out, x, "rms_norm output")
+    cdef int type_num = check_norm_operands(out, x, "rms_norm")
     cdef int64_t N = x.shape[0], C = x.shape[1]
     cdef void* pr = optional_vector(rrms, N, type_num, "rms_norm rrms", True)
     cdef const void* pw = optional_vector(weight, C, type_num, "rms_norm weight", False)
