@@ -81,6 +81,24 @@ static inline void ak_emu_mask_storeu_pd(void* p, uint8_t k, simde__m512d v)
         if (k >> i & 1) ((double*)p)[i] = lane[i];
 }
 
+/* A streaming store faults on an address not aligned to 64 bytes; so does
+ * this one, so that a misaligned stream in the kernels shows up here too. */
+static inline void ak_emu_stream_ps(void* p, simde__m512 v)
+{
+    if ((uintptr_t)p % 64 != 0) __builtin_trap();
+    simde_mm512_storeu_ps(p, v);
+}
+
+static inline void ak_emu_stream_pd(void* p, simde__m512d v)
+{
+    if ((uintptr_t)p % 64 != 0) __builtin_trap();
+    simde_mm512_storeu_pd(p, v);
+}
+
+#undef _mm512_stream_ps
+#define _mm512_stream_ps ak_emu_stream_ps
+#undef _mm512_stream_pd
+#define _mm512_stream_pd ak_emu_stream_pd
 #undef _mm512_reduce_add_pd
 #define _mm512_reduce_add_pd ak_emu_reduce_add_pd
 #undef _mm512_cvtps_pd

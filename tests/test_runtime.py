@@ -224,3 +224,11 @@ def test_reference_is_plain_numpy(rng):
     x = rng.standard_normal((3, 4))
     e = np.exp(x - x.max(-1, keepdims=True))
     np.testing.assert_allclose(reference.softmax(x), e / e.sum(-1, keepdims=True), rtol=1e-15)
+
+
+def test_tests_run_against_the_installed_package():
+    """The tests import attnkit as installed (a wheel), not src/ by path."""
+    import pathlib
+    source_tree = pathlib.Path(__file__).resolve().parent.parent / "src"
+    assert source_tree not in pathlib.Path(attnkit.__file__).resolve().parents
+    assert pathlib.Path(attnkit._runtime._kernels.__file__).suffix == ".so"
