@@ -95,6 +95,88 @@ void attnkit_rms_norm_f64(double* out, double* rrms, const double* x, const doub
                           int64_t x_row_stride, double eps);
 
 /* ---------------------------------------------------------------------------
+ * Scaled dot-product attention, fused in the FlashAttention manner: the
+ * (L, S) score matrix is never stored whole; query blocks meet key/value
+ * tiles and an online softmax keeps each row's running max and sum.
+ *
+ *   for every batch b < B and head h < H, with key/value head hk = h / (H / Hkv):
+ *     scores  = q[b,h] @ k[b,hk]^T * scale                         (L, S)
+ *     scores += mask (additive), or -inf where a bool mask is 0,
+ *               and -inf where causal (key j hidden from query i when
+ *               j > i + causal_offset: 0 is PyTorch's top-left alignment,
+ *               S - L the bottom-right one of cached decoding)
+ *     p       = softmax(scores) over S; a row with nothing to attend to is 0
+ *     out[b,h]     = dropout(p) @ v[b,hk]                          (L, Ev)
+ *     lse[b,h]     = log(sum(exp(scores))) over S, -inf for an empty row (L)
+ *     weights[b,h] = dropout(p)                                    (L, S)
+ *   dropout keeps element (b,h,i,j) when its hash (attnkit_dropout_keep)
+ *   clears p, and scales kept elements by 1/(1-p); lse ignores dropout.
+ *
+ * Layouts (strides in elements; the last axis of q, k, v is contiguous):
+ *   q       (b,h,i,e)  at q + q_batch[b] + h*q_head + i*q_row + e
+ *   k       (b,hk,j,e) at k + k_batch[b] + hk*k_head + j*k_row + e
+ *   v       (b,hk,j,e) at v + v_batch[b] + hk*v_head + j*v_row + e
+ *   out     (B, H, L, Ev) contiguous
+ *   lse     (B, H, L) contiguous, or NULL
+ *   weights (B, H, L, S) contiguous, or NULL (computed only when asked for)
+ *   mask    (b,h,i,j)  at mask + mask_batch[b] + h*mask_head + i*mask_row
+ *                      + j*mask_col (mask_col 0 or 1; 0 broadcasts along S);
+ *                      uint8_t (bool) or real (additive); NULL with kind 0
+ * q_batch etc. are (B) arrays of offsets, so batch dimensions of any shape
+ * broadcast without copies.
+ * ------------------------------------------------------------------------- */
+enum { ATTNKIT_MASK_NONE = 0, ATTNKIT_MASK_BOOL = 1, ATTNKIT_MASK_ADD = 2 };
+
+typedef struct {
+    int64_t B, H, Hkv, L, S, E, Ev;
+    const int64_t* q_batch;    /* (B) */
+    const int64_t* k_batch;    /* (B) */
+    const int64_t* v_batch;    /* (B) */
+    const int64_t* mask_batch; /* (B), or NULL without a mask */
+    int64_t q_head, q_row, k_head, k_row, v_head, v_row;
+    int mask_kind;
+    int64_t mask_head, mask_row, mask_col;
+    double scale;
+    int causal;
+    int64_t causal_offset;
+    double dropout_p;          /* in [0, 1]                              */
+    uint32_t dropout_seed;
+} attnkit_attention_args;
+
+/* Returns 0, or -1 when its workspace (a few hundred KB a thread) cannot be
+ * allocated. */
+int attnkit_attention_f32(float* out, float* lse, float* weights, const float* q,
+                          const float* k, const float* v, const void* mask,
+                          const attnkit_attention_args* args);
+int attnkit_attention_f64(double* out, double* lse, double* weights, const double* q,
+                          const double* k, const double* v, const void* mask,
+                          const attnkit_attention_args* args);
+
+/* Dropout's keep decision for element (bh = b*H + h, i, j): 1 to keep.
+ * A counter-based hash of (seed, bh, i, j), so the same seed drops the same
+ * elements whatever the tiling or the thread count; the NumPy reference
+ * computes the same hash. */
+static inline uint32_t attnkit_mix32(uint32_t x)
+{
+    x ^= x >> 16;
+    x *= 0x7feb352dU;
+    x ^= x >> 15;
+    x *= 0x846ca68bU;
+    x ^= x >> 16;
+    return x;
+}
+static inline uint32_t attnkit_dropout_row_key(uint32_t seed, uint32_t bh, uint32_t i)
+{
+    return attnkit_mix32(attnkit_mix32(attnkit_mix32(seed) ^ bh) ^ i);
+}
+/* keep when the top 24 bits of the hash, as a fraction, are >= p:
+ * threshold = ceil(p * 2^24) */
+static inline int attnkit_dropout_keep(uint32_t row_key, uint32_t j, uint32_t threshold)
+{
+    return (attnkit_mix32(row_key ^ j) >> 8) >= threshold;
+}
+
+/* ---------------------------------------------------------------------------
  * Instruction sets. Each kernel is built three times from one source; the
  * entry points above call the build picked here. attnkit_init() picks the
  * best one the CPU and the OS support.

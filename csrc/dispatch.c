@@ -39,7 +39,11 @@
     void attnkit_rms_norm_f32_##isa(float*, float*, const float*, const float*, int64_t,       \
                                     int64_t, int64_t, int64_t, double);                        \
     void attnkit_rms_norm_f64_##isa(double*, double*, const double*, const double*, int64_t,   \
-                                    int64_t, int64_t, int64_t, double);
+                                    int64_t, int64_t, int64_t, double);                        \
+    int attnkit_attention_f32_##isa(float*, float*, float*, const float*, const float*,        \
+                                    const float*, const void*, const attnkit_attention_args*); \
+    int attnkit_attention_f64_##isa(double*, double*, double*, const double*, const double*,   \
+                                    const double*, const void*, const attnkit_attention_args*);
 DECLARE_KERNELS(scalar)
 DECLARE_KERNELS(avx2)
 DECLARE_KERNELS(avx512)
@@ -56,6 +60,10 @@ typedef struct {
                          int64_t, double);
     void (*rms_norm_f64)(double*, double*, const double*, const double*, int64_t, int64_t,
                          int64_t, int64_t, double);
+    int (*attention_f32)(float*, float*, float*, const float*, const float*, const float*,
+                         const void*, const attnkit_attention_args*);
+    int (*attention_f64)(double*, double*, double*, const double*, const double*, const double*,
+                         const void*, const attnkit_attention_args*);
 } kernel_table;
 
 #define KERNEL_ROW(isa)                                                                        \
@@ -65,7 +73,9 @@ typedef struct {
      attnkit_layer_norm_f32_##isa,                                                             \
      attnkit_layer_norm_f64_##isa,                                                             \
      attnkit_rms_norm_f32_##isa,                                                               \
-     attnkit_rms_norm_f64_##isa}
+     attnkit_rms_norm_f64_##isa,                                                               \
+     attnkit_attention_f32_##isa,                                                              \
+     attnkit_attention_f64_##isa}
 
 static const kernel_table tables[ATTNKIT_ISA_COUNT] = {
     KERNEL_ROW(scalar),
@@ -140,6 +150,19 @@ void attnkit_rms_norm_f64(double* out, double* rrms, const double* x, const doub
                           double eps)
 {
     active->rms_norm_f64(out, rrms, x, weight, N, C, out_row_stride, x_row_stride, eps);
+}
+
+int attnkit_attention_f32(float* out, float* lse, float* weights, const float* q,
+                          const float* k, const float* v, const void* mask,
+                          const attnkit_attention_args* args)
+{
+    return active->attention_f32(out, lse, weights, q, k, v, mask, args);
+}
+int attnkit_attention_f64(double* out, double* lse, double* weights, const double* q,
+                          const double* k, const double* v, const void* mask,
+                          const attnkit_attention_args* args)
+{
+    return active->attention_f64(out, lse, weights, q, k, v, mask, args);
 }
 
 /* ---------------------------------------------------------------------------

@@ -18,13 +18,20 @@ from ._runtime import (
     simd_path,
     supported_simd_paths,
 )
-from .functional import layer_norm, log_softmax, rms_norm, softmax
+from .functional import (
+    layer_norm,
+    log_softmax,
+    rms_norm,
+    scaled_dot_product_attention,
+    softmax,
+)
 
 __all__ = [
     "softmax",
     "log_softmax",
     "layer_norm",
     "rms_norm",
+    "scaled_dot_product_attention",
     "reference",
     "show_config",
     "simd_path",

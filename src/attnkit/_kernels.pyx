@@ -11,7 +11,8 @@ acquiring a memoryview costs about 0.3 us per argument, which is a fifth of a
 whole softmax call on a small row.
 """
 cimport numpy as cnp
-from libc.stdint cimport int64_t, uint8_t
+from libc.stdint cimport int64_t, uint8_t, uint32_t
+from libc.stdlib cimport free, malloc
 
 cnp.import_array()
 
@@ -39,6 +40,33 @@ cdef extern from "attnkit.h" nogil:
     void attnkit_rms_norm_f64(double* out, double* rrms, const double* x, const double* weight,
                               int64_t N, int64_t C, int64_t out_row_stride,
                               int64_t x_row_stride, double eps) noexcept
+
+    ctypedef struct attnkit_attention_args:
+        int64_t B, H, Hkv, L, S, E, Ev
+        const int64_t* q_batch
+        const int64_t* k_batch
+        const int64_t* v_batch
+        const int64_t* mask_batch
+        int64_t q_head, q_row, k_head, k_row, v_head, v_row
+        int mask_kind
+        int64_t mask_head, mask_row, mask_col
+        double scale
+        int causal
+        int64_t causal_offset
+        double dropout_p
+        uint32_t dropout_seed
+
+    enum:
+        ATTNKIT_MASK_NONE
+        ATTNKIT_MASK_BOOL
+        ATTNKIT_MASK_ADD
+
+    int attnkit_attention_f32(float* out, float* lse, float* weights, const float* q,
+                              const float* k, const float* v, const void* mask,
+                              const attnkit_attention_args* args) noexcept
+    int attnkit_attention_f64(double* out, double* lse, double* weights, const double* q,
+                              const double* k, const double* v, const void* mask,
+                              const attnkit_attention_args* args) noexcept
 
     enum:
         ATTNKIT_ISA_COUNT
@@ -380,6 +408,158 @@ def rms_norm(cnp.ndarray out, object rrms, cnp.ndarray x, object weight, double 
         else:
             attnkit_rms_norm_f64(<double*>po, <double*>pr, <const double*>px, <const double*>pw,
                                  N, C, os, xs, eps)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Attention
+
+cdef int batch_offsets(int64_t* offsets, cnp.ndarray a, int nbatch, str what) except -1:
+    """offsets[b] = the element offset of batch index b (row-major over a's
+    first nbatch dimensions, which may have any strides, 0 included)."""
+    cdef int64_t itemsize = cnp.PyArray_ITEMSIZE(a)
+    cdef int64_t B = 1, b, rest, offset, d_size
+    cdef int d
+    for d in range(nbatch):
+        B *= cnp.PyArray_DIM(a, d)
+    for b in range(B):
+        rest = b
+        offset = 0
+        for d in range(nbatch - 1, -1, -1):
+            d_size = cnp.PyArray_DIM(a, d)
+            offset += (rest % d_size) * element_stride(a, d, what)
+            rest //= d_size
+        offsets[b] = offset
+    return 0
+
+
+def attention(cnp.ndarray out, object lse, object weights, cnp.ndarray q, cnp.ndarray k,
+              cnp.ndarray v, object mask, double scale, bint causal, int64_t causal_offset,
+              double dropout_p, uint32_t dropout_seed):
+    """Fused attention (attnkit.h) over arrays that share their batch dimensions:
+
+        q (*batch, H, L, E), k (*batch, Hkv, S, E), v (*batch, Hkv, S, Ev),
+        mask None or (*batch, H, L, S) bool or q's dtype (any strides: 0 for
+        broadcast dimensions; along S 0 or 1 element), out (*batch, H, L, Ev),
+        lse None or (*batch, H, L), weights None or (*batch, H, L, S), the
+        last three C-contiguous. q, k, v need unit stride along E and Ev.
+    """
+    cdef int type_num = cnp.PyArray_TYPE(q)
+    cdef int nd = cnp.PyArray_NDIM(q), nbatch = nd - 3, d
+    if nd < 3:
+        raise ValueError(f"attention: query needs 3 or more dimensions, got shape {shape_of(q)}")
+    for name, arr in (("query", q), ("key", k), ("value", v), ("output", out)):
+        check_float_operand(arr, nd, type_num, f"attention {name}", name == "output")
+    if not is_native_float(q):
+        raise TypeError(f"attention: expected native float32 or float64, got {q.dtype}")
+    for d in range(nbatch):
+        if not (k.shape[d] == v.shape[d] == out.shape[d] == q.shape[d]):
+            raise ValueError("attention: batch dimensions differ: "
+                             f"{shape_of(q)}, {shape_of(k)}, {shape_of(v)}, {shape_of(out)}")
+    cdef attnkit_attention_args a
+    a.H = q.shape[nd - 3]
+    a.L = q.shape[nd - 2]
+    a.E = q.shape[nd - 1]
+    a.Hkv = k.shape[nd - 3]
+    a.S = k.shape[nd - 2]
+    a.Ev = v.shape[nd - 1]
+    if k.shape[nd - 1] != a.E or v.shape[nd - 3] != a.Hkv or v.shape[nd - 2] != a.S:
+        raise ValueError(f"attention: shapes do not fit: query {shape_of(q)}, key {shape_of(k)}, "
+                         f"value {shape_of(v)}")
+    if a.Hkv == 0 or a.H % a.Hkv != 0:
+        raise ValueError(f"attention: {a.H} query heads do not share {a.Hkv} key/value heads evenly")
+    if out.shape[nd - 3] != a.H or out.shape[nd - 2] != a.L or out.shape[nd - 1] != a.Ev \
+            or not cnp.PyArray_IS_C_CONTIGUOUS(out):
+        raise ValueError(f"attention: output {shape_of(out)} is not a contiguous "
+                         f"(..., {a.H}, {a.L}, {a.Ev}) array")
+    for name, arr, last in (("query", q, a.E), ("key", k, a.E), ("value", v, a.Ev)):
+        if last > 1 and cnp.PyArray_STRIDE(arr, nd - 1) != cnp.PyArray_ITEMSIZE(arr):
+            raise ValueError(f"attention {name}: the last axis must be contiguous "
+                             f"(strides {(<object>arr).strides})")
+    cdef int64_t B = 1
+    for d in range(nbatch):
+        B *= q.shape[d]
+    cdef cnp.ndarray lse_a, weights_a, m
+    cdef void* plse = NULL
+    cdef void* pweights = NULL
+    if lse is not None:
+        lse_a = <cnp.ndarray>lse
+        check_float_operand(lse_a, nd - 1, type_num, "attention lse", True)
+        if lse_a.size != B * a.H * a.L or not cnp.PyArray_IS_C_CONTIGUOUS(lse_a):
+            raise ValueError(f"attention: lse {shape_of(lse_a)} is not a contiguous (..., H, L) array")
+        plse = cnp.PyArray_DATA(lse_a)
+    if weights is not None:
+        weights_a = <cnp.ndarray>weights
+        check_float_operand(weights_a, nd, type_num, "attention weights", True)
+        if weights_a.size != B * a.H * a.L * a.S or not cnp.PyArray_IS_C_CONTIGUOUS(weights_a):
+            raise ValueError(f"attention: weights {shape_of(weights_a)} is not a contiguous "
+                             "(..., H, L, S) array")
+        pweights = cnp.PyArray_DATA(weights_a)
+    a.q_head = element_stride(q, nd - 3, "attention query")
+    a.q_row = element_stride(q, nd - 2, "attention query")
+    a.k_head = element_stride(k, nd - 3, "attention key")
+    a.k_row = element_stride(k, nd - 2, "attention key")
+    a.v_head = element_stride(v, nd - 3, "attention value")
+    a.v_row = element_stride(v, nd - 2, "attention value")
+    a.mask_kind = ATTNKIT_MASK_NONE
+    a.mask_head = a.mask_row = a.mask_col = 0
+    cdef const void* pmask = NULL
+    if mask is not None:
+        m = <cnp.ndarray>mask
+        if cnp.PyArray_NDIM(m) != nd or m.shape[nd - 3] != a.H or m.shape[nd - 2] != a.L \
+                or m.shape[nd - 1] != a.S or any(m.shape[d] != q.shape[d] for d in range(nbatch)):
+            raise ValueError(f"attention: mask {shape_of(m)} is not (..., {a.H}, {a.L}, {a.S})")
+        if cnp.PyArray_TYPE(m) == cnp.NPY_BOOL:
+            a.mask_kind = ATTNKIT_MASK_BOOL
+        else:
+            check_float_operand(m, nd, type_num, "attention mask", False)
+            a.mask_kind = ATTNKIT_MASK_ADD
+        a.mask_head = element_stride(m, nd - 3, "attention mask")
+        a.mask_row = element_stride(m, nd - 2, "attention mask")
+        a.mask_col = element_stride(m, nd - 1, "attention mask")
+        if a.S > 1 and a.mask_col not in (0, 1):
+            raise ValueError(f"attention: the mask's last axis must be contiguous or broadcast "
+                             f"(strides {(<object>m).strides})")
+        pmask = cnp.PyArray_DATA(m)
+    a.B = B
+    a.scale = scale
+    a.causal = causal
+    a.causal_offset = causal_offset
+    a.dropout_p = dropout_p
+    a.dropout_seed = dropout_seed
+    if not (0 <= dropout_p <= 1):
+        raise ValueError(f"attention: dropout_p must be in [0, 1], got {dropout_p}")
+
+    cdef int64_t* offsets = <int64_t*>malloc(4 * max(B, 1) * sizeof(int64_t))
+    if offsets == NULL:
+        raise MemoryError()
+    cdef int status
+    try:
+        batch_offsets(offsets, q, nbatch, "attention query")
+        batch_offsets(offsets + B, k, nbatch, "attention key")
+        batch_offsets(offsets + 2 * B, v, nbatch, "attention value")
+        a.q_batch = offsets
+        a.k_batch = offsets + B
+        a.v_batch = offsets + 2 * B
+        a.mask_batch = NULL
+        if mask is not None:
+            batch_offsets(offsets + 3 * B, <cnp.ndarray>mask, nbatch, "attention mask")
+            a.mask_batch = offsets + 3 * B
+        with nogil:
+            if type_num == cnp.NPY_FLOAT:
+                status = attnkit_attention_f32(<float*>cnp.PyArray_DATA(out), <float*>plse,
+                                               <float*>pweights, <const float*>cnp.PyArray_DATA(q),
+                                               <const float*>cnp.PyArray_DATA(k),
+                                               <const float*>cnp.PyArray_DATA(v), pmask, &a)
+            else:
+                status = attnkit_attention_f64(<double*>cnp.PyArray_DATA(out), <double*>plse,
+                                               <double*>pweights, <const double*>cnp.PyArray_DATA(q),
+                                               <const double*>cnp.PyArray_DATA(k),
+                                               <const double*>cnp.PyArray_DATA(v), pmask, &a)
+    finally:
+        free(offsets)
+    if status != 0:
+        raise MemoryError("attention: could not allocate the kernel's workspace")
     return out
 
 

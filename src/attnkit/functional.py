@@ -19,7 +19,7 @@ from numpy.lib.array_utils import normalize_axis_index, normalize_axis_tuple
 
 from . import _kernels
 
-__all__ = ["softmax", "log_softmax", "layer_norm", "rms_norm"]
+__all__ = ["softmax", "log_softmax", "layer_norm", "rms_norm", "scaled_dot_product_attention"]
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))  # native byte order
 _MACHINE_EPSILON = {"f": float(np.finfo(np.float32).eps), "d": float(np.finfo(np.float64).eps)}
@@ -322,3 +322,162 @@ def rms_norm(x, normalized_shape, weight=None, eps=None, *, out=None):
     shape2, x2 = _rows(x, shape, out, func)
     return _run_into(out, shape2, 1, (x2,), x.shape, x.dtype,
                      lambda dest: _kernels.rms_norm(dest, None, x2, w, eps))
+
+
+# ---------------------------------------------------------------------------
+# scaled_dot_product_attention
+
+def _attention_operand(a, func, name):
+    """a as a float array whose last axis the kernel can read in place."""
+    if a.shape[-1] > 1 and a.strides[-1] != a.itemsize or not a.flags.aligned:
+        return np.array(a, order="C", copy=True)
+    return a
+
+
+def _broadcast(shapes, func, what):
+    try:
+        return np.broadcast_shapes(*shapes)
+    except ValueError:
+        listed = ", ".join(str(s) for s in shapes)
+        raise ValueError(f"{func}: the {what} of query, key and value do not broadcast: "
+                         f"{listed}") from None
+
+
+def _attention_mask(attn_mask, q, full_shape, func):
+    """The mask broadcast to (*batch, H, L, S), bool or of q's dtype, with its
+    last axis contiguous or broadcast; never copied to the full shape."""
+    mask = np.asarray(attn_mask)
+    if mask.dtype == np.bool_:
+        pass
+    elif mask.dtype.kind == "f" and mask.dtype.itemsize in (4, 8):
+        mask = mask.astype(q.dtype, copy=False)
+    else:
+        raise TypeError(f"{func}: attn_mask must be bool (True = attend) or float (added to the "
+                        f"scores), got dtype {mask.dtype} (shape {mask.shape})")
+    try:
+        full = np.broadcast_to(mask, full_shape)
+    except ValueError:
+        raise ValueError(f"{func}: attn_mask of shape {mask.shape} does not broadcast to the "
+                         f"scores' shape {full_shape} (..., H, L, S)") from None
+    if full_shape[-1] > 1 and full.strides[-1] not in (0, full.itemsize) or not full.flags.aligned:
+        full = np.broadcast_to(np.ascontiguousarray(mask), full_shape)
+    return full
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
+                                 is_causal=False, *, scale=None, enable_gqa=False,
+                                 causal_alignment="top_left", return_weights=False,
+                                 return_lse=False, rng=None):
+    """Attention: softmax(query @ key^T * scale + mask) @ value, fused.
+
+    Semantics and argument names are PyTorch's F.scaled_dot_product_attention;
+    the (L, S) matrix of scores is never stored, unless the weights are asked for.
+
+    Parameters
+    ----------
+    query : (..., H, L, E) array, float32 or float64
+    key : (..., Hkv, S, E) array of the same dtype
+    value : (..., Hkv, S, Ev) array of the same dtype; Ev may differ from E
+        The leading dimensions broadcast against each other (and, without
+        enable_gqa, the head dimension too). 2-d inputs (L, E) work as one head.
+    attn_mask : array broadcastable to (..., H, L, S), optional
+        bool: True where attention is allowed (note: the opposite of
+        MultiHeadAttention's key_padding_mask, where True means ignore);
+        float: added to the scores (-inf hides a key). Broadcast, not copied.
+    dropout_p : float in [0, 1]
+        Drops weights with this probability and scales the rest by 1/(1-p).
+        The weights to drop come from `rng` (a NumPy Generator; a seeded one
+        reproduces the result).
+    is_causal : bool
+        Hide the keys after each query. causal_alignment="top_left" (PyTorch's
+        default) lets query i see keys 0..i; "bottom_right" puts the queries
+        at the end of the keys, query i at position S - L + i, as in decoding
+        with a cache. May be combined with attn_mask.
+    scale : float, optional
+        Default 1/sqrt(E).
+    enable_gqa : bool
+        Grouped-query attention: H a multiple of Hkv, query head h uses
+        key/value head h // (H // Hkv).
+    return_weights : bool
+        Also return the weights that multiplied value, (..., H, L, S),
+        dropout included.
+    return_lse : bool
+        Also return each row's log-sum-exp of its scores, (..., H, L).
+
+    Returns
+    -------
+    output (..., H, L, Ev); or (output, weights), (output, lse) or
+    (output, weights, lse) as asked. A query with nothing to attend to (all
+    keys masked) gets output 0, weights 0 and lse -inf, never NaN.
+    """
+    func = "scaled_dot_product_attention"
+    q = _as_float_array(query, func, "query")
+    k = _as_float_array(key, func, "key")
+    v = _as_float_array(value, func, "value")
+    if not q.dtype == k.dtype == v.dtype:
+        raise TypeError(f"{func}: query, key and value must share a dtype, got {q.dtype}, "
+                        f"{k.dtype} and {v.dtype}")
+    for name, a in (("query", q), ("key", k), ("value", v)):
+        if a.ndim < 2:
+            raise ValueError(f"{func}: {name} needs at least 2 dimensions (L, E), got shape {a.shape}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"{func}: query's last dimension ({q.shape[-1]}) differs from key's "
+                         f"({k.shape[-1]}): query {q.shape}, key {k.shape}")
+    if k.shape[-2] != v.shape[-2]:
+        raise ValueError(f"{func}: key and value have different lengths S: key {k.shape}, "
+                         f"value {v.shape}")
+    if causal_alignment not in ("top_left", "bottom_right"):
+        raise ValueError(f"{func}: causal_alignment must be 'top_left' or 'bottom_right', "
+                         f"got {causal_alignment!r}")
+    L, S, E, Ev = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
+    two_d = q.ndim == 2 and k.ndim == 2 and v.ndim == 2
+    if enable_gqa:
+        if min(q.ndim, k.ndim, v.ndim) < 3:
+            raise ValueError(f"{func}: enable_gqa needs a head dimension: query {q.shape}, "
+                             f"key {k.shape}, value {v.shape}")
+        H, Hkv = q.shape[-3], k.shape[-3]
+        if v.shape[-3] != Hkv:
+            raise ValueError(f"{func}: key and value have different head counts: key {k.shape}, "
+                             f"value {v.shape}")
+        if Hkv == 0 or H % Hkv != 0:
+            raise ValueError(f"{func}: with enable_gqa, the query heads ({H}) must be a multiple "
+                             f"of the key/value heads ({Hkv})")
+        batch = _broadcast([q.shape[:-3], k.shape[:-3], v.shape[:-3]], func, "batch dimensions")
+    else:
+        lead = _broadcast([q.shape[:-2], k.shape[:-2], v.shape[:-2]], func, "leading dimensions")
+        if k.ndim >= 3 and q.ndim >= 3 and k.shape[-3] not in (1, q.shape[-3]):
+            raise ValueError(f"{func}: query has {q.shape[-3]} heads but key has {k.shape[-3]}; "
+                             "pass enable_gqa=True for grouped-query attention")
+        lead = lead or (1,)
+        batch, H = lead[:-1], lead[-1]
+        Hkv = H
+    if isinstance(is_causal, (np.ndarray, list, tuple)):
+        raise TypeError(f"{func}: is_causal must be a bool, got {type(is_causal).__name__}")
+    scale = (1.0 / math.sqrt(E) if E > 0 else 1.0) if scale is None else float(scale)
+    dropout_p = float(dropout_p)
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"{func}: dropout_p must be in [0, 1], got {dropout_p}")
+    seed = 0
+    if dropout_p > 0:
+        if rng is None:
+            rng = np.random.default_rng()
+        elif not isinstance(rng, np.random.Generator):
+            raise TypeError(f"{func}: rng must be a numpy.random.Generator, got {type(rng).__name__}")
+        seed = int(rng.integers(0, 2**32, dtype=np.uint64))
+
+    q4 = np.broadcast_to(_attention_operand(q, func, "query"), batch + (H, L, E))
+    k4 = np.broadcast_to(_attention_operand(k, func, "key"), batch + (Hkv, S, E))
+    v4 = np.broadcast_to(_attention_operand(v, func, "value"), batch + (Hkv, S, Ev))
+    mask4 = None if attn_mask is None else _attention_mask(attn_mask, q, batch + (H, L, S), func)
+    out = np.empty(batch + (H, L, Ev), q.dtype)
+    lse = np.empty(batch + (H, L), q.dtype) if return_lse else None
+    weights = np.empty(batch + (H, L, S), q.dtype) if return_weights else None
+    offset = 0 if causal_alignment == "top_left" else S - L
+    _kernels.attention(out, lse, weights, q4, k4, v4, mask4, scale, bool(is_causal), offset,
+                       dropout_p, seed)
+    if two_d:
+        out = out[0]
+        lse = None if lse is None else lse[0]
+        weights = None if weights is None else weights[0]
+    results = (out,) + ((weights,) if return_weights else ()) + ((lse,) if return_lse else ())
+    return results[0] if len(results) == 1 else results

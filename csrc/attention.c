@@ -1,0 +1,621 @@
+/*
+ * attention.c: fused scaled dot-product attention (the contract is in
+ * attnkit.h). Compiled once per (ISA, precision); simd.h says which.
+ *
+ * The work is a set of tasks, one per (batch, head, block of BL query rows,
+ * and for short queries over long keys, chunk of keys). A task walks the keys
+ * BS at a time:
+ *
+ *   q    (BL, E)        the query block, scaled once            workspace
+ *   kt   (E, BS)        the key tile, packed transposed          workspace
+ *   vp   (BS, Ev)       the value tile, packed                   workspace
+ *   s    (BL, BS)       scores = q @ kt, then masked, then p     workspace
+ *   o    (BL, Ev)       sum of p @ v, rescaled as the max moves  workspace
+ *   m, l (BL)           running max and sum of exp(s - m) per row
+ *
+ *   per tile:  m_new = max(m, rowmax(s));  p = exp(s - m_new)
+ *              alpha = exp(m - m_new);     l = alpha*l + rowsum(p)
+ *              o = alpha*o + p @ v
+ *   at the end: out = o / l,  lse = m + log(l)
+ *
+ * so memory beyond the inputs and outputs is O(threads x tile), whatever L
+ * and S. Both products go through one register-blocked micro-kernel (MR rows
+ * by NR columns of C kept in registers; A read an element at a time, B a
+ * packed panel NR wide), as in BLIS. Tiles wholly in the causal future or
+ * wholly masked out are skipped. A row that never sees a key keeps m = -inf;
+ * it is computed with m taken as 0, so every p is 0, and gives out = 0 and
+ * lse = -inf instead of 0/0.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "attnkit.h"
+#include "simd.h"
+
+/* Register blocking: MR x NR of C in MR*NV vector registers (12 of AVX2's
+ * 16, 24 of AVX-512's 32), plus NV for B and one for A. */
+#if defined(ATTNKIT_ISA_avx512)
+enum { MR = 12, NV = 2 };
+#elif defined(ATTNKIT_ISA_avx2)
+enum { MR = 6, NV = 2 };
+#else
+enum { MR = 4, NV = 4 };
+#endif
+enum { NR = NV * VLEN };
+/* Cache blocking: BL query rows (a multiple of MR and NR) meet BS keys (a
+ * multiple of MR) at a time; a tile's working set stays in L1 and L2. */
+#if defined(ATTNKIT_ISA_avx512) && ATTNKIT_REAL_BITS == 32
+enum { BL = 96 };
+#else
+enum { BL = 48 };
+#endif
+enum { BS = 120 };
+/* A block of at most SMALL_ROWS query rows (decoding, or the last rows of L)
+ * takes the row path: dot products along E, no register blocking over rows
+ * it does not have. */
+enum { SMALL_ROWS = 4 };
+/* Short queries (L <= BL) over more than SPLIT_KEYS keys split the keys into
+ * chunks of SPLIT_KEYS, merged by their log-sum-exp at the end, so that
+ * decoding one token uses every thread. The split depends on the shape only,
+ * never on the thread count, so results do not either. */
+enum { SPLIT_KEYS = 10 * BS };
+
+static inline int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
+static inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+
+/* ---------------------------------------------------------------------------
+ * The micro-kernel, for both products.
+ *
+ * C (mr, NR) = A (mr, K) @ B (K, NR), or alpha[i] * C + A @ B when alpha is
+ * not NULL. A's element (i, kk) is a[i*a_row + kk*a_k], read one at a time and
+ * broadcast; B's row kk is b + kk*ldb, NR wide; C's row i is c + i*ldc. Rows
+ * of A past mr repeat row mr - 1 and are not stored, so every call runs the
+ * same fully unrolled code.
+ */
+AK_INLINE void micro_kernel(real* c, int64_t ldc, const real* a, int64_t a_row, int64_t a_k,
+                            const real* b, int64_t ldb, int64_t K, int64_t mr, const real* alpha)
+{
+    vreal acc[MR][NV];
+    const real* arow[MR];
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; i++) {
+        arow[i] = a + (i < mr ? i : mr - 1) * a_row;
+#pragma GCC unroll 4
+        for (int j = 0; j < NV; j++) acc[i][j] = v_set1(0);
+    }
+    for (int64_t kk = 0; kk < K; kk++) {
+        vreal bv[NV];
+#pragma GCC unroll 4
+        for (int j = 0; j < NV; j++) bv[j] = v_load(b + kk * ldb + j * VLEN);
+        const int64_t ak = kk * a_k;
+#pragma GCC unroll 16
+        for (int i = 0; i < MR; i++) {
+            const vreal av = v_set1(arow[i][ak]);
+#pragma GCC unroll 4
+            for (int j = 0; j < NV; j++) acc[i][j] = v_fma(av, bv[j], acc[i][j]);
+        }
+    }
+    for (int i = 0; i < mr; i++) {
+#pragma GCC unroll 4
+        for (int j = 0; j < NV; j++) {
+            real* cp = c + i * ldc + j * VLEN;
+            v_store(cp, alpha ? v_fma(v_set1(alpha[i]), v_load(cp), acc[i][j]) : acc[i][j]);
+        }
+    }
+}
+
+/* ---------------------------------------------------------------------------
+ * Workspace: one per thread, allocated once per call.
+ */
+typedef struct {
+    real* q;          /* (BL/NR panels) x (E, NR): q^T, scaled; the row path: (E) */
+    real* st;         /* (BS, BL): scores, keys down, queries across; row path: (BS) */
+    real* vp;         /* (BS, NR): the last NR columns of v when Ev % NR != 0 */
+    real* o;          /* (BL, Ev_pad) */
+    real* m;          /* (BL) running max, -inf while nothing seen    */
+    real* alpha;      /* (BL) this tile's rescale of o and l           */
+    double* l;        /* (BL) running sum                              */
+    uint8_t* skipped; /* (tiles) tiles not computed, for the weights   */
+    void* block;
+} workspace;
+
+static int64_t padded_ev(const attnkit_attention_args* a) { return round_up(a->Ev, NR); }
+
+static int workspace_alloc(workspace* w, const attnkit_attention_args* a)
+{
+    const int64_t E = a->E, Evp = padded_ev(a), tiles = (a->S + BS - 1) / BS;
+    const int64_t sizes[8] = {
+        BL * E * (int64_t)sizeof(real), BS * BL * (int64_t)sizeof(real),
+        BS * NR * (int64_t)sizeof(real), BL * Evp * (int64_t)sizeof(real),
+        BL * (int64_t)sizeof(real),      BL * (int64_t)sizeof(real),
+        BL * (int64_t)sizeof(double),    tiles + 1,
+    };
+    int64_t total = 0;
+    for (int i = 0; i < 8; i++) total += round_up(sizes[i], 64);
+    char* p = NULL;
+    if (posix_memalign((void**)&p, 64, (size_t)total) != 0) return -1;
+    w->block = p;
+    real** reals[6] = {&w->q, &w->st, &w->vp, &w->o, &w->m, &w->alpha};
+    for (int i = 0; i < 6; i++) {
+        *reals[i] = (real*)p;
+        p += round_up(sizes[i], 64);
+    }
+    w->l = (double*)p;
+    p += round_up(sizes[6], 64);
+    w->skipped = (uint8_t*)p;
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------
+ * One task: rows [i0, i0 + rows) of head (b, h), keys [j_begin, j_end).
+ */
+typedef struct {
+    real* out;     /* (rows, Ev), or a split chunk's unnormalised o   */
+    real* lse;     /* (rows) or NULL                                  */
+    real* weights; /* (rows, S) at stride S, or NULL                  */
+    real* part_m;  /* a split chunk's m (rows), or NULL               */
+    double* part_l; /* and its l (rows)                               */
+    const real* q; /* (rows, E) at q_row */
+    const real* k; /* the head's keys, (S, E) at k_row */
+    const real* v; /* the head's values, (S, Ev) at v_row */
+    const uint8_t* mask; /* the head's mask from row i0, or NULL */
+    int64_t i0, rows, j_begin, j_end;
+    uint32_t dropout_bh;
+} task;
+
+/* whether any query of the task sees any key of [j0, j0 + n) */
+static int tile_visible(const attnkit_attention_args* a, const task* t, int64_t j0, int64_t n)
+{
+    if (a->causal && j0 > t->i0 + t->rows - 1 + a->causal_offset) return 0;
+    if (a->mask_kind == ATTNKIT_MASK_NONE) return 1;
+    const int64_t cols = a->mask_col ? n : 1; /* a mask constant along S: one look */
+    const int64_t rows = a->mask_row ? t->rows : 1;
+    for (int64_t i = 0; i < rows; i++) {
+        if (a->causal && t->i0 + i + a->causal_offset < j0) continue; /* this row sees none */
+        if (a->mask_kind == ATTNKIT_MASK_BOOL) {
+            const uint8_t* mrow = t->mask + i * a->mask_row + j0 * a->mask_col;
+            for (int64_t j = 0; j < cols; j++)
+                if (mrow[j * a->mask_col]) return 1;
+        } else {
+            const real* mrow = (const real*)t->mask + i * a->mask_row + j0 * a->mask_col;
+            for (int64_t j = 0; j < cols; j++)
+                if (mrow[j * a->mask_col] != -INFINITY) return 1;
+        }
+    }
+    return 0;
+}
+
+/* the mask and the causal limit, applied to score (i, j) for local query i
+ * and key j0 + j; `score` is where that score lives (strides by the path) */
+static void mask_scores(real* st, int64_t key_step, int64_t query_step, const attnkit_attention_args* a,
+                        const task* t, int64_t i_begin, int64_t i_end, int64_t j0, int64_t n)
+{
+    for (int64_t j = 0; j < n; j++) {
+        real* col = st + j * key_step;
+        int64_t first = i_begin;
+        if (a->causal) { /* query i sees key j0 + j when j0 + j <= i0 + i + offset */
+            const int64_t first_seeing = j0 + j - a->causal_offset - t->i0;
+            for (; first < i_end && first < first_seeing; first++) col[first * query_step] = -INFINITY;
+        }
+        if (a->mask_kind == ATTNKIT_MASK_BOOL) {
+            const uint8_t* m = t->mask + (j0 + j) * a->mask_col;
+            for (int64_t i = first; i < i_end; i++)
+                if (!m[i * a->mask_row]) col[i * query_step] = -INFINITY;
+        } else if (a->mask_kind == ATTNKIT_MASK_ADD) {
+            const real* m = (const real*)t->mask + (j0 + j) * a->mask_col;
+            for (int64_t i = first; i < i_end; i++) col[i * query_step] += m[i * a->mask_row];
+        }
+    }
+}
+
+/* dropout of p (i, j) for local query i, key j0 + j, as for mask_scores */
+static void drop_scores(real* st, int64_t key_step, int64_t query_step, const attnkit_attention_args* a,
+                        const task* t, int64_t i_begin, int64_t i_end, int64_t j0, int64_t n)
+{
+    const uint32_t threshold = (uint32_t)ceil(a->dropout_p * 16777216.0);
+    const real keep_scale = a->dropout_p < 1 ? (real)(1.0 / (1.0 - a->dropout_p)) : 0;
+    for (int64_t i = i_begin; i < i_end; i++) {
+        const uint32_t key = attnkit_dropout_row_key(a->dropout_seed, t->dropout_bh, (uint32_t)(t->i0 + i));
+        for (int64_t j = 0; j < n; j++) {
+            real* p = st + j * key_step + i * query_step;
+            *p = attnkit_dropout_keep(key, (uint32_t)(j0 + j), threshold) ? *p * keep_scale : 0;
+        }
+    }
+}
+
+/* row i's weights from the raw scores the tiles stored there: exp(s - lse) */
+static void finish_weights_row(const workspace* w, const attnkit_attention_args* a,
+                               const task* t, int64_t i, real lse)
+{
+    real* wrow = t->weights + i * a->S;
+    if (lse != lse) { /* a NaN score made the row NaN */
+        for (int64_t j = 0; j < a->S; j++) wrow[j] = NAN;
+        return;
+    }
+    const int empty = lse == -INFINITY; /* nothing to attend to: all 0 */
+    const vreal vl = v_set1(lse);
+    for (int64_t tile = 0; tile * BS < a->S; tile++) {
+        const int64_t j0 = tile * BS, n = min_i64(BS, a->S - j0);
+        real* seg = wrow + j0;
+        if (empty || w->skipped[tile]) {
+            memset(seg, 0, (size_t)n * sizeof(real));
+            continue;
+        }
+        int64_t j = 0;
+        for (; j + VLEN <= n; j += VLEN) v_store(seg + j, v_exp_nonpositive(v_sub(v_load(seg + j), vl)));
+        if (j < n)
+            v_store_part(seg + j, v_exp_nonpositive(v_sub(v_load_part(seg + j, n - j, -INFINITY), vl)),
+                         n - j);
+    }
+    if (a->dropout_p > 0 && !empty) {
+        task row = *t;
+        row.i0 = t->i0 + i;
+        drop_scores(wrow, 1, 0, a, &row, 0, 1, 0, a->S);
+    }
+}
+
+/* out = o / l, lse = m + log(l): the task's rows, once every tile is in */
+static void finish_rows(workspace* w, const attnkit_attention_args* a, const task* t)
+{
+    const int64_t Ev = a->Ev, Evp = padded_ev(a);
+    for (int64_t i = 0; i < t->rows; i++) {
+        const double l = w->l[i];
+        const real m_use = w->m[i] == -INFINITY ? 0 : w->m[i];
+        const real* o = w->o + i * Evp;
+        if (t->part_m) { /* a chunk of a split task: its state, merged later */
+            t->part_m[i] = m_use;
+            t->part_l[i] = l;
+            memcpy(t->out + i * Ev, o, (size_t)Ev * sizeof(real));
+            continue;
+        }
+        const vreal inv = v_set1((real)(l > 0 ? 1.0 / l : (l == 0 ? 0.0 : NAN)));
+        real* dst = t->out + i * Ev;
+        int64_t e = 0;
+        for (; e + VLEN <= Ev; e += VLEN) v_store(dst + e, v_mul(v_load(o + e), inv));
+        if (e < Ev) v_store_part(dst + e, v_mul(v_load_part(o + e, Ev - e, 0), inv), Ev - e);
+        const real lse = l > 0 ? (real)(m_use + log(l)) : (l == 0 ? -INFINITY : NAN);
+        if (t->lse) t->lse[i] = lse;
+        if (t->weights) finish_weights_row(w, a, t, i, lse);
+    }
+}
+
+static void start_rows(workspace* w, const attnkit_attention_args* a, int64_t rows)
+{
+    for (int64_t i = 0; i < rows; i++) {
+        w->m[i] = -INFINITY;
+        w->l[i] = 0.0;
+    }
+    memset(w->o, 0, (size_t)(BL * padded_ev(a)) * sizeof(real));
+}
+
+/* ---------------------------------------------------------------------------
+ * The block path: the products are (BS, BL) and (BL, Ev) GEMMs.
+ *   st = k_tile @ q^T     keys down, queries across: k is read in place
+ *   o  = alpha o + st^T @ v_tile
+ */
+static void run_block(workspace* w, const attnkit_attention_args* a, const task* t)
+{
+    const int64_t E = a->E, Ev = a->Ev, Evp = padded_ev(a), rows = t->rows;
+    const int64_t panels = (rows + NR - 1) / NR, cols = round_up(rows, VLEN);
+    const real scale = (real)a->scale;
+    /* q^T, scaled, in panels of NR queries; queries past rows are 0 */
+    for (int64_t p = 0; p < panels; p++) {
+        real* dst = w->q + p * E * NR;
+        for (int64_t c = 0; c < NR; c++) {
+            const int64_t i = p * NR + c;
+            const real* qrow = t->q + i * a->q_row;
+            for (int64_t e = 0; e < E; e++) dst[e * NR + c] = i < rows ? qrow[e] * scale : 0;
+        }
+    }
+    start_rows(w, a, rows);
+
+    for (int64_t j0 = t->j_begin; j0 < t->j_end; j0 += BS) {
+        const int64_t n = min_i64(BS, t->j_end - j0);
+        w->skipped[j0 / BS] = !tile_visible(a, t, j0, n);
+        if (w->skipped[j0 / BS]) continue;
+
+        /* st = k_tile @ q^T */
+        for (int64_t p = 0; p < panels; p++)
+            for (int64_t j = 0; j < n; j += MR)
+                micro_kernel(w->st + j * BL + p * NR, BL, t->k + (j0 + j) * a->k_row, a->k_row, 1,
+                             w->q + p * E * NR, NR, E, min_i64(MR, n - j), NULL);
+        if (a->causal || a->mask_kind != ATTNKIT_MASK_NONE) mask_scores(w->st, BL, 1, a, t, 0, rows, j0, n);
+        if (t->weights)
+            for (int64_t i = 0; i < rows; i++)
+                for (int64_t j = 0; j < n; j++) t->weights[i * a->S + j0 + j] = w->st[j * BL + i];
+
+        /* the online softmax, VLEN queries at a time */
+        for (int64_t c = 0; c < cols; c += VLEN) {
+            vreal tile_max = v_set1(-INFINITY);
+            for (int64_t j = 0; j < n; j++) tile_max = v_max(tile_max, v_load(w->st + j * BL + c));
+            const vreal m_old = v_load(w->m + c);
+            const vreal m_new = v_max(tile_max, m_old); /* a NaN max keeps m_old */
+            const vreal m_use = v_select(v_is_equal(m_new, v_set1(-INFINITY)), v_set1(0), m_new);
+            vreal sum = v_set1(0);
+            for (int64_t j = 0; j < n; j++) {
+                const vreal p = v_exp_nonpositive(v_sub(v_load(w->st + j * BL + c), m_use));
+                v_store(w->st + j * BL + c, p);
+                sum = v_add(sum, p);
+            }
+            const vreal alpha = v_exp_nonpositive(v_sub(m_old, m_use)); /* 0 while m_old = -inf */
+            v_store(w->m + c, m_new);
+            v_store(w->alpha + c, alpha);
+            real sums[VLEN], alphas[VLEN];
+            v_lanes(sums, sum);
+            v_lanes(alphas, alpha);
+            for (int k = 0; k < VLEN; k++) w->l[c + k] = w->l[c + k] * alphas[k] + sums[k];
+        }
+        if (a->dropout_p > 0) drop_scores(w->st, BL, 1, a, t, 0, rows, j0, n);
+
+        /* o = alpha o + st^T @ v_tile, NR columns of v at a time */
+        for (int64_t p = 0; p * NR < Evp; p++) {
+            const real* b = t->v + j0 * a->v_row + p * NR;
+            int64_t ldb = a->v_row;
+            if ((p + 1) * NR > Ev) { /* the ragged last columns: pack them, zero-padded */
+                const int64_t width = Ev - p * NR;
+                for (int64_t j = 0; j < n; j++) {
+                    memcpy(w->vp + j * NR, b + j * a->v_row, (size_t)width * sizeof(real));
+                    memset(w->vp + j * NR + width, 0, (size_t)(NR - width) * sizeof(real));
+                }
+                b = w->vp;
+                ldb = NR;
+            }
+            for (int64_t i = 0; i < rows; i += MR)
+                micro_kernel(w->o + i * Evp + p * NR, Evp, w->st + i, 1, BL, b, ldb, n,
+                             min_i64(MR, rows - i), w->alpha + i);
+        }
+    }
+    finish_rows(w, a, t);
+}
+
+/* ---------------------------------------------------------------------------
+ * The row path, for blocks of a few queries: one query at a time, scores as
+ * dot products along E, o updated along Ev. Decoding (L = 1) reads each key
+ * and value once, at memory speed.
+ */
+AK_INLINE real dot(const real* x, const real* y, int64_t E)
+{
+    vreal s0 = v_set1(0), s1 = s0;
+    int64_t e = 0;
+    for (; e + 2 * VLEN <= E; e += 2 * VLEN) {
+        s0 = v_fma(v_load(x + e), v_load(y + e), s0);
+        s1 = v_fma(v_load(x + e + VLEN), v_load(y + e + VLEN), s1);
+    }
+    if (e + VLEN <= E) {
+        s0 = v_fma(v_load(x + e), v_load(y + e), s0);
+        e += VLEN;
+    }
+    double tail = 0.0;
+    for (; e < E; e++) tail += (double)x[e] * y[e];
+    return (real)(v_reduce_add(v_add(s0, s1)) + tail);
+}
+
+static void run_rows(workspace* w, const attnkit_attention_args* a, const task* t)
+{
+    const int64_t E = a->E, Ev = a->Ev, Evp = padded_ev(a);
+    const real scale = (real)a->scale;
+    real* s = w->st;
+    start_rows(w, a, t->rows);
+    for (int64_t j0 = t->j_begin; j0 < t->j_end; j0 += BS)
+        w->skipped[j0 / BS] = !tile_visible(a, t, j0, min_i64(BS, t->j_end - j0));
+
+    for (int64_t i = 0; i < t->rows; i++) {
+        const real* qrow = t->q + i * a->q_row;
+        for (int64_t e = 0; e < E; e++) w->q[e] = qrow[e] * scale;
+        real* o = w->o + i * Evp;
+        for (int64_t j0 = t->j_begin; j0 < t->j_end; j0 += BS) {
+            const int64_t n = min_i64(BS, t->j_end - j0);
+            if (w->skipped[j0 / BS]) continue;
+            for (int64_t j = 0; j < n; j++) s[j] = dot(w->q, t->k + (j0 + j) * a->k_row, E);
+            if (a->causal || a->mask_kind != ATTNKIT_MASK_NONE) mask_scores(s, 1, 0, a, t, i, i + 1, j0, n);
+            if (t->weights) memcpy(t->weights + i * a->S + j0, s, (size_t)n * sizeof(real));
+
+            vreal mx = v_set1(-INFINITY);
+            int64_t j = 0;
+            for (; j + VLEN <= n; j += VLEN) mx = v_max(mx, v_load(s + j));
+            if (j < n) mx = v_max(mx, v_load_part(s + j, n - j, -INFINITY));
+            const real m_old = w->m[i], tile_max = v_reduce_max(mx);
+            const real m_new = tile_max > m_old ? tile_max : m_old; /* a NaN max keeps m_old */
+            const real m_use = m_new == -INFINITY ? 0 : m_new;
+            const vreal vm = v_set1(m_use);
+            vreal sum = v_set1(0);
+            for (j = 0; j + VLEN <= n; j += VLEN) {
+                const vreal p = v_exp_nonpositive(v_sub(v_load(s + j), vm));
+                v_store(s + j, p);
+                sum = v_add(sum, p);
+            }
+            if (j < n) {
+                const vreal p = v_exp_nonpositive(v_sub(v_load_part(s + j, n - j, -INFINITY), vm));
+                v_store_part(s + j, p, n - j);
+                sum = v_add(sum, p);
+            }
+            const real alpha = m_old == -INFINITY ? 0 : (real)exp((double)m_old - (double)m_use);
+            w->m[i] = m_new;
+            w->l[i] = w->l[i] * alpha + v_reduce_add(sum);
+            if (a->dropout_p > 0) drop_scores(s, 1, 0, a, t, i, i + 1, j0, n);
+
+            /* o = alpha o + sum_j p_j v_j */
+            const vreal va = v_set1(alpha);
+            for (int64_t e = 0; e < Evp; e += VLEN) v_store(o + e, v_mul(v_load(o + e), va));
+            for (j = 0; j < n; j++) {
+                const real* vrow = t->v + (j0 + j) * a->v_row;
+                const vreal p = v_set1(s[j]);
+                int64_t e = 0;
+                for (; e + VLEN <= Ev; e += VLEN) v_store(o + e, v_fma(p, v_load(vrow + e), v_load(o + e)));
+                if (e < Ev) v_store(o + e, v_fma(p, v_load_part(vrow + e, Ev - e, 0), v_load(o + e)));
+            }
+        }
+    }
+    finish_rows(w, a, t);
+}
+
+static void run_task(workspace* w, const attnkit_attention_args* a, const task* t)
+{
+    if (t->rows <= SMALL_ROWS) run_rows(w, a, t);
+    else run_block(w, a, t);
+}
+
+/* ---------------------------------------------------------------------------
+ * The split of short queries over long keys, and its merge.
+ */
+static int64_t key_chunks(const attnkit_attention_args* a, int weights)
+{
+    if (weights || a->L > BL || a->S <= SPLIT_KEYS) return 1;
+    return (a->S + SPLIT_KEYS - 1) / SPLIT_KEYS;
+}
+
+typedef struct {
+    real* o;   /* (B, H, chunks, L, Ev) unnormalised */
+    real* m;   /* (B, H, chunks, L) */
+    double* l; /* (B, H, chunks, L) */
+} partials;
+
+/* row (b, h, i): out = sum_c exp(m_c - M) o_c / sum_c exp(m_c - M) l_c */
+static void merge_row(real* out, real* lse, const partials* p, const attnkit_attention_args* a,
+                      int64_t bh, int64_t i, int64_t chunks)
+{
+    const int64_t L = a->L, Ev = a->Ev;
+    real M = -INFINITY;
+    for (int64_t c = 0; c < chunks; c++) {
+        const int64_t r = (bh * chunks + c) * L + i;
+        if (p->l[r] > 0 && p->m[r] > M) M = p->m[r];
+    }
+    double l = 0.0;
+    for (int64_t e = 0; e < Ev; e++) out[e] = 0;
+    for (int64_t c = 0; c < chunks; c++) {
+        const int64_t r = (bh * chunks + c) * L + i;
+        if (!(p->l[r] > 0)) {
+            if (p->l[r] != p->l[r]) l = NAN; /* a NaN chunk makes the row NaN */
+            continue;
+        }
+        const double f = exp((double)p->m[r] - (double)M);
+        l += f * p->l[r];
+        const real* o = p->o + r * Ev;
+        for (int64_t e = 0; e < Ev; e++) out[e] += (real)f * o[e];
+    }
+    const real inv = (real)(l > 0 ? 1.0 / l : (l == 0 ? 0.0 : NAN));
+    for (int64_t e = 0; e < Ev; e++) out[e] *= inv;
+    if (lse) *lse = l > 0 ? (real)(M + log(l)) : (l == 0 ? -INFINITY : NAN);
+}
+
+/* ---------------------------------------------------------------------------
+ * The entry point.
+ */
+typedef struct {
+    real* out;
+    real* lse;
+    real* weights;
+    const real* q;
+    const real* k;
+    const real* v;
+    const void* mask;
+    const attnkit_attention_args* a;
+    int64_t blocks, chunks;
+    partials part;
+} job;
+
+static void make_task(task* t, const job* jb, int64_t index)
+{
+    const attnkit_attention_args* a = jb->a;
+    const int64_t c = index % jb->chunks, qb = index / jb->chunks % jb->blocks;
+    const int64_t bh = index / jb->chunks / jb->blocks, b = bh / a->H, h = bh % a->H;
+    const int64_t hk = h / (a->H / a->Hkv);
+    t->i0 = qb * BL;
+    t->rows = min_i64(BL, a->L - t->i0);
+    t->j_begin = c * SPLIT_KEYS;
+    t->j_end = jb->chunks == 1 ? a->S : min_i64(a->S, (c + 1) * SPLIT_KEYS);
+    t->q = jb->q + a->q_batch[b] + h * a->q_head + t->i0 * a->q_row;
+    t->k = jb->k + a->k_batch[b] + hk * a->k_head;
+    t->v = jb->v + a->v_batch[b] + hk * a->v_head;
+    t->mask = NULL;
+    if (a->mask_kind != ATTNKIT_MASK_NONE) {
+        const int64_t off = a->mask_batch[b] + h * a->mask_head + t->i0 * a->mask_row;
+        t->mask = a->mask_kind == ATTNKIT_MASK_BOOL ? (const uint8_t*)jb->mask + off
+                                                    : (const uint8_t*)((const real*)jb->mask + off);
+    }
+    t->dropout_bh = (uint32_t)bh;
+    if (jb->chunks == 1) {
+        t->out = jb->out + (bh * a->L + t->i0) * a->Ev;
+        t->lse = jb->lse ? jb->lse + bh * a->L + t->i0 : NULL;
+        t->weights = jb->weights ? jb->weights + (bh * a->L + t->i0) * a->S : NULL;
+        t->part_m = NULL;
+        t->part_l = NULL;
+    } else {
+        const int64_t r = (bh * jb->chunks + c) * a->L + t->i0;
+        t->out = jb->part.o + r * a->Ev;
+        t->lse = NULL;
+        t->weights = NULL;
+        t->part_m = jb->part.m + r;
+        t->part_l = jb->part.l + r;
+    }
+}
+
+static void run_tasks(const job* jb, workspace* w, int64_t begin, int64_t end)
+{
+    task t;
+    for (int64_t index = begin; index < end; index++) {
+        make_task(&t, jb, index);
+        run_task(w, jb->a, &t);
+    }
+}
+
+int KERNEL(attention)(real* out, real* lse, real* weights, const real* q, const real* k,
+                      const real* v, const void* mask, const attnkit_attention_args* a)
+{
+    if (a->B == 0 || a->H == 0 || a->L == 0 || a->Ev == 0) return 0;
+    job jb = {out, lse, weights, q, k, v, mask, a, (a->L + BL - 1) / BL, key_chunks(a, weights != NULL),
+              {NULL, NULL, NULL}};
+    const int64_t BH = a->B * a->H;
+    if (a->S == 0) { /* no keys: every row has nothing to attend to */
+        memset(out, 0, (size_t)(BH * a->L * a->Ev) * sizeof(real));
+        if (lse)
+            for (int64_t r = 0; r < BH * a->L; r++) lse[r] = -INFINITY;
+        return 0;
+    }
+    void* part_block = NULL;
+    if (jb.chunks > 1) {
+        const int64_t rows = BH * jb.chunks * a->L;
+        part_block = malloc((size_t)rows * ((size_t)a->Ev * sizeof(real) + sizeof(real) + sizeof(double)));
+        if (!part_block) return -1;
+        jb.part.l = (double*)part_block;
+        jb.part.m = (real*)(jb.part.l + rows);
+        jb.part.o = jb.part.m + rows;
+    }
+    const int64_t tasks = BH * jb.blocks * jb.chunks;
+    const int64_t work = BL * min_i64(a->S, SPLIT_KEYS) * (a->E + a->Ev);
+    const int threads = attnkit_plan_threads(tasks, work);
+    int failed = 0;
+    if (threads <= 1) {
+        workspace w;
+        if (workspace_alloc(&w, a) != 0) {
+            failed = 1;
+        } else {
+            run_tasks(&jb, &w, 0, tasks);
+            free(w.block);
+        }
+    } else {
+#pragma omp parallel num_threads(threads)
+        {
+            workspace w;
+            const int ok = workspace_alloc(&w, a) == 0;
+            if (!ok) {
+#pragma omp atomic write
+                failed = 1;
+            }
+            /* Tasks go to whichever thread is free; each is computed whole by
+             * one thread, so the result does not depend on who took it. */
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t index = 0; index < tasks; index++)
+                if (ok) run_tasks(&jb, &w, index, index + 1);
+            if (ok) free(w.block);
+        }
+    }
+    if (!failed && jb.chunks > 1) {
+        for (int64_t bh = 0; bh < BH; bh++)
+            for (int64_t i = 0; i < a->L; i++)
+                merge_row(out + (bh * a->L + i) * a->Ev, lse ? lse + bh * a->L + i : NULL, &jb.part, a,
+                          bh, i, jb.chunks);
+    }
+    free(part_block);
+    return failed ? -1 : 0;
+}
