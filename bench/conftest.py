@@ -55,18 +55,26 @@ def run_case(benchmark, threads):
     def run(op, shape, contender):
         if not contenders.available(contender):
             pytest.skip(f"{contender} is not installed")
-        case = contenders.get_case(op, tuple(shape))
+        if op == "attention":  # shape is the group's name
+            case = contenders.get_attention_case(shape)
+        else:
+            case = contenders.get_case(op, tuple(shape))
         function = case.function(contender)
         benchmark.group = case.name
         info = benchmark.extra_info
-        info.update(contender=contender, operation=op, shape=list(case.shape), dtype="float32",
-                    threads=threads, simd_path=attnkit.simd_path(), bytes=case.bytes_moved)
+        info.update(contender=contender, operation=op, shape=list(case.shape),
+                    dtype=str(getattr(case, "dtype", "float32")), threads=threads,
+                    simd_path=attnkit.simd_path(), bytes=case.bytes_moved)
+        if hasattr(case, "flops"):
+            info["flops"] = case.flops
         result = benchmark(function)
         info.update(case.check(result))
         if benchmark.stats:  # None under --benchmark-disable
             median = benchmark.stats.stats.median
             info["median_s"] = median
             info["GB/s"] = case.bytes_moved / median / 1e9
+            if hasattr(case, "flops"):
+                info["GFLOP/s"] = case.flops / median / 1e9
         _RESULTS.append(dict(info, group=case.name))
 
     return run
@@ -88,9 +96,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     terminalreporter.section("attnkit: GB/s and max abs error vs the float64 reference")
     write(f"{contenders.versions()}; {config.getoption('--threads')} thread(s); "
           "GB/s = (bytes read + written) / median time")
-    write(f"{'group':<22}{'contender':<10}{'median':>11}{'GB/s':>9}{'max abs err':>13}  within rule")
+    write(f"{'group':<34}{'contender':<10}{'median':>12}{'GB/s':>9}{'GFLOP/s':>9}"
+          f"{'max abs err':>13}  within rule")
     for r in sorted(_RESULTS, key=lambda r: (r["group"], contenders.CONTENDERS.index(r["contender"]))):
-        median = f"{r['median_s'] * 1e6:9.1f}us" if "median_s" in r else "-"
+        median = f"{r['median_s'] * 1e6:10.1f}us" if "median_s" in r else "-"
         gbps = f"{r['GB/s']:9.2f}" if "GB/s" in r else f"{'-':>9}"
-        write(f"{r['group']:<22}{r['contender']:<10}{median:>11}{gbps}{r['max_abs_err']:13.2e}  "
-              f"{'yes' if r['within_rule'] else 'NO'}")
+        gflops = f"{r['GFLOP/s']:9.1f}" if "GFLOP/s" in r else f"{'-':>9}"
+        write(f"{r['group']:<34}{r['contender']:<10}{median:>12}{gbps}{gflops}"
+              f"{r['max_abs_err']:13.2e}  {'yes' if r['within_rule'] else 'NO'}")

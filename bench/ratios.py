@@ -1,10 +1,11 @@
 """Median times of attnkit, NumPy and torch side by side, and their ratios.
 
-    python bench/ratios.py --threads 1
+    python bench/ratios.py --threads 1                   softmax and layer_norm
     python bench/ratios.py --threads 2 --repeats 31
+    python bench/ratios.py --attention --threads 1       issue 3's attention groups
 
 Runs the cases of bench/contenders.py (softmax and layer_norm, float32, last
-axis) with timeit. Each contender is timed in `--repeats` samples, a sample
+axis; or, with --attention, scaled_dot_product_attention) with timeit. Each contender is timed in `--repeats` samples, a sample
 being a batch of calls that lasts at least `--min-time` seconds; the
 contenders take turns sample by sample, in a rotating order, so that drift on
 a shared machine hits all of them alike. The table gives each contender's
@@ -73,9 +74,13 @@ def main(argv=None):
                         help="timed samples per contender and case (default 21)")
     parser.add_argument("--min-time", type=float, default=0.02,
                         help="seconds one sample lasts at least (default 0.02)")
+    parser.add_argument("--attention", action="store_true",
+                        help="time the attention groups instead of softmax and layer_norm")
     args = parser.parse_args(argv)
     if args.threads < 1 or args.repeats < 1 or args.min_time <= 0:
         parser.error("--threads and --repeats must be at least 1, --min-time above 0")
+    if args.attention:
+        return attention_table(args)
 
     contenders.pin_threads(args.threads)
     names = [c for c in contenders.CONTENDERS if contenders.available(c)]
@@ -112,6 +117,54 @@ def main(argv=None):
     line = f"{'geomean (large cases)':<22}" + " " * 11 * len(names)
     line += "".join(f"{statistics.geometric_mean(ratios[n]):>15.2f}x" for n in others)
     print(line)
+    print(f"* the samples' interquartile range exceeds {NOISY:.0%} of the median: noisy")
+    print(f"load average {os.getloadavg()[0]:.2f} at the end")
+
+
+# The NumPy contender materialises the (L, S) scores, several copies of them;
+# past this many scores per call it takes too long to sample.
+NUMPY_MAX_SCORES = 40_000_000
+
+
+def attention_table(args):
+    """Issue 3's attention groups: medians, ratios, attnkit's GFLOP/s, and
+    NumPy's one-thread float32 matmul rate for scale."""
+    contenders.pin_threads(args.threads)
+    names = [c for c in contenders.CONTENDERS if contenders.available(c)]
+    others = [c for c in names if c != "attnkit"]
+    matmul_before = contenders.numpy_matmul_rate()
+    print(contenders.versions())
+    print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs at the start")
+    print(f"{args.threads} thread(s); median time per call of {args.repeats} interleaved samples "
+          f"of >= {args.min_time:g} s each; numpy = the reference, materialised, in the group's dtype")
+    print(f"NumPy float32 matmul 2048x2048 on one thread: {matmul_before:.1f} GFLOP/s")
+    print()
+    header = f"{'group':<34}" + "".join(f"{name:>11}" for name in names)
+    header += "".join(f"{name + '/attnkit':>16}" for name in others) + f"{'attnkit GFLOP/s':>17}"
+    print(header)
+    print("-" * len(header))
+    for group in contenders.ATTENTION_GROUPS:
+        case = contenders.AttentionCase(*group)
+        B, H, L, S, E = case.dims
+        runnable = [n for n in names if n != "numpy" or B * H * L * S <= NUMPY_MAX_SCORES]
+        functions = {name: case.function(name) for name in runnable}
+        samples = interleaved_samples(functions, args.repeats, args.min_time)
+        medians = {name: statistics.median(samples[name]) for name in runnable}
+        line = f"{case.name:<34}"
+        for name in names:
+            if name in medians:
+                mark = "*" if is_noisy(samples[name]) else " "
+                line += f"{format_time(medians[name]):>10}{mark}"
+            else:
+                line += f"{'-':>10} "
+        for name in others:
+            line += (f"{medians[name] / medians['attnkit']:>15.2f}x" if name in medians
+                     else f"{'-':>16}")
+        line += f"{case.flops / medians['attnkit'] / 1e9:>17.1f}"
+        print(line, flush=True)
+    print("-" * len(header))
+    matmul_after = contenders.numpy_matmul_rate()
+    print(f"NumPy float32 matmul 2048x2048 on one thread, again: {matmul_after:.1f} GFLOP/s")
     print(f"* the samples' interquartile range exceeds {NOISY:.0%} of the median: noisy")
     print(f"load average {os.getloadavg()[0]:.2f} at the end")
 

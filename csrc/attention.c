@@ -49,7 +49,10 @@ enum { BL = 96 };
 #else
 enum { BL = 48 };
 #endif
-enum { BS = 120 };
+#ifndef ATTNKIT_BS
+#define ATTNKIT_BS 120
+#endif
+enum { BS = ATTNKIT_BS };
 /* A block of at most SMALL_ROWS query rows (decoding, or the last rows of L)
  * takes the row path: dot products along E, no register blocking over rows
  * it does not have. */
@@ -115,7 +118,7 @@ typedef struct {
     real* m;          /* (BL) running max, -inf while nothing seen    */
     real* alpha;      /* (BL) this tile's rescale of o and l           */
     double* l;        /* (BL) running sum                              */
-    uint8_t* skipped; /* (tiles) tiles not computed, for the weights   */
+    uint8_t* skipped; /* (tiles) the row path: tiles no query of the task sees */
     void* block;
 } workspace;
 
@@ -162,6 +165,14 @@ typedef struct {
     int64_t i0, rows, j_begin, j_end;
     uint32_t dropout_bh;
 } task;
+
+/* The task's keys in tiles of equal size (a multiple of MR, at most BS):
+ * 128 keys as 2 x 64, not 120 + 8. */
+static int64_t tile_size(const task* t)
+{
+    const int64_t span = t->j_end - t->j_begin, tiles = (span + BS - 1) / BS;
+    return tiles == 0 ? BS : round_up((span + tiles - 1) / tiles, MR);
+}
 
 /* whether any query of the task sees any key of [j0, j0 + n) */
 static int tile_visible(const attnkit_attention_args* a, const task* t, int64_t j0, int64_t n)
@@ -223,35 +234,44 @@ static void drop_scores(real* st, int64_t key_step, int64_t query_step, const at
     }
 }
 
-/* row i's weights from the raw scores the tiles stored there: exp(s - lse) */
-static void finish_weights_row(const workspace* w, const attnkit_attention_args* a,
-                               const task* t, int64_t i, real lse)
+/* a row of weights from the raw scores the tiles stored there (-inf for
+ * tiles skipped): exp((s - m) - log(l)), then dropout; row bh, i of the
+ * problem. m and log(l) apart, not their sum lse: s - m is exact for the
+ * scores that matter, while lse rounded to a float near 1e4 is off by 1e-3. */
+static void finish_weights_row(real* wrow, const attnkit_attention_args* a, uint32_t bh, int64_t i,
+                               real m, double l)
 {
-    real* wrow = t->weights + i * a->S;
-    if (lse != lse) { /* a NaN score made the row NaN */
-        for (int64_t j = 0; j < a->S; j++) wrow[j] = NAN;
+    const int64_t S = a->S;
+    if (l != l) { /* a NaN score made the row NaN */
+        for (int64_t j = 0; j < S; j++) wrow[j] = NAN;
         return;
     }
-    const int empty = lse == -INFINITY; /* nothing to attend to: all 0 */
-    const vreal vl = v_set1(lse);
-    for (int64_t tile = 0; tile * BS < a->S; tile++) {
-        const int64_t j0 = tile * BS, n = min_i64(BS, a->S - j0);
-        real* seg = wrow + j0;
-        if (empty || w->skipped[tile]) {
-            memset(seg, 0, (size_t)n * sizeof(real));
-            continue;
-        }
-        int64_t j = 0;
-        for (; j + VLEN <= n; j += VLEN) v_store(seg + j, v_exp_nonpositive(v_sub(v_load(seg + j), vl)));
-        if (j < n)
-            v_store_part(seg + j, v_exp_nonpositive(v_sub(v_load_part(seg + j, n - j, -INFINITY), vl)),
-                         n - j);
+    if (!(l > 0)) { /* nothing to attend to */
+        memset(wrow, 0, (size_t)S * sizeof(real));
+        return;
     }
-    if (a->dropout_p > 0 && !empty) {
-        task row = *t;
-        row.i0 = t->i0 + i;
-        drop_scores(wrow, 1, 0, a, &row, 0, 1, 0, a->S);
+    const vreal vm = v_set1(m), vlog = v_set1((real)log(l));
+    int64_t j = 0;
+    for (; j + VLEN <= S; j += VLEN)
+        v_store(wrow + j, v_exp_nonpositive(v_sub(v_sub(v_load(wrow + j), vm), vlog)));
+    if (j < S)
+        v_store_part(wrow + j,
+                     v_exp_nonpositive(v_sub(v_sub(v_load_part(wrow + j, S - j, -INFINITY), vm), vlog)),
+                     S - j);
+    if (a->dropout_p > 0) {
+        task row = {0};
+        row.i0 = i;
+        row.dropout_bh = bh;
+        drop_scores(wrow, 1, 0, a, &row, 0, 1, 0, S);
     }
+}
+
+/* a skipped tile's raw weights: -inf, so that they come out 0 */
+static void skip_weights(const attnkit_attention_args* a, const task* t, int64_t j0, int64_t n)
+{
+    if (!t->weights) return;
+    for (int64_t i = 0; i < t->rows; i++)
+        for (int64_t j = 0; j < n; j++) t->weights[i * a->S + j0 + j] = -INFINITY;
 }
 
 /* out = o / l, lse = m + log(l): the task's rows, once every tile is in */
@@ -262,7 +282,7 @@ static void finish_rows(workspace* w, const attnkit_attention_args* a, const tas
         const double l = w->l[i];
         const real m_use = w->m[i] == -INFINITY ? 0 : w->m[i];
         const real* o = w->o + i * Evp;
-        if (t->part_m) { /* a chunk of a split task: its state, merged later */
+        if (t->part_m) { /* a chunk of a split task: its state, merged later (weights too) */
             t->part_m[i] = m_use;
             t->part_l[i] = l;
             memcpy(t->out + i * Ev, o, (size_t)Ev * sizeof(real));
@@ -275,7 +295,7 @@ static void finish_rows(workspace* w, const attnkit_attention_args* a, const tas
         if (e < Ev) v_store_part(dst + e, v_mul(v_load_part(o + e, Ev - e, 0), inv), Ev - e);
         const real lse = l > 0 ? (real)(m_use + log(l)) : (l == 0 ? -INFINITY : NAN);
         if (t->lse) t->lse[i] = lse;
-        if (t->weights) finish_weights_row(w, a, t, i, lse);
+        if (t->weights) finish_weights_row(t->weights + i * a->S, a, t->dropout_bh, t->i0 + i, m_use, l);
     }
 }
 
@@ -309,14 +329,18 @@ static void run_block(workspace* w, const attnkit_attention_args* a, const task*
     }
     start_rows(w, a, rows);
 
-    for (int64_t j0 = t->j_begin; j0 < t->j_end; j0 += BS) {
-        const int64_t n = min_i64(BS, t->j_end - j0);
-        w->skipped[j0 / BS] = !tile_visible(a, t, j0, n);
-        if (w->skipped[j0 / BS]) continue;
+    const int64_t tile = tile_size(t);
+    for (int64_t j0 = t->j_begin; j0 < t->j_end; j0 += tile) {
+        const int64_t n = min_i64(tile, t->j_end - j0);
+        if (!tile_visible(a, t, j0, n)) {
+            skip_weights(a, t, j0, n);
+            continue;
+        }
 
-        /* st = k_tile @ q^T */
-        for (int64_t p = 0; p < panels; p++)
-            for (int64_t j = 0; j < n; j += MR)
+        /* st = k_tile @ q^T, MR keys against every query panel while those
+         * keys are in L1 */
+        for (int64_t j = 0; j < n; j += MR)
+            for (int64_t p = 0; p < panels; p++)
                 micro_kernel(w->st + j * BL + p * NR, BL, t->k + (j0 + j) * a->k_row, a->k_row, 1,
                              w->q + p * E * NR, NR, E, min_i64(MR, n - j), NULL);
         if (a->causal || a->mask_kind != ATTNKIT_MASK_NONE) mask_scores(w->st, BL, 1, a, t, 0, rows, j0, n);
@@ -396,16 +420,20 @@ static void run_rows(workspace* w, const attnkit_attention_args* a, const task* 
     const real scale = (real)a->scale;
     real* s = w->st;
     start_rows(w, a, t->rows);
-    for (int64_t j0 = t->j_begin; j0 < t->j_end; j0 += BS)
-        w->skipped[j0 / BS] = !tile_visible(a, t, j0, min_i64(BS, t->j_end - j0));
+    const int64_t tile = tile_size(t);
+    for (int64_t j0 = t->j_begin; j0 < t->j_end; j0 += tile) {
+        const int64_t n = min_i64(tile, t->j_end - j0), index = (j0 - t->j_begin) / tile;
+        w->skipped[index] = !tile_visible(a, t, j0, n);
+        if (w->skipped[index]) skip_weights(a, t, j0, n);
+    }
 
     for (int64_t i = 0; i < t->rows; i++) {
         const real* qrow = t->q + i * a->q_row;
         for (int64_t e = 0; e < E; e++) w->q[e] = qrow[e] * scale;
         real* o = w->o + i * Evp;
-        for (int64_t j0 = t->j_begin; j0 < t->j_end; j0 += BS) {
-            const int64_t n = min_i64(BS, t->j_end - j0);
-            if (w->skipped[j0 / BS]) continue;
+        for (int64_t j0 = t->j_begin; j0 < t->j_end; j0 += tile) {
+            const int64_t n = min_i64(tile, t->j_end - j0);
+            if (w->skipped[(j0 - t->j_begin) / tile]) continue;
             for (int64_t j = 0; j < n; j++) s[j] = dot(w->q, t->k + (j0 + j) * a->k_row, E);
             if (a->causal || a->mask_kind != ATTNKIT_MASK_NONE) mask_scores(s, 1, 0, a, t, i, i + 1, j0, n);
             if (t->weights) memcpy(t->weights + i * a->S + j0, s, (size_t)n * sizeof(real));
@@ -458,9 +486,9 @@ static void run_task(workspace* w, const attnkit_attention_args* a, const task* 
 /* ---------------------------------------------------------------------------
  * The split of short queries over long keys, and its merge.
  */
-static int64_t key_chunks(const attnkit_attention_args* a, int weights)
+static int64_t key_chunks(const attnkit_attention_args* a)
 {
-    if (weights || a->L > BL || a->S <= SPLIT_KEYS) return 1;
+    if (a->L > BL || a->S <= SPLIT_KEYS) return 1;
     return (a->S + SPLIT_KEYS - 1) / SPLIT_KEYS;
 }
 
@@ -470,9 +498,10 @@ typedef struct {
     double* l; /* (B, H, chunks, L) */
 } partials;
 
-/* row (b, h, i): out = sum_c exp(m_c - M) o_c / sum_c exp(m_c - M) l_c */
-static void merge_row(real* out, real* lse, const partials* p, const attnkit_attention_args* a,
-                      int64_t bh, int64_t i, int64_t chunks)
+/* row (b, h, i): out = sum_c exp(m_c - M) o_c / sum_c exp(m_c - M) l_c;
+ * gives back M (0 when no chunk saw a key) and that l */
+static void merge_row(real* out, real* m_out, double* l_out, const partials* p,
+                      const attnkit_attention_args* a, int64_t bh, int64_t i, int64_t chunks)
 {
     const int64_t L = a->L, Ev = a->Ev;
     real M = -INFINITY;
@@ -495,7 +524,8 @@ static void merge_row(real* out, real* lse, const partials* p, const attnkit_att
     }
     const real inv = (real)(l > 0 ? 1.0 / l : (l == 0 ? 0.0 : NAN));
     for (int64_t e = 0; e < Ev; e++) out[e] *= inv;
-    if (lse) *lse = l > 0 ? (real)(M + log(l)) : (l == 0 ? -INFINITY : NAN);
+    *m_out = M == -INFINITY ? 0 : M;
+    *l_out = l;
 }
 
 /* ---------------------------------------------------------------------------
@@ -544,7 +574,7 @@ static void make_task(task* t, const job* jb, int64_t index)
         const int64_t r = (bh * jb->chunks + c) * a->L + t->i0;
         t->out = jb->part.o + r * a->Ev;
         t->lse = NULL;
-        t->weights = NULL;
+        t->weights = jb->weights ? jb->weights + (bh * a->L + t->i0) * a->S : NULL;
         t->part_m = jb->part.m + r;
         t->part_l = jb->part.l + r;
     }
@@ -563,7 +593,7 @@ int KERNEL(attention)(real* out, real* lse, real* weights, const real* q, const 
                       const real* v, const void* mask, const attnkit_attention_args* a)
 {
     if (a->B == 0 || a->H == 0 || a->L == 0 || a->Ev == 0) return 0;
-    job jb = {out, lse, weights, q, k, v, mask, a, (a->L + BL - 1) / BL, key_chunks(a, weights != NULL),
+    job jb = {out, lse, weights, q, k, v, mask, a, (a->L + BL - 1) / BL, key_chunks(a),
               {NULL, NULL, NULL}};
     const int64_t BH = a->B * a->H;
     if (a->S == 0) { /* no keys: every row has nothing to attend to */
@@ -612,9 +642,13 @@ int KERNEL(attention)(real* out, real* lse, real* weights, const real* q, const 
     }
     if (!failed && jb.chunks > 1) {
         for (int64_t bh = 0; bh < BH; bh++)
-            for (int64_t i = 0; i < a->L; i++)
-                merge_row(out + (bh * a->L + i) * a->Ev, lse ? lse + bh * a->L + i : NULL, &jb.part, a,
-                          bh, i, jb.chunks);
+            for (int64_t i = 0; i < a->L; i++) {
+                real m;
+                double l;
+                merge_row(out + (bh * a->L + i) * a->Ev, &m, &l, &jb.part, a, bh, i, jb.chunks);
+                if (lse) lse[bh * a->L + i] = l > 0 ? (real)(m + log(l)) : (l == 0 ? -INFINITY : NAN);
+                if (weights) finish_weights_row(weights + (bh * a->L + i) * a->S, a, (uint32_t)bh, i, m, l);
+            }
     }
     free(part_block);
     return failed ? -1 : 0;

@@ -35,5 +35,4 @@ assert "avx512" in info["simd"]["supported_by_cpu"], info
 attnkit.show_config()
 PY
 cd - >/dev/null
-python -m pytest -q -p no:cacheprovider tests/test_softmax.py tests/test_norm.py \
-    tests/test_properties.py tests/test_runtime.py
+python -m pytest -q -p no:cacheprovider tests

@@ -473,7 +473,8 @@ def attention(cnp.ndarray out, object lse, object weights, cnp.ndarray q, cnp.nd
         raise ValueError(f"attention: output {shape_of(out)} is not a contiguous "
                          f"(..., {a.H}, {a.L}, {a.Ev}) array")
     for name, arr, last in (("query", q, a.E), ("key", k, a.E), ("value", v, a.Ev)):
-        if last > 1 and cnp.PyArray_STRIDE(arr, nd - 1) != cnp.PyArray_ITEMSIZE(arr):
+        if last > 1 and cnp.PyArray_SIZE(arr) > 0 and \
+                cnp.PyArray_STRIDE(arr, nd - 1) != cnp.PyArray_ITEMSIZE(arr):
             raise ValueError(f"attention {name}: the last axis must be contiguous "
                              f"(strides {(<object>arr).strides})")
     cdef int64_t B = 1

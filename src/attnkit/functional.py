@@ -444,10 +444,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                              f"of the key/value heads ({Hkv})")
         batch = _broadcast([q.shape[:-3], k.shape[:-3], v.shape[:-3]], func, "batch dimensions")
     else:
-        lead = _broadcast([q.shape[:-2], k.shape[:-2], v.shape[:-2]], func, "leading dimensions")
-        if k.ndim >= 3 and q.ndim >= 3 and k.shape[-3] not in (1, q.shape[-3]):
+        if k.ndim >= 3 and q.ndim >= 3 and k.shape[-3] not in (1, q.shape[-3]) and q.shape[-3] != 1:
             raise ValueError(f"{func}: query has {q.shape[-3]} heads but key has {k.shape[-3]}; "
                              "pass enable_gqa=True for grouped-query attention")
+        lead = _broadcast([q.shape[:-2], k.shape[:-2], v.shape[:-2]], func, "leading dimensions")
         lead = lead or (1,)
         batch, H = lead[:-1], lead[-1]
         Hkv = H

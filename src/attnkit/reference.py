@@ -153,9 +153,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     q = np.asarray(query, dtype=dtype)                           # (..., H, L, E)
     k = np.asarray(key, dtype=dtype)                             # (..., Hkv, S, E)
     v = np.asarray(value, dtype=dtype)                           # (..., Hkv, S, Ev)
-    H, L = q.shape[-3], q.shape[-2]
-    S = k.shape[-2]
-    if enable_gqa and k.shape[-3] != H:
+    L, S = q.shape[-2], k.shape[-2]
+    if enable_gqa and k.shape[-3] != q.shape[-3]:
+        H = q.shape[-3]
         k = np.repeat(k, H // k.shape[-3], axis=-3)              # (..., H, S, E)
         v = np.repeat(v, H // v.shape[-3], axis=-3)              # (..., H, S, Ev)
     if scale is None:
