@@ -6,21 +6,23 @@
     python -m attnkit --threads 2      all of it on 2 threads (default 1)
     python -m attnkit check [...]      the same, by name
 
-The self-check runs softmax, log_softmax, layer_norm and rms_norm in float32
-and float64 on a few inputs (odd sizes, another axis, a `where` mask, strided
-views) and holds each result to the rule the test suite uses: its largest
+The self-check runs softmax, log_softmax, layer_norm, rms_norm and
+scaled_dot_product_attention in float32 and float64 on a few inputs (odd
+sizes, another axis, masks, strided views, causal, grouped heads, decoding) and holds each result to the rule the test suite uses: its largest
 error against a reference computed in higher precision (float64 for float32,
 np.longdouble for float64) may be at most 4 times the error of the reference
 computed naively in the kernel's own dtype, plus 4 eps times the largest
 |value|. The exit status is 1 if any case fails.
 
-The speed table times attnkit, the NumPy reference computed in float32 and,
-if it can be imported, torch, on softmax and layer_norm (float32, last axis).
+The speed table times attnkit, the NumPy reference and, if it can be
+imported, torch, on softmax and layer_norm (float32, last axis) and on the
+scaled_dot_product_attention groups of bench/.
 The contenders take turns, so that a noisy machine slows them alike; the
 table gives median times and the ratios numpy/attnkit and torch/attnkit.
 It is a quick look: bench/ in the source tree measures with more care.
 """
 import argparse
+import itertools
 import math
 import statistics
 import sys
@@ -54,6 +56,8 @@ def self_check_cases(seed=0):
         for kernel in ("layer_norm", "rms_norm"):
             for description, kwargs in _norm_inputs(rng, dtype, with_bias=kernel == "layer_norm"):
                 yield kernel, dtype, description, kwargs
+        for description, kwargs in _attention_inputs(rng, dtype):
+            yield "scaled_dot_product_attention", dtype, description, kwargs
 
 
 def _randn(rng, dtype, *shape, scale=3.0):
@@ -97,6 +101,22 @@ def _norm_inputs(rng, dtype, with_bias):
     yield "(12, 113), transposed view", dict(x=randn(113, 12).T, normalized_shape=113)
 
 
+def _attention_inputs(rng, dtype):
+    def qkv(B, H, Hkv, L, S, E, Ev):
+        return dict(query=_randn(rng, dtype, B, H, L, E, scale=1.0),
+                    key=_randn(rng, dtype, B, Hkv, S, E, scale=1.0),
+                    value=_randn(rng, dtype, B, Hkv, S, Ev, scale=1.0))
+
+    yield "(2, 3, 37, 16) x 53 keys, Ev 12", qkv(2, 3, 3, 37, 53, 16, 12)
+    mask = rng.random((2, 1, 100, 130)) < 0.8
+    mask[0, 0, 5] = False  # a query with nothing to attend to
+    yield "(2, 4, 100, 64) x 130, bool mask", dict(qkv(2, 4, 4, 100, 130, 64, 64), attn_mask=mask)
+    yield "(1, 4, 70, 32) x 90, causal bottom-right", dict(
+        qkv(1, 4, 4, 70, 90, 32, 32), is_causal=True, causal_alignment="bottom_right")
+    yield "(1, 8, 33, 32), 2 key/value heads (GQA)", dict(qkv(1, 8, 2, 33, 33, 32, 32), enable_gqa=True)
+    yield "decode: (1, 4, 1, 64) x 3000 keys", qkv(1, 4, 4, 1, 3000, 64, 64)
+
+
 def judge(result, hi, naive, dtype):
     """(error, bound, problem) for a kernel's result, by the rule above;
     problem is None when the result passes, else what is wrong.
@@ -131,12 +151,14 @@ def run_self_check():
           f"{attnkit.get_num_threads()} thread(s))")
     print(f"  pass: error vs float64 (float32) or longdouble (float64) reference <= "
           f"{FACTOR:g} x naive error + {ULPS:g} eps x max|value|")
-    print(f"  {'kernel':<12}{'dtype':<9}{'input':<40}{'max error':>10}{'bound':>10}")
+    print(f"  {'kernel':<12}{'dtype':<9}{'input':<42}{'max error':>10}{'bound':>10}")
     failed = passed = 0
     for kernel, dtype, description, kwargs in self_check_cases():
         ref = getattr(reference, kernel)
         hi = ref(**kwargs, dtype=_higher_precision(dtype))
         naive = ref(**kwargs, dtype=dtype)
+        if isinstance(hi, tuple):  # attention's reference also gives weights and lse
+            hi, naive = hi[0], naive[0]
         try:
             result = np.asarray(getattr(attnkit, kernel)(**kwargs))
         except Exception as e:  # report it as a failed case and go on
@@ -146,7 +168,8 @@ def run_self_check():
             error, bound, problem = judge(result, hi, naive, dtype)
         passed += problem is None
         failed += problem is not None
-        print(f"  {kernel:<12}{np.dtype(dtype).name:<9}{description:<40}"
+        short = "attention" if kernel == "scaled_dot_product_attention" else kernel
+        print(f"  {short:<12}{np.dtype(dtype).name:<9}{description:<42}"
               f"{error:>10.2e}{bound:>10.2e}  {'PASS' if problem is None else 'FAIL: ' + problem}")
     print(f"self-check: {passed} passed, {failed} failed")
     return failed
@@ -199,6 +222,38 @@ def bench_cases(torch, seed=0):
             yield f"{op} {shape[0]}x{shape[1]}", contenders(op, x, weight, bias, torch)
 
 
+# issue 3's attention groups: name, (B, H, L, S, E), causal, dtype
+ATTENTION_GROUPS = [
+    ("sdpa B1 H12 L128 E64", (1, 12, 128, 128, 64), False, np.float32),
+    ("sdpa B8 H12 L128 E64", (8, 12, 128, 128, 64), False, np.float32),
+    ("sdpa B1 H8 L1024 E64", (1, 8, 1024, 1024, 64), False, np.float32),
+    ("sdpa causal B1 H8 L1024", (1, 8, 1024, 1024, 64), True, np.float32),
+    ("sdpa causal B1 H8 L4096", (1, 8, 4096, 4096, 64), True, np.float32),
+    ("sdpa decode H32 S4096 E128", (1, 32, 1, 4096, 128), False, np.float32),
+    ("sdpa float64 B1 H8 L1024", (1, 8, 1024, 1024, 64), False, np.float64),
+]
+NUMPY_MAX_SCORES = 40_000_000  # the materialised reference takes too long past this
+
+
+def attention_cases(torch, seed=0):
+    """(name, {contender: function}) for the attention groups."""
+    rng = np.random.default_rng(seed)
+    for name, (B, H, L, S, E), causal, dtype in ATTENTION_GROUPS:
+        q = rng.standard_normal((B, H, L, E)).astype(dtype)
+        k = rng.standard_normal((B, H, S, E)).astype(dtype)
+        v = rng.standard_normal((B, H, S, E)).astype(dtype)
+        functions = {"attnkit": lambda q=q, k=k, v=v, c=causal:
+                     attnkit.scaled_dot_product_attention(q, k, v, is_causal=c)}
+        if B * H * L * S <= NUMPY_MAX_SCORES:
+            functions["numpy"] = lambda q=q, k=k, v=v, c=causal, d=dtype: (
+                reference.scaled_dot_product_attention(q, k, v, is_causal=c, dtype=d))
+        if torch is not None:
+            tq, tk, tv = (torch.from_numpy(a) for a in (q, k, v))
+            sdpa = torch.nn.functional.scaled_dot_product_attention
+            functions["torch"] = lambda tq=tq, tk=tk, tv=tv, c=causal: sdpa(tq, tk, tv, is_causal=c)
+        yield name, functions
+
+
 def median_times(functions, repeats, min_time):
     """{name: median seconds per call}. Each function is timed in `repeats`
     batches of at least min_time seconds, the functions taking turns."""
@@ -234,17 +289,20 @@ def run_speed_table(threads, quick):
     others = names[1:]
     versions = f"numpy {np.__version__}, " + (
         f"torch {torch.__version__}" if torch is not None else "torch not installed")
-    print(f"\nspeed: float32, last axis, {threads} thread(s), median of {repeats} "
+    print(f"\nspeed: float32 unless named, {threads} thread(s), median of {repeats} "
           f"interleaved samples; {versions}")
-    print("  numpy = attnkit.reference in float32; ratio = its time / attnkit's "
-          "(above 1: attnkit is faster)")
-    header = f"  {'case':<22}" + "".join(f"{n:>11}" for n in names)
+    print("  numpy = attnkit.reference in the same dtype (attention: materialised); ratio = its "
+          "time / attnkit's (above 1: attnkit is faster)")
+    header = f"  {'case':<28}" + "".join(f"{n:>11}" for n in names)
     header += "".join(f"{n + '/attnkit':>16}" for n in others)
     print(header)
-    for name, functions in bench_cases(torch):
+    cases = itertools.chain(bench_cases(torch), attention_cases(torch))
+    for name, functions in cases:
         medians = median_times(functions, repeats, min_time)
-        line = f"  {name:<22}" + "".join(f"{format_time(medians[n]):>11}" for n in names)
-        line += "".join(f"{medians[n] / medians['attnkit']:>15.2f}x" for n in others)
+        line = f"  {name:<28}" + "".join(
+            f"{format_time(medians[n]) if n in medians else '-':>11}" for n in names)
+        line += "".join(f"{medians[n] / medians['attnkit']:>15.2f}x" if n in medians else f"{'-':>16}"
+                        for n in others)
         print(line, flush=True)
 
 
