@@ -105,28 +105,33 @@ AK_INLINE void micro_kernel(real* c, int64_t ldc, const real* a, int64_t a_row, 
 /* ---------------------------------------------------------------------------
  * Workspace: one per thread, allocated once per call.
  */
+/* rows = min(BL, L rounded up to NR) and keys = min(BS, S rounded up to MR):
+ * what one block and one tile of this call can hold. */
 typedef struct {
-    real* q;          /* (BL/NR panels) x (E, NR): q^T, scaled; the row path: (E) */
-    real* st;         /* (BS, BL): scores, keys down, queries across; row path: (BS) */
-    real* vp;         /* (BS, NR): the last NR columns of v when Ev % NR != 0 */
-    real* o;          /* (BL, Ev_pad) */
-    real* m;          /* (BL) running max, -inf while nothing seen    */
-    real* alpha;      /* (BL) this tile's rescale of o and l           */
-    double* l;        /* (BL) running sum                              */
+    real* q;          /* (rows/NR panels) x (E, NR): q^T, scaled; the row path: (E) */
+    real* st;         /* (keys, BL): scores, keys down, queries across; row path: (keys) */
+    real* vp;         /* (keys, NR): the last NR columns of v when Ev % NR != 0 */
+    real* o;          /* (rows, Ev_pad) */
+    real* m;          /* (rows) running max, -inf while nothing seen  */
+    real* alpha;      /* (rows) this tile's rescale of o and l         */
+    double* l;        /* (rows) running sum                            */
     uint8_t* skipped; /* (tiles) the row path: tiles no query of the task sees */
     void* block;
 } workspace;
 
 static int64_t padded_ev(const attnkit_attention_args* a) { return round_up(a->Ev, NR); }
 
+/* Sized for the call: a small problem gets a small block (a few KB, from the
+ * heap, not a fresh mapping). */
 static int workspace_alloc(workspace* w, const attnkit_attention_args* a)
 {
     const int64_t E = a->E, Evp = padded_ev(a), tiles = (a->S + BS - 1) / BS;
+    const int64_t rows = min_i64(BL, round_up(a->L, NR)), keys = min_i64(BS, round_up(a->S, MR));
     const int64_t sizes[8] = {
-        BL * E * (int64_t)sizeof(real), BS * BL * (int64_t)sizeof(real),
-        BS * NR * (int64_t)sizeof(real), BL * Evp * (int64_t)sizeof(real),
-        BL * (int64_t)sizeof(real),      BL * (int64_t)sizeof(real),
-        BL * (int64_t)sizeof(double),    tiles + 1,
+        rows * E * (int64_t)sizeof(real), keys * BL * (int64_t)sizeof(real),
+        keys * NR * (int64_t)sizeof(real), rows * Evp * (int64_t)sizeof(real),
+        rows * (int64_t)sizeof(real),      rows * (int64_t)sizeof(real),
+        rows * (int64_t)sizeof(double),    tiles + 1,
     };
     int64_t total = 0;
     for (int i = 0; i < 8; i++) total += round_up(sizes[i], 64);
@@ -298,11 +303,12 @@ static void finish_rows(workspace* w, const attnkit_attention_args* a, const tas
 
 static void start_rows(workspace* w, const attnkit_attention_args* a, int64_t rows)
 {
-    for (int64_t i = 0; i < rows; i++) {
+    /* every lane the vector loops touch, the padding rows' too */
+    for (int64_t i = 0; i < round_up(rows, VLEN); i++) {
         w->m[i] = -INFINITY;
         w->l[i] = 0.0;
     }
-    memset(w->o, 0, (size_t)(BL * padded_ev(a)) * sizeof(real));
+    memset(w->o, 0, (size_t)(rows * padded_ev(a)) * sizeof(real));
 }
 
 /* ---------------------------------------------------------------------------

@@ -327,20 +327,29 @@ def rms_norm(x, normalized_shape, weight=None, eps=None, *, out=None):
 # ---------------------------------------------------------------------------
 # scaled_dot_product_attention
 
-def _attention_operand(a, func, name):
-    """a as a float array whose last axis the kernel can read in place."""
+def _attention_operand(a, shape):
+    """a broadcast to `shape`, with its last axis one the kernel can read in
+    place (a copy only when it is not)."""
     if a.shape[-1] > 1 and a.strides[-1] != a.itemsize or not a.flags.aligned:
-        return np.array(a, order="C", copy=True)
-    return a
+        a = np.array(a, order="C", copy=True)
+    return a if a.shape == shape else np.broadcast_to(a, shape)
 
 
 def _broadcast(shapes, func, what):
-    try:
-        return np.broadcast_shapes(*shapes)
-    except ValueError:
-        listed = ", ".join(str(s) for s in shapes)
-        raise ValueError(f"{func}: the {what} of query, key and value do not broadcast: "
-                         f"{listed}") from None
+    """NumPy's broadcast of shape tuples (np.broadcast_shapes allocates arrays
+    to find it, several microseconds; a small attention call is ten)."""
+    if shapes[0] == shapes[1] == shapes[2]:
+        return shapes[0]
+    ndim = max(len(s) for s in shapes)
+    result = []
+    for axis in range(-ndim, 0):
+        sizes = {s[axis] for s in shapes if len(s) >= -axis} - {1}
+        if len(sizes) > 1:
+            listed = ", ".join(str(s) for s in shapes)
+            raise ValueError(f"{func}: the {what} of query, key and value do not broadcast: "
+                             f"{listed}")
+        result.append(sizes.pop() if sizes else 1)
+    return tuple(result)
 
 
 def _attention_mask(attn_mask, q, full_shape, func):
@@ -465,9 +474,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
             raise TypeError(f"{func}: rng must be a numpy.random.Generator, got {type(rng).__name__}")
         seed = int(rng.integers(0, 2**32, dtype=np.uint64))
 
-    q4 = np.broadcast_to(_attention_operand(q, func, "query"), batch + (H, L, E))
-    k4 = np.broadcast_to(_attention_operand(k, func, "key"), batch + (Hkv, S, E))
-    v4 = np.broadcast_to(_attention_operand(v, func, "value"), batch + (Hkv, S, Ev))
+    q4 = _attention_operand(q, batch + (H, L, E))
+    k4 = _attention_operand(k, batch + (Hkv, S, E))
+    v4 = _attention_operand(v, batch + (Hkv, S, Ev))
     mask4 = None if attn_mask is None else _attention_mask(attn_mask, q, batch + (H, L, S), func)
     out = np.empty(batch + (H, L, Ev), q.dtype)
     lse = np.empty(batch + (H, L), q.dtype) if return_lse else None
