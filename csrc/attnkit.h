@@ -177,6 +177,16 @@ static inline int attnkit_dropout_keep(uint32_t row_key, uint32_t j, uint32_t th
 }
 
 /* ---------------------------------------------------------------------------
+ * Elementwise activations: out (n) = f(x (n)), both contiguous; out may be x.
+ *   ATTNKIT_GELU_ERF   x * Phi(x), the exact GELU (erf from the C library)
+ *   ATTNKIT_GELU_TANH  the tanh approximation of GELU
+ *   ATTNKIT_SILU       x * sigmoid(x)
+ * ------------------------------------------------------------------------- */
+enum { ATTNKIT_GELU_ERF = 0, ATTNKIT_GELU_TANH = 1, ATTNKIT_SILU = 2 };
+void attnkit_activation_f32(float* out, const float* x, int64_t n, int kind);
+void attnkit_activation_f64(double* out, const double* x, int64_t n, int kind);
+
+/* ---------------------------------------------------------------------------
  * Instruction sets. Each kernel is built three times from one source; the
  * entry points above call the build picked here. attnkit_init() picks the
  * best one the CPU and the OS support.

@@ -79,6 +79,8 @@ AK_INLINE vreal v_min(vreal a, vreal b) { return a < b ? a : b; }
 AK_INLINE vreal v_abs(vreal a) { return a < 0 ? -a : a; }
 AK_INLINE vreal v_select(vmask m, vreal a, vreal b) { return m ? a : b; }
 AK_INLINE vmask v_is_equal(vreal a, vreal b) { return a == b; }
+AK_INLINE vmask v_is_less(vreal a, vreal b) { return a < b; }
+AK_INLINE vreal v_div(vreal a, vreal b) { return a / b; }
 AK_INLINE double v_reduce_add(vreal v) { return (double)v; }
 AK_INLINE real v_reduce_max(vreal v) { return v; }
 AK_INLINE void v_lanes(real* dst, vreal v) { *dst = v; }
@@ -119,6 +121,8 @@ AK_INLINE vreal v_min(vreal a, vreal b) { return _mm256_min_ps(a, b); }
 AK_INLINE vreal v_abs(vreal a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
 AK_INLINE vreal v_select(vmask m, vreal a, vreal b) { return _mm256_blendv_ps(b, a, m); }
 AK_INLINE vmask v_is_equal(vreal a, vreal b) { return _mm256_cmp_ps(a, b, _CMP_EQ_OQ); }
+AK_INLINE vmask v_is_less(vreal a, vreal b) { return _mm256_cmp_ps(a, b, _CMP_LT_OQ); }
+AK_INLINE vreal v_div(vreal a, vreal b) { return _mm256_div_ps(a, b); }
 AK_INLINE double v_reduce_add(vreal v) {
     __m256d s = _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)),
                               _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
@@ -173,6 +177,8 @@ AK_INLINE vreal v_min(vreal a, vreal b) { return _mm256_min_pd(a, b); }
 AK_INLINE vreal v_abs(vreal a) { return _mm256_andnot_pd(_mm256_set1_pd(-0.0), a); }
 AK_INLINE vreal v_select(vmask m, vreal a, vreal b) { return _mm256_blendv_pd(b, a, m); }
 AK_INLINE vmask v_is_equal(vreal a, vreal b) { return _mm256_cmp_pd(a, b, _CMP_EQ_OQ); }
+AK_INLINE vmask v_is_less(vreal a, vreal b) { return _mm256_cmp_pd(a, b, _CMP_LT_OQ); }
+AK_INLINE vreal v_div(vreal a, vreal b) { return _mm256_div_pd(a, b); }
 AK_INLINE double v_reduce_add(vreal v) {
     __m128d h = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
     return _mm_cvtsd_f64(_mm_add_sd(h, _mm_unpackhi_pd(h, h)));
@@ -248,6 +254,8 @@ AK_INLINE vreal v_min(vreal a, vreal b) { return _mm512_min_ps(a, b); }
 AK_INLINE vreal v_abs(vreal a) { return _mm512_abs_ps(a); }
 AK_INLINE vreal v_select(vmask m, vreal a, vreal b) { return _mm512_mask_blend_ps(m, b, a); }
 AK_INLINE vmask v_is_equal(vreal a, vreal b) { return _mm512_cmp_ps_mask(a, b, _CMP_EQ_OQ); }
+AK_INLINE vmask v_is_less(vreal a, vreal b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
+AK_INLINE vreal v_div(vreal a, vreal b) { return _mm512_div_ps(a, b); }
 AK_INLINE double v_reduce_add(vreal v) {
     __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
     __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
@@ -296,6 +304,8 @@ AK_INLINE vreal v_min(vreal a, vreal b) { return _mm512_min_pd(a, b); }
 AK_INLINE vreal v_abs(vreal a) { return _mm512_abs_pd(a); }
 AK_INLINE vreal v_select(vmask m, vreal a, vreal b) { return _mm512_mask_blend_pd(m, b, a); }
 AK_INLINE vmask v_is_equal(vreal a, vreal b) { return _mm512_cmp_pd_mask(a, b, _CMP_EQ_OQ); }
+AK_INLINE vmask v_is_less(vreal a, vreal b) { return _mm512_cmp_pd_mask(a, b, _CMP_LT_OQ); }
+AK_INLINE vreal v_div(vreal a, vreal b) { return _mm512_div_pd(a, b); }
 AK_INLINE double v_reduce_add(vreal v) { return _mm512_reduce_add_pd(v); }
 AK_INLINE real v_reduce_max(vreal v) {
     __m256d m4 = _mm256_max_pd(_mm512_castpd512_pd256(v), _mm512_extractf64x4_pd(v, 1));

@@ -10,7 +10,7 @@ plain NumPy. `python -m attnkit` checks one against the other and times them.
 """
 __version__ = "0.1.0"
 
-from . import reference
+from . import io, nn, reference
 from ._runtime import (
     get_num_threads,
     set_num_threads,
@@ -19,6 +19,7 @@ from ._runtime import (
     supported_simd_paths,
 )
 from .functional import (
+    batch_norm,
     layer_norm,
     log_softmax,
     rms_norm,
@@ -32,7 +33,10 @@ __all__ = [
     "layer_norm",
     "rms_norm",
     "scaled_dot_product_attention",
+    "batch_norm",
     "reference",
+    "nn",
+    "io",
     "show_config",
     "simd_path",
     "supported_simd_paths",

@@ -69,6 +69,13 @@ cdef extern from "attnkit.h" nogil:
                               const attnkit_attention_args* args) noexcept
 
     enum:
+        ATTNKIT_GELU_ERF
+        ATTNKIT_GELU_TANH
+        ATTNKIT_SILU
+    void attnkit_activation_f32(float* out, const float* x, int64_t n, int kind) noexcept
+    void attnkit_activation_f64(double* out, const double* x, int64_t n, int kind) noexcept
+
+    enum:
         ATTNKIT_ISA_COUNT
     void attnkit_init() noexcept
     const char* attnkit_isa_name(int isa) noexcept
@@ -408,6 +415,37 @@ def rms_norm(cnp.ndarray out, object rrms, cnp.ndarray x, object weight, double 
         else:
             attnkit_rms_norm_f64(<double*>po, <double*>pr, <const double*>px, <const double*>pw,
                                  N, C, os, xs, eps)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Activations
+
+ACTIVATIONS = {"gelu": ATTNKIT_GELU_ERF, "gelu_tanh": ATTNKIT_GELU_TANH, "silu": ATTNKIT_SILU}
+
+
+def activation(cnp.ndarray out, cnp.ndarray x, str name):
+    """out = f(x) elementwise, f one of ACTIVATIONS; both C-contiguous, of one
+    shape and float dtype (out may be x)."""
+    cdef int kind = ACTIVATIONS[name]
+    cdef int type_num = cnp.PyArray_TYPE(x)
+    if not is_native_float(x) or cnp.PyArray_TYPE(out) != type_num or not cnp.PyArray_ISNOTSWAPPED(out):
+        raise TypeError(f"{name}: expected native float32 or float64 arrays, got {x.dtype}, {out.dtype}")
+    if (<object>out).shape != (<object>x).shape:
+        raise ValueError(f"{name}: output shape {shape_of(out)} differs from input {shape_of(x)}")
+    for arr in (x, out):
+        if not cnp.PyArray_CHKFLAGS(arr, cnp.NPY_ARRAY_C_CONTIGUOUS | cnp.NPY_ARRAY_ALIGNED):
+            raise ValueError(f"{name}: arrays must be C-contiguous and aligned")
+    if not cnp.PyArray_ISWRITEABLE(out):
+        raise ValueError(f"{name}: output is read-only")
+    cdef int64_t n = cnp.PyArray_SIZE(x)
+    cdef void* po = cnp.PyArray_DATA(out)
+    cdef const void* px = cnp.PyArray_DATA(x)
+    with nogil:
+        if type_num == cnp.NPY_FLOAT:
+            attnkit_activation_f32(<float*>po, <const float*>px, n, kind)
+        else:
+            attnkit_activation_f64(<double*>po, <const double*>px, n, kind)
     return out
 
 

@@ -19,7 +19,8 @@ from numpy.lib.array_utils import normalize_axis_index, normalize_axis_tuple
 
 from . import _kernels
 
-__all__ = ["softmax", "log_softmax", "layer_norm", "rms_norm", "scaled_dot_product_attention"]
+__all__ = ["softmax", "log_softmax", "layer_norm", "rms_norm", "batch_norm",
+           "scaled_dot_product_attention", "linear", "relu", "gelu", "silu", "sigmoid", "dropout"]
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))  # native byte order
 _MACHINE_EPSILON = {"f": float(np.finfo(np.float32).eps), "d": float(np.finfo(np.float64).eps)}
@@ -490,3 +491,132 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         weights = None if weights is None else weights[0]
     results = (out,) + ((weights,) if return_weights else ()) + ((lse,) if return_lse else ())
     return results[0] if len(results) == 1 else results
+
+
+# ---------------------------------------------------------------------------
+# The pieces layers are made of: linear maps, activations, dropout, batch norm
+
+def linear(x, weight, bias=None):
+    """x @ weight.T + bias, as torch.nn.functional.linear.
+
+    x (..., in_features), weight (out_features, in_features), bias
+    (out_features) or None; all of one float dtype. The product is NumPy's
+    (its BLAS); attnkit adds the bias in place rather than in a copy.
+    """
+    func = "linear"
+    x = _as_float_array(x, func, "input")
+    weight = _as_float_array(weight, func, "weight")
+    if weight.ndim != 2:
+        raise ValueError(f"{func}: weight must be (out_features, in_features), got {weight.shape}")
+    if x.ndim == 0 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"{func}: input's last dimension must be in_features = {weight.shape[1]}, "
+                         f"got input {x.shape} and weight {weight.shape}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"{func}: weight has dtype {weight.dtype} but the input is {x.dtype}")
+    y = np.matmul(x, weight.T)
+    if bias is not None:
+        bias = _as_float_array(bias, func, "bias")
+        if bias.shape != (weight.shape[0],) or bias.dtype != x.dtype:
+            raise ValueError(f"{func}: bias must be ({weight.shape[0]},) of {x.dtype}, got "
+                             f"{bias.shape} {bias.dtype}")
+        y += bias
+    return y
+
+
+def relu(x):
+    """max(x, 0); NaN stays NaN."""
+    x = _as_float_array(x, "relu")
+    return np.maximum(x, 0, dtype=x.dtype)
+
+
+def sigmoid(x):
+    """1 / (1 + exp(-x)), without overflow for large |x|."""
+    x = _as_float_array(x, "sigmoid")
+    e = np.exp(-np.abs(x))                       # in (0, 1]: never overflows
+    return np.where(x >= 0, 1 / (1 + e), e / (1 + e)).astype(x.dtype, copy=False)
+
+
+def _elementwise(x, name):
+    x = np.ascontiguousarray(_as_float_array(x, name))
+    return _kernels.activation(np.empty_like(x), x, name)
+
+
+def gelu(x, approximate="none"):
+    """x * Phi(x), Phi the standard normal CDF (approximate="none", the exact
+    GELU, with erf), or its tanh approximation (approximate="tanh"), as
+    torch.nn.functional.gelu."""
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
+    return _elementwise(x, "gelu" if approximate == "none" else "gelu_tanh")
+
+
+def silu(x):
+    """x * sigmoid(x) (also called swish)."""
+    return _elementwise(x, "silu")
+
+
+def dropout(x, p=0.5, training=True, *, rng=None):
+    """Zero each element with probability p and scale the rest by 1/(1-p)
+    when training; x itself otherwise. rng: a NumPy Generator (seeded for
+    reproducible masks)."""
+    x = _as_float_array(x, "dropout")
+    p = float(p)
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout: p must be in [0, 1], got {p}")
+    if not training or p == 0.0:
+        return x
+    if p == 1.0:
+        return np.zeros_like(x)
+    if rng is None:
+        rng = np.random.default_rng()
+    keep = rng.random(x.shape) >= p
+    return np.where(keep, x / x.dtype.type(1 - p), 0).astype(x.dtype, copy=False)
+
+
+def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False,
+               momentum=0.1, eps=1e-5):
+    """Batch normalisation over the batch (and length) dimensions, as
+    torch.nn.functional.batch_norm: x (N, C) or (N, C, L).
+
+    training=True normalises by this batch's mean and biased variance and
+    updates running_mean/running_var in place (running = (1 - momentum) *
+    running + momentum * batch, with the unbiased variance), as PyTorch does;
+    training=False normalises by the running statistics. Compare layer_norm,
+    which normalises each sample over its own features and so behaves the
+    same for a batch of one, and for any sequence length.
+    """
+    func = "batch_norm"
+    x = _as_float_array(x, func, "input")
+    if x.ndim not in (2, 3):
+        raise ValueError(f"{func}: input must be (N, C) or (N, C, L), got shape {x.shape}")
+    C = x.shape[1]
+    axes = (0,) if x.ndim == 2 else (0, 2)
+    shape = (1, C) if x.ndim == 2 else (1, C, 1)
+    for name, a in (("running_mean", running_mean), ("running_var", running_var),
+                    ("weight", weight), ("bias", bias)):
+        if a is not None and np.shape(a) != (C,):
+            raise ValueError(f"{func}: {name} must have shape ({C},), got {np.shape(a)}")
+    if training:
+        count = x.size // C
+        if count <= 1:
+            raise ValueError(f"{func}: training needs more than one value per channel, got "
+                             f"input of shape {x.shape}")
+        mean = x.mean(axis=axes, dtype=np.float64)
+        var = x.var(axis=axes, dtype=np.float64)
+        if running_mean is not None:
+            running_mean *= 1 - momentum
+            running_mean += momentum * mean
+        if running_var is not None:
+            running_var *= 1 - momentum
+            running_var += momentum * var * count / (count - 1)
+    else:
+        if running_mean is None or running_var is None:
+            raise ValueError(f"{func}: evaluation needs running_mean and running_var")
+        mean, var = np.asarray(running_mean, np.float64), np.asarray(running_var, np.float64)
+    scale = 1 / np.sqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias
+    return (x * scale.reshape(shape).astype(x.dtype) + shift.reshape(shape).astype(x.dtype))

@@ -1,0 +1,251 @@
+"""The layers transformers are built of, with PyTorch's names, parameter
+shapes and default initialisation.
+
+Every layer takes `dtype` (float32, the default, or float64) and `rng`, a
+NumPy Generator its initial weights are drawn from (a seeded one gives the
+same weights every time).
+"""
+import math
+
+import numpy as np
+
+from .. import functional as F
+from . import init
+from .module import Module
+
+__all__ = ["Linear", "LayerNorm", "RMSNorm", "BatchNorm1d", "Dropout", "Embedding", "Identity",
+           "ReLU", "GELU", "SiLU", "Sigmoid", "Tanh", "get_activation"]
+
+
+def _float_dtype(dtype):
+    dtype = np.dtype(dtype)
+    if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise TypeError(f"layers compute in float32 or float64, not {dtype}")
+    return dtype
+
+
+def _positive(value, name, owner):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def _input(layer, x):
+    """x as an array of the layer's dtype; another float dtype is an error, as in PyTorch."""
+    x = F._as_float_array(x, type(layer).__name__, "input")
+    if x.dtype != layer.dtype:
+        raise TypeError(f"{type(layer).__name__}: input has dtype {x.dtype} but the layer's "
+                        f"parameters are {layer.dtype}; convert one of them (layer.astype(...))")
+    return x
+
+
+class Identity(Module):
+    def forward(self, x):
+        return x
+
+
+class Linear(Module):
+    """y = x @ weight.T + bias.
+
+    weight (out_features, in_features) and bias (out_features) start as
+    PyTorch's: uniform in +-1/sqrt(in_features) (kaiming_uniform_ with a = sqrt(5)).
+    """
+
+    def __init__(self, in_features, out_features, bias=True, *, dtype=np.float32, rng=None):
+        super().__init__()
+        self.in_features = _positive(in_features, "in_features", "Linear")
+        self.out_features = _positive(out_features, "out_features", "Linear")
+        dtype = _float_dtype(dtype)
+        weight = np.empty((self.out_features, self.in_features), dtype)
+        init.kaiming_uniform_(weight, a=math.sqrt(5), rng=rng)
+        self.register_parameter("weight", weight)
+        b = None
+        if bias:
+            bound = 1 / math.sqrt(self.in_features)
+            b = init.uniform_(np.empty(self.out_features, dtype), -bound, bound, rng=rng)
+        self.register_parameter("bias", b)
+
+    def forward(self, x):
+        return F.linear(_input(self, x), self.weight, self.bias)
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class LayerNorm(Module):
+    """Layer normalisation over the trailing normalized_shape dimensions
+    (attnkit.layer_norm); weight starts at 1, bias at 0."""
+
+    def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True, *,
+                 dtype=np.float32):
+        super().__init__()
+        shape = (normalized_shape,) if isinstance(normalized_shape, (int, np.integer)) else tuple(normalized_shape)
+        self.normalized_shape = tuple(int(d) for d in shape)
+        self.eps = float(eps)
+        dtype = _float_dtype(dtype)
+        self.register_parameter("weight", np.ones(self.normalized_shape, dtype) if elementwise_affine else None)
+        self.register_parameter("bias", np.zeros(self.normalized_shape, dtype)
+                                if elementwise_affine and bias else None)
+
+    def forward(self, x):
+        return F.layer_norm(_input(self, x), self.normalized_shape, self.weight, self.bias, self.eps)
+
+    def extra_repr(self):
+        return f"{self.normalized_shape}, eps={self.eps}"
+
+
+class RMSNorm(Module):
+    """x / sqrt(mean(x^2) + eps) * weight over the trailing dimensions
+    (attnkit.rms_norm); eps None is the dtype's machine epsilon."""
+
+    def __init__(self, normalized_shape, eps=None, elementwise_affine=True, *, dtype=np.float32):
+        super().__init__()
+        shape = (normalized_shape,) if isinstance(normalized_shape, (int, np.integer)) else tuple(normalized_shape)
+        self.normalized_shape = tuple(int(d) for d in shape)
+        self.eps = None if eps is None else float(eps)
+        self.register_parameter("weight", np.ones(self.normalized_shape, _float_dtype(dtype))
+                                if elementwise_affine else None)
+
+    def forward(self, x):
+        return F.rms_norm(_input(self, x), self.normalized_shape, self.weight, self.eps)
+
+    def extra_repr(self):
+        return f"{self.normalized_shape}, eps={self.eps}"
+
+
+class BatchNorm1d(Module):
+    """Batch normalisation of (N, C) or (N, C, L) input, for comparison with
+    LayerNorm: in training it normalises by the batch's statistics (so a batch
+    of one sample is degenerate) and keeps running averages for evaluation."""
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, *, dtype=np.float32):
+        super().__init__()
+        self.num_features = _positive(num_features, "num_features", "BatchNorm1d")
+        self.eps, self.momentum = float(eps), momentum
+        dtype = _float_dtype(dtype)
+        C = self.num_features
+        self.register_parameter("weight", np.ones(C, dtype) if affine else None)
+        self.register_parameter("bias", np.zeros(C, dtype) if affine else None)
+        self.track_running_stats = track_running_stats
+        if track_running_stats:
+            self.register_buffer("running_mean", np.zeros(C, dtype))
+            self.register_buffer("running_var", np.ones(C, dtype))
+            self.register_buffer("num_batches_tracked", np.zeros((), np.int64))
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+
+    def forward(self, x):
+        x = _input(self, x)
+        use_batch = self.training or not self.track_running_stats
+        momentum = self.momentum
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked += 1
+            if momentum is None:  # a cumulative average, as PyTorch's momentum=None
+                momentum = 1.0 / float(self.num_batches_tracked)
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                            use_batch, momentum, self.eps)
+
+    def extra_repr(self):
+        return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
+
+
+class Dropout(Module):
+    """Zeroes elements with probability p while training (scaling the rest by
+    1/(1-p)); the identity in eval(). Masks come from `rng`."""
+
+    def __init__(self, p=0.5, *, rng=None):
+        super().__init__()
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"Dropout: p must be in [0, 1], got {p}")
+        self.p = float(p)
+        self.rng = rng if rng is not None else np.random.default_rng()
+
+    def forward(self, x):
+        return F.dropout(x, self.p, self.training, rng=self.rng)
+
+    def extra_repr(self):
+        return f"p={self.p}"
+
+
+class Embedding(Module):
+    """A lookup table: integer indices (...) -> rows of weight (..., embedding_dim).
+    weight starts N(0, 1) as PyTorch's, with the padding_idx row 0."""
+
+    def __init__(self, num_embeddings, embedding_dim, padding_idx=None, *, dtype=np.float32, rng=None):
+        super().__init__()
+        self.num_embeddings = _positive(num_embeddings, "num_embeddings", "Embedding")
+        self.embedding_dim = _positive(embedding_dim, "embedding_dim", "Embedding")
+        if padding_idx is not None:
+            if not -self.num_embeddings <= padding_idx < self.num_embeddings:
+                raise ValueError(f"Embedding: padding_idx {padding_idx} is out of range for "
+                                 f"{self.num_embeddings} embeddings")
+            padding_idx %= self.num_embeddings
+        self.padding_idx = padding_idx
+        weight = init.normal_(np.empty((self.num_embeddings, self.embedding_dim), _float_dtype(dtype)), rng=rng)
+        if padding_idx is not None:
+            weight[padding_idx] = 0
+        self.register_parameter("weight", weight)
+
+    def forward(self, indices):
+        indices = np.asarray(indices)
+        if indices.dtype.kind not in "iu":
+            raise TypeError(f"Embedding: indices must be integers, got dtype {indices.dtype}")
+        if indices.size and (indices.min() < 0 or indices.max() >= self.num_embeddings):
+            raise IndexError(f"Embedding: indices must be in [0, {self.num_embeddings}), got "
+                             f"values from {indices.min()} to {indices.max()}")
+        return self.weight[indices]
+
+    def extra_repr(self):
+        return f"{self.num_embeddings}, {self.embedding_dim}"
+
+
+class ReLU(Module):
+    def forward(self, x):
+        return F.relu(x)
+
+
+class GELU(Module):
+    """x * Phi(x) (approximate="none") or its tanh approximation ("tanh")."""
+
+    def __init__(self, approximate="none"):
+        super().__init__()
+        if approximate not in ("none", "tanh"):
+            raise ValueError(f"GELU: approximate must be 'none' or 'tanh', got {approximate!r}")
+        self.approximate = approximate
+
+    def forward(self, x):
+        return F.gelu(x, self.approximate)
+
+
+class SiLU(Module):
+    def forward(self, x):
+        return F.silu(x)
+
+
+class Sigmoid(Module):
+    def forward(self, x):
+        return F.sigmoid(x)
+
+
+class Tanh(Module):
+    def forward(self, x):
+        return np.tanh(F._as_float_array(x, "tanh"))
+
+
+_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, "tanh"),
+                "silu": F.silu, "sigmoid": F.sigmoid}
+
+
+def get_activation(activation):
+    """A function for "relu", "gelu", "gelu_tanh", "silu" or "sigmoid"; a
+    callable is returned as it is."""
+    if callable(activation):
+        return activation
+    try:
+        return _ACTIVATIONS[activation]
+    except KeyError:
+        raise ValueError(f"unknown activation {activation!r}; expected one of "
+                         f"{', '.join(_ACTIVATIONS)} or a callable") from None

@@ -1,0 +1,286 @@
+"""Module: the base of every layer in attnkit.nn.
+
+A module holds its parameters as plain NumPy arrays in attributes, and its
+submodules likewise, so a user reads and sets them directly
+(`mha.out_proj.weight[:] = ...`). Names, nesting and state-dict keys follow
+PyTorch's, so `module.load_state_dict({k: v.numpy() for k, v in
+torch_module.state_dict().items()})` loads a PyTorch model's weights.
+
+There is no autograd here: `freeze` marks parameters that training code
+should leave alone, and `trainable_parameters` lists the rest.
+"""
+import collections
+
+import numpy as np
+
+from .. import functional as F
+
+__all__ = ["Module", "Sequential", "ModuleList"]
+
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _as_numpy(value, key):
+    """A state-dict value as an ndarray: NumPy arrays, anything with
+    __array__, and PyTorch tensors (detached, moved to the CPU) without
+    importing PyTorch."""
+    if hasattr(value, "detach") and hasattr(value, "cpu"):
+        value = value.detach().cpu().numpy()
+    try:
+        return np.asarray(value)
+    except Exception as e:  # pragma: no cover - what np.asarray raises varies
+        raise TypeError(f"state dict entry {key!r}: cannot make an array of "
+                        f"{type(value).__name__}: {e}") from None
+
+
+class Module:
+    """Base class: parameters, buffers and submodules in registration order."""
+
+    def __init__(self):
+        object.__setattr__(self, "_parameters", collections.OrderedDict())
+        object.__setattr__(self, "_buffers", collections.OrderedDict())
+        object.__setattr__(self, "_modules", collections.OrderedDict())
+        object.__setattr__(self, "_frozen", set())
+        object.__setattr__(self, "training", True)
+
+    # -- registration -------------------------------------------------------
+    def register_parameter(self, name, value):
+        """Add a parameter (an ndarray, or None for an absent optional one)."""
+        self._parameters[name] = value
+        object.__setattr__(self, name, value)
+
+    def register_buffer(self, name, value):
+        """Add state that is saved but not a parameter (BatchNorm's running stats)."""
+        self._buffers[name] = value
+        object.__setattr__(self, name, value)
+
+    def __setattr__(self, name, value):
+        if isinstance(value, Module):
+            if "_modules" not in self.__dict__:
+                raise AttributeError("call Module.__init__() before assigning submodules")
+            self._modules[name] = value
+        elif name in self.__dict__.get("_parameters", {}):
+            value = self._checked_parameter(name, value)
+            self._parameters[name] = value
+        elif name in self.__dict__.get("_buffers", {}):
+            self._buffers[name] = value
+        elif name in self.__dict__.get("_modules", {}) and value is None:
+            del self._modules[name]
+        object.__setattr__(self, name, value)
+
+    def _checked_parameter(self, name, value):
+        """A parameter keeps its shape and dtype when a user assigns to it."""
+        old = self._parameters[name]
+        if value is None or old is None:
+            return value
+        value = np.asarray(value)
+        if value.shape != old.shape:
+            raise ValueError(f"{type(self).__name__}.{name}: expected shape {old.shape}, "
+                             f"got {value.shape}")
+        return np.ascontiguousarray(value, dtype=old.dtype)
+
+    # -- traversal ----------------------------------------------------------
+    def named_modules(self, prefix=""):
+        """(dotted name, module) for this module ("") and every submodule."""
+        yield prefix, self
+        for name, module in self._modules.items():
+            yield from module.named_modules(f"{prefix}.{name}" if prefix else name)
+
+    def named_parameters(self, prefix=""):
+        """(dotted name, array) for every parameter, this module's first."""
+        for name, value in self._parameters.items():
+            if value is not None:
+                yield prefix + name, value
+        for name, module in self._modules.items():
+            yield from module.named_parameters(f"{prefix}{name}.")
+
+    def named_buffers(self, prefix=""):
+        for name, value in self._buffers.items():
+            if value is not None:
+                yield prefix + name, value
+        for name, module in self._modules.items():
+            yield from module.named_buffers(f"{prefix}{name}.")
+
+    def parameters(self):
+        return [value for _, value in self.named_parameters()]
+
+    def children(self):
+        return list(self._modules.values())
+
+    # -- counting and freezing ----------------------------------------------
+    def num_parameters(self, trainable_only=False):
+        """How many numbers the parameters hold (buffers not counted)."""
+        names = self._frozen_names() if trainable_only else set()
+        return sum(int(v.size) for n, v in self.named_parameters() if n not in names)
+
+    def freeze(self, *names):
+        """Mark parameters as frozen, by dotted name or prefix ("encoder.layers.0");
+        with no names, all of them. Returns self."""
+        self._set_frozen(names, True)
+        return self
+
+    def unfreeze(self, *names):
+        self._set_frozen(names, False)
+        return self
+
+    def _set_frozen(self, names, frozen):
+        all_names = [n for n, _ in self.named_parameters()]
+        chosen = set(all_names) if not names else set()
+        for prefix in names:
+            matched = [n for n in all_names if n == prefix or n.startswith(prefix + ".")]
+            if not matched:
+                raise KeyError(f"no parameter is named {prefix!r} or starts with it; "
+                               f"parameters: {', '.join(all_names)}")
+            chosen.update(matched)
+        for module_prefix, module in self.named_modules():
+            for name in list(module._parameters):
+                full = (module_prefix + "." if module_prefix else "") + name
+                if full in chosen:
+                    (module._frozen.add if frozen else module._frozen.discard)(name)
+
+    def _frozen_names(self):
+        return {(p + "." if p else "") + n for p, m in self.named_modules() for n in m._frozen}
+
+    def trainable_parameters(self):
+        """(name, array) for the parameters that are not frozen."""
+        frozen = self._frozen_names()
+        return [(n, v) for n, v in self.named_parameters() if n not in frozen]
+
+    # -- modes and dtype -----------------------------------------------------
+    def train(self, mode=True):
+        for _, module in self.named_modules():
+            object.__setattr__(module, "training", bool(mode))
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def astype(self, dtype):
+        """Convert every floating parameter and buffer to float32 or float64, in place."""
+        dtype = np.dtype(dtype)
+        if dtype not in _FLOATS:
+            raise TypeError(f"modules compute in float32 or float64, not {dtype}")
+        for _, module in self.named_modules():
+            for store in (module._parameters, module._buffers):
+                for name, value in store.items():
+                    if value is not None and value.dtype.kind == "f":
+                        converted = np.ascontiguousarray(value, dtype=dtype)
+                        store[name] = converted
+                        object.__setattr__(module, name, converted)
+        return self
+
+    @property
+    def dtype(self):
+        for _, value in self.named_parameters():
+            return value.dtype
+        return np.dtype(np.float32)
+
+    # -- state dicts -----------------------------------------------------------
+    def state_dict(self):
+        """name -> array, parameters and buffers, in PyTorch's order and names.
+        The arrays are the module's own (not copies), as PyTorch's tensors are."""
+        state = collections.OrderedDict()
+        self._fill_state(state, "")
+        return state
+
+    def _fill_state(self, state, prefix):
+        for name, value in self._parameters.items():
+            if value is not None:
+                state[prefix + name] = value
+        for name, value in self._buffers.items():
+            if value is not None:
+                state[prefix + name] = value
+        for name, module in self._modules.items():
+            module._fill_state(state, f"{prefix}{name}.")
+
+    def load_state_dict(self, state_dict, strict=True):
+        """Copy values into the parameters and buffers, converting to their dtype.
+
+        Values may be NumPy arrays, PyTorch tensors or anything array-like.
+        strict=True (PyTorch's default) refuses missing and unexpected keys;
+        a shape that does not match is always an error naming the key.
+        Returns (missing_keys, unexpected_keys)."""
+        own = self.state_dict()
+        missing = [k for k in own if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in own]
+        if strict and (missing or unexpected):
+            parts = []
+            if missing:
+                parts.append(f"missing keys: {', '.join(missing)}")
+            if unexpected:
+                parts.append(f"unexpected keys: {', '.join(unexpected)}")
+            raise KeyError(f"load_state_dict for {type(self).__name__}: " + "; ".join(parts))
+        for key, target in own.items():
+            if key not in state_dict:
+                continue
+            value = _as_numpy(state_dict[key], key)
+            if value.shape != target.shape:
+                raise ValueError(f"load_state_dict: {key!r} has shape {value.shape} in the "
+                                 f"state dict but {target.shape} in the module")
+            if value.dtype.kind not in "fiub":
+                raise TypeError(f"load_state_dict: {key!r} has dtype {value.dtype}")
+            target[...] = value  # in place: arrays users hold stay the module's
+        return missing, unexpected
+
+    def save(self, path):
+        """Write the state dict to a .npz or .safetensors file."""
+        from ..io import save_state_dict
+        save_state_dict(self.state_dict(), path)
+
+    def load(self, path, strict=True):
+        """Read a state dict from a .npz or .safetensors file into the module."""
+        from ..io import load_state_dict
+        return self.load_state_dict(load_state_dict(path), strict=strict)
+
+    # -- calling -------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        raise NotImplementedError(f"{type(self).__name__} does not define forward")
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    def extra_repr(self):
+        return ""
+
+    def __repr__(self):
+        lines = [f"{type(self).__name__}({self.extra_repr()}"]
+        for name, module in self._modules.items():
+            child = repr(module).replace("\n", "\n  ")
+            lines.append(f"  ({name}): {child}")
+        return lines[0] + ")" if len(lines) == 1 else "\n".join(lines) + "\n)"
+
+
+class ModuleList(Module):
+    """Submodules named 0, 1, 2, ... (as PyTorch's, for state-dict keys)."""
+
+    def __init__(self, modules=()):
+        super().__init__()
+        for module in modules:
+            self.append(module)
+
+    def append(self, module):
+        setattr(self, str(len(self._modules)), module)
+        return self
+
+    def __getitem__(self, index):
+        return list(self._modules.values())[index]
+
+    def __len__(self):
+        return len(self._modules)
+
+    def __iter__(self):
+        return iter(self._modules.values())
+
+
+class Sequential(ModuleList):
+    """Modules applied one after another."""
+
+    def forward(self, x):
+        for module in self:
+            x = module(x)
+        return x
+
+
+def _check_float(x, what):
+    """x as a float32/float64 array (the functional layer's rules)."""
+    return F._as_float_array(x, what, "input")

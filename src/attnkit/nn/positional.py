@@ -1,0 +1,150 @@
+"""Position information for attention, which by itself ignores order.
+
+  sinusoidal  added to the embeddings: PE[p, 2i] = sin(p / base^(2i/d)),
+              PE[p, 2i+1] = cos(p / base^(2i/d))          (Vaswani et al.)
+  learned     added to the embeddings: a trained table of positions
+  rotary      applied to queries and keys: each pair of features rotated by
+              an angle proportional to the position, so q_m . k_n depends on
+              m - n only                                   (RoPE, Su et al.)
+  ALiBi       added to the scores: -slope_h * distance, a slope per head
+                                                            (Press et al.)
+"""
+import math
+
+import numpy as np
+
+from .. import functional as F
+from . import init
+from .layers import _float_dtype, _positive
+from .module import Module
+
+__all__ = ["sinusoidal_positional_encoding", "SinusoidalPositionalEncoding",
+           "LearnedPositionalEmbedding", "RotaryEmbedding", "alibi_slopes", "alibi_bias"]
+
+
+def sinusoidal_positional_encoding(length, dim, base=10000.0, *, offset=0, dtype=np.float32):
+    """(length, dim): row p is the encoding of position offset + p. Computed in
+    float64 and rounded once."""
+    length, dim = int(length), _positive(dim, "dim", "sinusoidal_positional_encoding")
+    position = np.arange(offset, offset + length, dtype=np.float64)[:, None]    # (length, 1)
+    frequency = base ** (-np.arange(0, dim, 2, dtype=np.float64) / dim)       # (ceil(dim/2))
+    angle = position * frequency                                               # (length, ceil(dim/2))
+    pe = np.empty((length, dim), np.float64)
+    pe[:, 0::2] = np.sin(angle)
+    pe[:, 1::2] = np.cos(angle[:, : dim // 2])
+    return pe.astype(dtype)
+
+
+def _sequence_input(layer, x, dim):
+    x = F._as_float_array(x, type(layer).__name__, "input")
+    if x.ndim < 2 or x.shape[-1] != dim:
+        raise ValueError(f"{type(layer).__name__}: input must be (..., length, {dim}), got {x.shape}")
+    return x
+
+
+class SinusoidalPositionalEncoding(Module):
+    """Adds the sinusoidal encoding to x (..., length, dim) (positions from
+    `offset`, for decoding one step at a time). No parameters."""
+
+    def __init__(self, dim, max_length=4096, base=10000.0, *, dtype=np.float32):
+        super().__init__()
+        self.dim, self.base = _positive(dim, "dim", "SinusoidalPositionalEncoding"), float(base)
+        self._table = sinusoidal_positional_encoding(max_length, self.dim, self.base, dtype=_float_dtype(dtype))
+
+    def forward(self, x, offset=0):
+        x = _sequence_input(self, x, self.dim)
+        L = x.shape[-2]
+        if offset + L > len(self._table):
+            table = sinusoidal_positional_encoding(L, self.dim, self.base, offset=offset, dtype=x.dtype)
+        else:
+            table = self._table[offset:offset + L].astype(x.dtype, copy=False)
+        return x + table
+
+
+class LearnedPositionalEmbedding(Module):
+    """Adds weight[offset : offset + length] to x (..., length, dim); weight
+    (max_length, dim) starts N(0, 1), as an Embedding's."""
+
+    def __init__(self, max_length, dim, *, dtype=np.float32, rng=None):
+        super().__init__()
+        self.max_length = _positive(max_length, "max_length", "LearnedPositionalEmbedding")
+        self.dim = _positive(dim, "dim", "LearnedPositionalEmbedding")
+        self.register_parameter("weight", init.normal_(np.empty((self.max_length, self.dim),
+                                                                _float_dtype(dtype)), rng=rng))
+
+    def forward(self, x, offset=0):
+        x = _sequence_input(self, x, self.dim)
+        L = x.shape[-2]
+        if offset < 0 or offset + L > self.max_length:
+            raise ValueError(f"LearnedPositionalEmbedding: positions {offset}..{offset + L - 1} "
+                             f"are beyond the {self.max_length} it was made for")
+        return x + self.weight[offset:offset + L]
+
+
+class RotaryEmbedding(Module):
+    """Rotary position embedding of queries or keys (..., length, head_dim).
+
+    Feature pairs (x_j, x_{j + d/2}) (interleaved=False, the GPT-NeoX/LLaMA
+    layout) or (x_{2j}, x_{2j+1}) (interleaved=True, the paper's) are rotated
+    by position * base^(-2j/d). Apply it to q and k before attention; the
+    score q_m . k_n then depends on m - n only. No parameters."""
+
+    def __init__(self, head_dim, base=10000.0, interleaved=False):
+        super().__init__()
+        self.head_dim = _positive(head_dim, "head_dim", "RotaryEmbedding")
+        if self.head_dim % 2:
+            raise ValueError(f"RotaryEmbedding: head_dim must be even, got {head_dim}")
+        self.base, self.interleaved = float(base), bool(interleaved)
+
+    def angles(self, positions):
+        """(len(positions), head_dim / 2), in float64."""
+        inv = self.base ** (-np.arange(0, self.head_dim, 2, dtype=np.float64) / self.head_dim)
+        return np.asarray(positions, np.float64)[:, None] * inv[None, :]
+
+    def forward(self, x, offset=0, positions=None):
+        x = _sequence_input(self, x, self.head_dim)
+        L = x.shape[-2]
+        positions = np.arange(offset, offset + L) if positions is None else np.asarray(positions)
+        if positions.shape != (L,):
+            raise ValueError(f"RotaryEmbedding: positions must be ({L},), got {positions.shape}")
+        angle = self.angles(positions)
+        cos, sin = np.cos(angle).astype(x.dtype), np.sin(angle).astype(x.dtype)   # (L, d/2)
+        if self.interleaved:
+            a, b = x[..., 0::2], x[..., 1::2]
+        else:
+            a, b = x[..., : self.head_dim // 2], x[..., self.head_dim // 2:]
+        ra, rb = a * cos - b * sin, a * sin + b * cos                              # (..., L, d/2)
+        out = np.empty_like(x)
+        if self.interleaved:
+            out[..., 0::2], out[..., 1::2] = ra, rb
+        else:
+            out[..., : self.head_dim // 2], out[..., self.head_dim // 2:] = ra, rb
+        return out
+
+
+def alibi_slopes(num_heads):
+    """ALiBi's slopes: 2^(-8/n), 2^(-16/n), ... for n heads when n is a power of
+    two; otherwise those of the power of two below, then every other slope of
+    the one above (the paper's recipe)."""
+    num_heads = _positive(num_heads, "num_heads", "alibi_slopes")
+
+    def power_of_two(n):
+        start = 2.0 ** (-8.0 / n)
+        return [start ** (i + 1) for i in range(n)]
+
+    below = 2 ** int(math.floor(math.log2(num_heads)))
+    slopes = power_of_two(below)
+    if below < num_heads:
+        slopes += power_of_two(2 * below)[0::2][: num_heads - below]
+    return np.array(slopes)
+
+
+def alibi_bias(num_heads, query_length, key_length, *, dtype=np.float32):
+    """(num_heads, L, S) to add to the scores (a float attn_mask): -slope_h
+    times the distance between query i, at position S - L + i (the queries are
+    the last L positions), and key j. Causal use adds is_causal=True with
+    causal_alignment="bottom_right"."""
+    L, S = int(query_length), int(key_length)
+    query_position = np.arange(S - L, S)[:, None]                               # (L, 1)
+    distance = np.abs(query_position - np.arange(S)[None, :])                   # (L, S)
+    return (-alibi_slopes(num_heads)[:, None, None] * distance).astype(dtype)

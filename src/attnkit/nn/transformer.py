@@ -1,0 +1,171 @@
+"""Transformer encoder and decoder layers and stacks, as PyTorch's
+(nn.TransformerEncoderLayer and friends): same arguments, same submodule
+names, so their state dicts load.
+
+    encoder layer, norm_first=False (post-norm, the original):
+        x = norm1(x + dropout1(self_attn(x, x, x)))
+        x = norm2(x + dropout2(linear2(dropout(activation(linear1(x))))))
+    norm_first=True (pre-norm):
+        x = x + dropout1(self_attn(norm1(x), ...))
+        x = x + dropout2(feed_forward(norm2(x)))
+    the decoder layer adds, between the two, cross-attention to the encoder's
+    output ("memory"): multihead_attn(x, memory, memory) with norm2, and its
+    feed-forward block uses norm3.
+"""
+import copy
+
+import numpy as np
+
+from .attention import MultiHeadAttention
+from .layers import Dropout, LayerNorm, Linear, get_activation
+from .module import Module, ModuleList
+
+__all__ = ["TransformerEncoderLayer", "TransformerDecoderLayer", "TransformerEncoder",
+           "TransformerDecoder"]
+
+
+class _FeedForward:
+    """linear2(dropout(activation(linear1(x)))), shared by both layers."""
+
+    def _feed_forward(self, x):
+        return self.linear2(self.dropout(self.activation(self.linear1(x))))
+
+
+class TransformerEncoderLayer(Module, _FeedForward):
+    """Self-attention then a feed-forward block, each with a residual and a
+    layer norm. forward(src, src_mask=None, src_key_padding_mask=None,
+    is_causal=False); masks as MultiHeadAttention's (True = hide)."""
+
+    def __init__(self, d_model, nhead, dim_feedforward=2048, dropout=0.1, activation="relu",
+                 layer_norm_eps=1e-5, batch_first=False, norm_first=False, bias=True, *,
+                 dtype=np.float32, rng=None):
+        super().__init__()
+        self.self_attn = MultiHeadAttention(d_model, nhead, dropout=dropout, bias=bias,
+                                            batch_first=batch_first, dtype=dtype, rng=rng)
+        self.linear1 = Linear(d_model, dim_feedforward, bias=bias, dtype=dtype, rng=rng)
+        self.dropout = Dropout(dropout, rng=rng)
+        self.linear2 = Linear(dim_feedforward, d_model, bias=bias, dtype=dtype, rng=rng)
+        self.norm_first = bool(norm_first)
+        self.norm1 = LayerNorm(d_model, eps=layer_norm_eps, bias=bias, dtype=dtype)
+        self.norm2 = LayerNorm(d_model, eps=layer_norm_eps, bias=bias, dtype=dtype)
+        self.dropout1 = Dropout(dropout, rng=rng)
+        self.dropout2 = Dropout(dropout, rng=rng)
+        self.activation = get_activation(activation)
+
+    def _self_attention(self, x, mask, key_padding_mask, is_causal):
+        out, _ = self.self_attn(x, x, x, attn_mask=mask, key_padding_mask=key_padding_mask,
+                                need_weights=False, is_causal=is_causal)
+        return self.dropout1(out)
+
+    def forward(self, src, src_mask=None, src_key_padding_mask=None, is_causal=False):
+        x = src
+        if self.norm_first:
+            x = x + self._self_attention(self.norm1(x), src_mask, src_key_padding_mask, is_causal)
+            return x + self.dropout2(self._feed_forward(self.norm2(x)))
+        x = self.norm1(x + self._self_attention(x, src_mask, src_key_padding_mask, is_causal))
+        return self.norm2(x + self.dropout2(self._feed_forward(x)))
+
+
+class TransformerDecoderLayer(Module, _FeedForward):
+    """Self-attention, cross-attention to memory, then feed-forward.
+    forward(tgt, memory, tgt_mask=None, memory_mask=None,
+    tgt_key_padding_mask=None, memory_key_padding_mask=None,
+    tgt_is_causal=False, memory_is_causal=False)."""
+
+    def __init__(self, d_model, nhead, dim_feedforward=2048, dropout=0.1, activation="relu",
+                 layer_norm_eps=1e-5, batch_first=False, norm_first=False, bias=True, *,
+                 dtype=np.float32, rng=None):
+        super().__init__()
+        self.self_attn = MultiHeadAttention(d_model, nhead, dropout=dropout, bias=bias,
+                                            batch_first=batch_first, dtype=dtype, rng=rng)
+        self.multihead_attn = MultiHeadAttention(d_model, nhead, dropout=dropout, bias=bias,
+                                                 batch_first=batch_first, dtype=dtype, rng=rng)
+        self.linear1 = Linear(d_model, dim_feedforward, bias=bias, dtype=dtype, rng=rng)
+        self.dropout = Dropout(dropout, rng=rng)
+        self.linear2 = Linear(dim_feedforward, d_model, bias=bias, dtype=dtype, rng=rng)
+        self.norm_first = bool(norm_first)
+        self.norm1 = LayerNorm(d_model, eps=layer_norm_eps, bias=bias, dtype=dtype)
+        self.norm2 = LayerNorm(d_model, eps=layer_norm_eps, bias=bias, dtype=dtype)
+        self.norm3 = LayerNorm(d_model, eps=layer_norm_eps, bias=bias, dtype=dtype)
+        self.dropout1 = Dropout(dropout, rng=rng)
+        self.dropout2 = Dropout(dropout, rng=rng)
+        self.dropout3 = Dropout(dropout, rng=rng)
+        self.activation = get_activation(activation)
+
+    def _self_attention(self, x, mask, key_padding_mask, is_causal):
+        out, _ = self.self_attn(x, x, x, attn_mask=mask, key_padding_mask=key_padding_mask,
+                                need_weights=False, is_causal=is_causal)
+        return self.dropout1(out)
+
+    def _cross_attention(self, x, memory, mask, key_padding_mask, is_causal):
+        out, _ = self.multihead_attn(x, memory, memory, attn_mask=mask,
+                                     key_padding_mask=key_padding_mask, need_weights=False,
+                                     is_causal=is_causal)
+        return self.dropout2(out)
+
+    def forward(self, tgt, memory, tgt_mask=None, memory_mask=None, tgt_key_padding_mask=None,
+                memory_key_padding_mask=None, tgt_is_causal=False, memory_is_causal=False):
+        x = tgt
+        if self.norm_first:
+            x = x + self._self_attention(self.norm1(x), tgt_mask, tgt_key_padding_mask, tgt_is_causal)
+            x = x + self._cross_attention(self.norm2(x), memory, memory_mask,
+                                          memory_key_padding_mask, memory_is_causal)
+            return x + self.dropout3(self._feed_forward(self.norm3(x)))
+        x = self.norm1(x + self._self_attention(x, tgt_mask, tgt_key_padding_mask, tgt_is_causal))
+        x = self.norm2(x + self._cross_attention(x, memory, memory_mask, memory_key_padding_mask,
+                                                 memory_is_causal))
+        return self.norm3(x + self.dropout3(self._feed_forward(x)))
+
+
+def _clones(layer, num_layers):
+    """num_layers deep copies of layer, as PyTorch makes them; each copy's
+    dropout draws from its own generator, seeded from the original's."""
+    if isinstance(num_layers, bool) or not isinstance(num_layers, (int, np.integer)) or num_layers < 1:
+        raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
+    clones = ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
+    for clone in clones:
+        for _, module in clone.named_modules():
+            if isinstance(getattr(module, "rng", None), np.random.Generator):
+                module.rng = np.random.default_rng(int(module.rng.integers(2**63)))
+    return clones
+
+
+class TransformerEncoder(Module):
+    """num_layers copies of encoder_layer (state-dict keys layers.0., layers.1.,
+    ...) and an optional final norm. forward(src, mask=None,
+    src_key_padding_mask=None, is_causal=False)."""
+
+    def __init__(self, encoder_layer, num_layers, norm=None):
+        super().__init__()
+        self.layers = _clones(encoder_layer, num_layers)
+        self.num_layers = len(self.layers)
+        self.norm = norm
+
+    def forward(self, src, mask=None, src_key_padding_mask=None, is_causal=False):
+        x = src
+        for layer in self.layers:
+            x = layer(x, src_mask=mask, src_key_padding_mask=src_key_padding_mask, is_causal=is_causal)
+        return x if self.norm is None else self.norm(x)
+
+
+class TransformerDecoder(Module):
+    """num_layers copies of decoder_layer and an optional final norm.
+    forward(tgt, memory, tgt_mask=None, memory_mask=None,
+    tgt_key_padding_mask=None, memory_key_padding_mask=None,
+    tgt_is_causal=False, memory_is_causal=False)."""
+
+    def __init__(self, decoder_layer, num_layers, norm=None):
+        super().__init__()
+        self.layers = _clones(decoder_layer, num_layers)
+        self.num_layers = len(self.layers)
+        self.norm = norm
+
+    def forward(self, tgt, memory, tgt_mask=None, memory_mask=None, tgt_key_padding_mask=None,
+                memory_key_padding_mask=None, tgt_is_causal=False, memory_is_causal=False):
+        x = tgt
+        for layer in self.layers:
+            x = layer(x, memory, tgt_mask=tgt_mask, memory_mask=memory_mask,
+                      tgt_key_padding_mask=tgt_key_padding_mask,
+                      memory_key_padding_mask=memory_key_padding_mask,
+                      tgt_is_causal=tgt_is_causal, memory_is_causal=memory_is_causal)
+        return x if self.norm is None else self.norm(x)
