@@ -9,11 +9,13 @@ Nothing here is fast, and nothing here is clever.
 Shape names: x is any shape (...); a reduced axis has length C.
 """
 import functools
+import math
 
 import numpy as np
 
 __all__ = ["softmax", "log_softmax", "layer_norm", "rms_norm", "scaled_dot_product_attention",
-           "dropout_keep_mask"]
+           "dropout_keep_mask", "linear", "relu", "sigmoid", "gelu", "silu", "batch_norm",
+           "multi_head_attention"]
 
 
 def _ieee(func):
@@ -182,3 +184,121 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         weights = np.where(keep, weights / (1 - dropout_p) if dropout_p < 1 else 0, 0)
     out = weights @ v                                            # (..., H, L, Ev)
     return out.astype(dtype), weights.astype(dtype), lse.astype(dtype)
+
+
+# ---------------------------------------------------------------------------
+# The pieces of layers
+
+def linear(x, weight, bias=None, *, dtype=np.float64):
+    """x @ weight.T + bias."""
+    y = np.asarray(x, dtype) @ np.asarray(weight, dtype).T       # (..., out)
+    return y if bias is None else y + np.asarray(bias, dtype)
+
+
+def relu(x, *, dtype=np.float64):
+    return np.maximum(np.asarray(x, dtype), 0)
+
+
+@_ieee
+def sigmoid(x, *, dtype=np.float64):
+    return 1 / (1 + np.exp(-np.asarray(x, dtype)))
+
+
+def gelu(x, approximate="none", *, dtype=np.float64):
+    """x * Phi(x) with Phi(x) = (1 + erf(x / sqrt(2))) / 2, erf from Python's
+    math module element by element; or the tanh approximation."""
+    x = np.asarray(x, dtype)
+    if approximate == "tanh":
+        inner = np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)
+        return 0.5 * x * (1 + np.tanh(inner))
+    erf = np.vectorize(math.erf, otypes=[np.float64])
+    return (0.5 * x * (1 + erf(x / np.sqrt(2)))).astype(dtype)
+
+
+def silu(x, *, dtype=np.float64):
+    x = np.asarray(x, dtype)
+    return x * sigmoid(x, dtype=dtype)
+
+
+def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, training=True,
+               eps=1e-5, *, dtype=np.float64):
+    """(N, C) or (N, C, L): normalised per channel by the batch's mean and
+    biased variance (training) or by the running statistics."""
+    x = np.asarray(x, dtype)
+    axes = (0,) if x.ndim == 2 else (0, 2)
+    shape = (1, -1) if x.ndim == 2 else (1, -1, 1)
+    if training:
+        mean, var = x.mean(axis=axes), x.var(axis=axes)                    # (C), (C)
+    else:
+        mean, var = np.asarray(running_mean, dtype), np.asarray(running_var, dtype)
+    y = (x - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + eps)
+    if weight is not None:
+        y = y * np.asarray(weight, dtype).reshape(shape)
+    if bias is not None:
+        y = y + np.asarray(bias, dtype).reshape(shape)
+    return y
+
+
+def multi_head_attention(query, key, value, state, num_heads, key_padding_mask=None,
+                         attn_mask=None, is_causal=False, batch_first=False, add_zero_attn=False,
+                         *, dtype=np.float64):
+    """PyTorch's multi-head attention, composed from linear and
+    scaled_dot_product_attention, with the parameters of a state dict
+    (in_proj_weight or q/k/v_proj_weight, in_proj_bias, bias_k, bias_v,
+    out_proj.weight, out_proj.bias). Masks have MultiheadAttention's meaning:
+    True = hidden. Returns (output, weights (N, H, L, S))."""
+    p = {k: np.asarray(v, dtype) for k, v in state.items()}
+    q, k, v = (np.asarray(a, dtype) for a in (query, key, value))
+    unbatched = q.ndim == 2
+    if unbatched:
+        q, k, v = q[None], k[None], v[None]
+    elif not batch_first:
+        q, k, v = (a.swapaxes(0, 1) for a in (q, k, v))                   # (N, L, features)
+    E = q.shape[-1]
+    if "in_proj_weight" in p:
+        Wq, Wk, Wv = np.split(p["in_proj_weight"], 3)
+    else:
+        Wq, Wk, Wv = p["q_proj_weight"], p["k_proj_weight"], p["v_proj_weight"]
+    kv = Wk.shape[0]
+    b = p.get("in_proj_bias")
+    bq, bk, bv = (None, None, None) if b is None else (b[:E], b[E:E + kv], b[E + kv:])
+    qp, kp, vp = linear(q, Wq, bq, dtype=dtype), linear(k, Wk, bk, dtype=dtype), linear(v, Wv, bv, dtype=dtype)
+    N, L, S = q.shape[0], q.shape[1], k.shape[1]
+    hidden = np.zeros((N, 1, 1, S), bool)                                   # (N, 1, 1, S) True = hidden
+    if key_padding_mask is not None:
+        kpm = np.asarray(key_padding_mask)
+        kpm = kpm[None] if unbatched else kpm
+        hidden = kpm.reshape(N, 1, 1, S) if kpm.dtype == np.bool_ else None
+        added = None if kpm.dtype == np.bool_ else kpm.reshape(N, 1, 1, S).astype(dtype)
+    else:
+        added = None
+    scores_bias = np.zeros((N, 1, 1, S), dtype) if added is None else added  # (N, 1, 1, S)
+    if hidden is not None:
+        scores_bias = np.where(hidden, -np.inf, scores_bias)
+    if attn_mask is not None:
+        m = np.asarray(attn_mask)
+        m = m.reshape(N, num_heads, L, S) if m.ndim == 3 else m
+        scores_bias = scores_bias + (np.where(m, -np.inf, 0.0) if m.dtype == np.bool_ else m.astype(dtype))
+    H, d = num_heads, E // num_heads
+    Hkv = kv // d
+    if "bias_k" in p:
+        kp = np.concatenate([kp, np.broadcast_to(p["bias_k"], (N, 1, kv))], axis=1)
+        vp = np.concatenate([vp, np.broadcast_to(p["bias_v"], (N, 1, kv))], axis=1)
+        scores_bias = np.concatenate([np.broadcast_to(scores_bias, scores_bias.shape[:-1] + (S,)),
+                                      np.zeros(scores_bias.shape[:-1] + (1,), dtype)], axis=-1)
+    qh = qp.reshape(N, L, H, d).transpose(0, 2, 1, 3)                       # (N, H, L, d)
+    kh = kp.reshape(N, -1, Hkv, d).transpose(0, 2, 1, 3)                    # (N, Hkv, S', d)
+    vh = vp.reshape(N, -1, Hkv, d).transpose(0, 2, 1, 3)                    # (N, Hkv, S', d)
+    if add_zero_attn:
+        kh = np.concatenate([kh, np.zeros((N, Hkv, 1, d), dtype)], axis=2)
+        vh = np.concatenate([vh, np.zeros((N, Hkv, 1, d), dtype)], axis=2)
+        scores_bias = np.concatenate([np.broadcast_to(scores_bias, scores_bias.shape[:-1] + (kh.shape[2] - 1,)),
+                                      np.zeros(scores_bias.shape[:-1] + (1,), dtype)], axis=-1)
+    heads, weights, _ = scaled_dot_product_attention(qh, kh, vh, attn_mask=scores_bias,
+                                                     is_causal=is_causal, enable_gqa=Hkv != H,
+                                                     dtype=dtype)                # (N, H, L, d)
+    merged = heads.transpose(0, 2, 1, 3).reshape(N, L, E)                   # (N, L, E): heads side by side
+    out = linear(merged, p["out_proj.weight"], p.get("out_proj.bias"), dtype=dtype)
+    if unbatched:
+        return out[0], weights[0]
+    return (out if batch_first else out.swapaxes(0, 1)), weights
