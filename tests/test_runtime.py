@@ -232,3 +232,14 @@ def test_tests_run_against_the_installed_package():
     source_tree = pathlib.Path(__file__).resolve().parent.parent / "src"
     assert source_tree not in pathlib.Path(attnkit.__file__).resolve().parents
     assert pathlib.Path(attnkit._runtime._kernels.__file__).suffix == ".so"
+
+
+def test_openmp_threads_sleep_between_kernels_and_the_environment_is_restored():
+    """attnkit's OpenMP runtime reads OMP_WAIT_POLICY=PASSIVE at import (so its
+    idle threads do not spin against NumPy's BLAS threads), and the variable
+    is then removed again; a policy the user set is left alone."""
+    out, _ = run_python("import os, attnkit; print(os.environ.get('OMP_WAIT_POLICY'))")
+    assert out.strip() == "None"
+    out, _ = run_python("import os, attnkit; print(os.environ.get('OMP_WAIT_POLICY'))",
+                        {"OMP_WAIT_POLICY": "ACTIVE"})
+    assert out.strip() == "ACTIVE"

@@ -513,7 +513,16 @@ def linear(x, weight, bias=None):
                          f"got input {x.shape} and weight {weight.shape}")
     if weight.dtype != x.dtype:
         raise TypeError(f"{func}: weight has dtype {weight.dtype} but the input is {x.dtype}")
-    y = np.matmul(x, weight.T)
+    # one (rows, in) @ (in, out) product, not one per leading index: NumPy's
+    # matmul loops over stacked matrices, and one big GEMM runs faster
+    try:
+        rows = x.reshape(-1, x.shape[-1], copy=False)
+    except ValueError:
+        rows = None
+    if rows is not None and x.ndim > 2:
+        y = np.matmul(rows, weight.T).reshape(x.shape[:-1] + (weight.shape[0],))
+    else:
+        y = np.matmul(x, weight.T)
     if bias is not None:
         bias = _as_float_array(bias, func, "bias")
         if bias.shape != (weight.shape[0],) or bias.dtype != x.dtype:
