@@ -4,7 +4,7 @@
  * copy is compiled for.
  *
  * Layer norm, three passes over a row (it stays in L1/L2 between them):
- *   1. mean0 = sum(x) / C                (summed in double)
+ *   1. mean0 = x[0] + sum(x - x[0]) / C
  *   2. d = x - mean0,  s1 = sum(d),  s2 = sum(d^2)
  *      mean = mean0 + s1/C,  var = s2/C - (s1/C)^2
  *   3. out = (x - mean) * rstd * weight + bias,  rstd = 1/sqrt(var + eps)
@@ -14,7 +14,8 @@
  * The mean is kept as two reals, hi + lo, so x - mean is (x - hi) - lo: for a
  * row near 1e4 the deviation is then exact, not rounded to 1e4's ulp.
  *
- * Other sums are added in `real` lanes for SUM_BLOCK elements, then in double.
+ * Sums are accumulated as simd.h's vacc (float data: float lanes flushed
+ * into a double every few terms; double data: compensated sums).
  * A row whose squares overflow or underflow `real` (|x - mean| above ~1e19 in
  * float, or a variance so small that eps does not hide the underflow) is
  * redone by a careful scalar path that scales the row by a power of two
@@ -25,7 +26,6 @@
 #include "attnkit.h"
 #include "simd.h"
 
-enum { SUM_BLOCK = 512 };
 
 
 #if ATTNKIT_REAL_BITS == 32
@@ -125,59 +125,55 @@ static void rms_norm_row_careful(real* out, real* rrms_out, const real* x, const
  * The fast path.
  */
 
-/* sum(x) over one row, added in double: a row of equal values then has the
- * exact mean, and the second pass has only rounding left to repair */
-static double row_sum(const real* x, int64_t C)
+/* The row's mean, first estimate: x[0] + sum(x - x[0]) / C, the sum
+ * accumulated as simd.h's vacc. Shifting by an element of the row keeps the
+ * terms small, and makes the sum of a row of equal values exactly 0, so such
+ * a row has its exact mean and normalises to exactly the bias. */
+static double row_mean(const real* x, int64_t C)
 {
+    const real first = x[0];
+    const vreal shift = v_set1(first);
     vacc a0 = vacc_zero(), a1 = vacc_zero();
     int64_t c = 0;
     for (; c + 2 * VLEN <= C; c += 2 * VLEN) {
-        a0 = vacc_add(a0, v_load(x + c));
-        a1 = vacc_add(a1, v_load(x + c + VLEN));
+        a0 = vacc_add(a0, v_sub(v_load(x + c), shift));
+        a1 = vacc_add(a1, v_sub(v_load(x + c + VLEN), shift));
     }
-    for (; c + VLEN <= C; c += VLEN) a0 = vacc_add(a0, v_load(x + c));
+    for (; c + VLEN <= C; c += VLEN) a0 = vacc_add(a0, v_sub(v_load(x + c), shift));
     double tail = 0.0;
-    for (; c < C; c++) tail += x[c];
-    return (vacc_sum(a0) + vacc_sum(a1)) + tail;
+    for (; c < C; c++) tail += x[c] - first;
+    return (double)first + ((vacc_sum(a0) + vacc_sum(a1)) + tail) / (double)C;
 }
 
-/* sum(d) and sum(d^2) for d = (x - hi) - lo over one row */
+/* sum(d) and sum(d^2) for d = (x - hi) - lo over one row, accumulated as
+ * simd.h's vacc: a row of one large deviation among many small ones (a lone
+ * 2 among 559 zeros) loses nothing to the small ones' rounding against it */
 static void row_centred_sums(double* sum_d, double* sum_d2, const real* x, real hi, real lo, int64_t C)
 {
     const vreal vhi = v_set1(hi), vlo = v_set1(lo);
-    double s1 = 0.0, s2 = 0.0;
-    for (int64_t block = 0; block < C; block += SUM_BLOCK) {
-        const int64_t end = min_i64(C, block + SUM_BLOCK);
-        vreal a0 = v_set1(0), a1 = a0, q0 = a0, q1 = a0, q2 = a0, q3 = a0;
-        int64_t c = block;
-        for (; c + 4 * VLEN <= end; c += 4 * VLEN) {
-            vreal d0 = v_sub(v_sub(v_load(x + c), vhi), vlo);
-            vreal d1 = v_sub(v_sub(v_load(x + c + VLEN), vhi), vlo);
-            vreal d2 = v_sub(v_sub(v_load(x + c + 2 * VLEN), vhi), vlo);
-            vreal d3 = v_sub(v_sub(v_load(x + c + 3 * VLEN), vhi), vlo);
-            a0 = v_add(a0, v_add(d0, d1));
-            a1 = v_add(a1, v_add(d2, d3));
-            q0 = v_fma(d0, d0, q0);
-            q1 = v_fma(d1, d1, q1);
-            q2 = v_fma(d2, d2, q2);
-            q3 = v_fma(d3, d3, q3);
-        }
-        for (; c + VLEN <= end; c += VLEN) {
-            vreal d = v_sub(v_sub(v_load(x + c), vhi), vlo);
-            a0 = v_add(a0, d);
-            q0 = v_fma(d, d, q0);
-        }
-        double t1 = 0.0, t2 = 0.0;
-        for (; c < end; c++) {
-            real d = (x[c] - hi) - lo;
-            t1 += d;
-            t2 += (double)d * d;
-        }
-        s1 += v_reduce_add(v_add(a0, a1)) + t1;
-        s2 += v_reduce_add(v_add(v_add(q0, q1), v_add(q2, q3))) + t2;
+    vacc a0 = vacc_zero(), a1 = vacc_zero(), q0 = vacc_zero(), q1 = vacc_zero();
+    int64_t c = 0;
+    for (; c + 2 * VLEN <= C; c += 2 * VLEN) {
+        const vreal d0 = v_sub(v_sub(v_load(x + c), vhi), vlo);
+        const vreal d1 = v_sub(v_sub(v_load(x + c + VLEN), vhi), vlo);
+        a0 = vacc_add(a0, d0);
+        a1 = vacc_add(a1, d1);
+        q0 = vacc_add_square(q0, d0);
+        q1 = vacc_add_square(q1, d1);
     }
-    *sum_d = s1;
-    *sum_d2 = s2;
+    for (; c + VLEN <= C; c += VLEN) {
+        const vreal d = v_sub(v_sub(v_load(x + c), vhi), vlo);
+        a0 = vacc_add(a0, d);
+        q0 = vacc_add_square(q0, d);
+    }
+    double t1 = 0.0, t2 = 0.0;
+    for (; c < C; c++) {
+        const real d = (x[c] - hi) - lo;
+        t1 += d;
+        t2 += (double)d * d;
+    }
+    *sum_d = vacc_sum(a0) + vacc_sum(a1) + t1;
+    *sum_d2 = vacc_sum(q0) + vacc_sum(q1) + t2;
 }
 
 /* Pass 3 of layer norm: out = ((x - hi) - lo) * rstd [* weight] [+ bias].
@@ -229,7 +225,7 @@ static void layer_norm_row(real* out, real* mean_out, real* rstd_out, const real
                            int stream, real* out_next, const real* x_next)
 {
     /* passes 1 and 2 */
-    const double mean0 = row_sum(x, C) / (double)C;
+    const double mean0 = row_mean(x, C);
     real hi = (real)mean0, lo = (real)(mean0 - (double)hi);
     double s1, s2;
     row_centred_sums(&s1, &s2, x, hi, lo, C);
@@ -264,28 +260,17 @@ static void layer_norm_row(real* out, real* mean_out, real* rstd_out, const real
 static void rms_norm_row(real* out, real* rrms_out, const real* x, const real* weight,
                          int64_t C, double eps, int stream, real* out_next, const real* x_next)
 {
-    /* pass 1: sum of squares */
-    double s2 = 0.0;
-    for (int64_t block = 0; block < C; block += SUM_BLOCK) {
-        const int64_t end = min_i64(C, block + SUM_BLOCK);
-        vreal q0 = v_set1(0), q1 = q0, q2 = q0, q3 = q0;
-        int64_t c = block;
-        for (; c + 4 * VLEN <= end; c += 4 * VLEN) {
-            vreal x0 = v_load(x + c), x1 = v_load(x + c + VLEN);
-            vreal x2 = v_load(x + c + 2 * VLEN), x3 = v_load(x + c + 3 * VLEN);
-            q0 = v_fma(x0, x0, q0);
-            q1 = v_fma(x1, x1, q1);
-            q2 = v_fma(x2, x2, q2);
-            q3 = v_fma(x3, x3, q3);
-        }
-        for (; c + VLEN <= end; c += VLEN) {
-            vreal x0 = v_load(x + c);
-            q0 = v_fma(x0, x0, q0);
-        }
-        double tail = 0.0;
-        for (; c < end; c++) tail += (double)x[c] * x[c];
-        s2 += v_reduce_add(v_add(v_add(q0, q1), v_add(q2, q3))) + tail;
+    /* pass 1: sum of squares, in double */
+    vacc q0 = vacc_zero(), q1 = vacc_zero();
+    int64_t c = 0;
+    for (; c + 2 * VLEN <= C; c += 2 * VLEN) {
+        q0 = vacc_add_square(q0, v_load(x + c));
+        q1 = vacc_add_square(q1, v_load(x + c + VLEN));
     }
+    for (; c + VLEN <= C; c += VLEN) q0 = vacc_add_square(q0, v_load(x + c));
+    double tail = 0.0;
+    for (; c < C; c++) tail += (double)x[c] * x[c];
+    const double s2 = vacc_sum(q0) + vacc_sum(q1) + tail;
     const double mean_square = s2 / (double)C;
     if (!(mean_square <= DBL_MAX && mean_square + eps >= TINY_SUM_OF_SQUARES)) {
         rms_norm_row_careful(out, rrms_out, x, weight, C, eps);
@@ -300,7 +285,7 @@ static void rms_norm_row(real* out, real* rrms_out, const real* x, const real* w
     ? v_mul(v_mul((n) == VLEN ? v_load(x + (c)) : v_load_part(x + (c), n, 0), vr),             \
             (n) == VLEN ? v_load(weight + (c)) : v_load_part(weight + (c), n, 0))              \
     : v_mul((n) == VLEN ? v_load(x + (c)) : v_load_part(x + (c), n, 0), vr))
-    int64_t c = 0;
+    c = 0;
     if (stream) {
         const int64_t head = stream_head(out);
         if (head > 0 && head < C) {

@@ -17,8 +17,9 @@
  *   v_stream stores to a VLEN-aligned address past the caches (a non-temporal
  *   store: no read-for-ownership of a line that will be overwritten anyway);
  *   v_stream_fence orders such stores before anything that follows
- *   vacc is an accumulator of VLEN doubles: vacc_add(acc, v) adds v's lanes
- *   converted to double, vacc_sum(acc) the total
+ *   vacc accumulates a sum more accurately than one running real would:
+ *   vacc_add(acc, v) adds v's lanes, vacc_add_square(acc, v) their squares,
+ *   vacc_sum(acc) gives the total as a double (see below for how)
  */
 #ifndef ATTNKIT_SIMD_H
 #define ATTNKIT_SIMD_H
@@ -88,10 +89,7 @@ AK_INLINE void v_lanes(real* dst, vreal v) { *dst = v; }
 AK_INLINE vreal v_load_part(const real* p, int64_t n, real fill) { return n > 0 ? *p : fill; }
 AK_INLINE void v_store_part(real* p, vreal v, int64_t n) { if (n > 0) *p = v; }
 AK_INLINE vmask v_where(const uint8_t* w, int64_t step, int64_t n) { (void)step; return n > 0 && *w != 0; }
-typedef double vacc;
-AK_INLINE vacc vacc_zero(void) { return 0.0; }
-AK_INLINE vacc vacc_add(vacc acc, vreal v) { return acc + (double)v; }
-AK_INLINE double vacc_sum(vacc acc) { return acc; }
+
 AK_INLINE vreal v_shl_bits(vreal v, int k) {
     /* the bits of v shifted left by k, as a real */
     real_bits bits;
@@ -136,18 +134,6 @@ AK_INLINE real v_reduce_max(vreal v) {
     return _mm_cvtss_f32(m);
 }
 AK_INLINE void v_lanes(real* dst, vreal v) { _mm256_storeu_ps(dst, v); }
-typedef struct { __m256d lo, hi; } vacc;
-AK_INLINE vacc vacc_zero(void) { vacc a = {_mm256_setzero_pd(), _mm256_setzero_pd()}; return a; }
-AK_INLINE vacc vacc_add(vacc a, vreal v) {
-    a.lo = _mm256_add_pd(a.lo, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
-    a.hi = _mm256_add_pd(a.hi, _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
-    return a;
-}
-AK_INLINE double vacc_sum(vacc a) {
-    __m256d s = _mm256_add_pd(a.lo, a.hi);
-    __m128d h = _mm_add_pd(_mm256_castpd256_pd128(s), _mm256_extractf128_pd(s, 1));
-    return _mm_cvtsd_f64(_mm_add_sd(h, _mm_unpackhi_pd(h, h)));
-}
 AK_INLINE __m256i lanes_below_(int64_t n) {
     return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
@@ -189,10 +175,6 @@ AK_INLINE real v_reduce_max(vreal v) {
     return _mm_cvtsd_f64(m);
 }
 AK_INLINE void v_lanes(real* dst, vreal v) { _mm256_storeu_pd(dst, v); }
-typedef __m256d vacc;
-AK_INLINE vacc vacc_zero(void) { return _mm256_setzero_pd(); }
-AK_INLINE vacc vacc_add(vacc a, vreal v) { return _mm256_add_pd(a, v); }
-AK_INLINE double vacc_sum(vacc a) { return v_reduce_add(a); }
 AK_INLINE __m256i lanes_below_(int64_t n) {
     return _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3));
 }
@@ -270,15 +252,6 @@ AK_INLINE real v_reduce_max(vreal v) {
     return _mm_cvtss_f32(m);
 }
 AK_INLINE void v_lanes(real* dst, vreal v) { _mm512_storeu_ps(dst, v); }
-typedef struct { __m512d lo, hi; } vacc;
-AK_INLINE vacc vacc_zero(void) { vacc a = {_mm512_setzero_pd(), _mm512_setzero_pd()}; return a; }
-AK_INLINE vacc vacc_add(vacc a, vreal v) {
-    a.lo = _mm512_add_pd(a.lo, _mm512_cvtps_pd(_mm512_castps512_ps256(v)));
-    a.hi = _mm512_add_pd(a.hi, _mm512_cvtps_pd(
-        _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))));
-    return a;
-}
-AK_INLINE double vacc_sum(vacc a) { return _mm512_reduce_add_pd(_mm512_add_pd(a.lo, a.hi)); }
 AK_INLINE vmask lanes_below_(int64_t n) { return (vmask)((1u << n) - 1u); }
 AK_INLINE vreal v_load_part(const real* p, int64_t n, real fill) {
     return _mm512_mask_loadu_ps(_mm512_set1_ps(fill), lanes_below_(n), p);
@@ -314,10 +287,6 @@ AK_INLINE real v_reduce_max(vreal v) {
     return _mm_cvtsd_f64(m);
 }
 AK_INLINE void v_lanes(real* dst, vreal v) { _mm512_storeu_pd(dst, v); }
-typedef __m512d vacc;
-AK_INLINE vacc vacc_zero(void) { return _mm512_setzero_pd(); }
-AK_INLINE vacc vacc_add(vacc a, vreal v) { return _mm512_add_pd(a, v); }
-AK_INLINE double vacc_sum(vacc a) { return _mm512_reduce_add_pd(a); }
 AK_INLINE vmask lanes_below_(int64_t n) { return (vmask)((1u << n) - 1u); }
 AK_INLINE vreal v_load_part(const real* p, int64_t n, real fill) {
     return _mm512_mask_loadu_pd(_mm512_set1_pd(fill), lanes_below_(n), p);
@@ -347,6 +316,72 @@ AK_INLINE vmask v_where(const uint8_t* w, int64_t step, int64_t n) {
 
 #if !defined(ATTNKIT_ISA_scalar)
 AK_INLINE void v_stream_fence(void) { _mm_sfence(); }
+#endif
+
+#if ATTNKIT_REAL_BITS == 32
+/* For float data: sums in float lanes, each lane taking at most VACC_TERMS
+ * terms before its partial sum moves into a double. A lane's rounding error
+ * is then a few ulps of its few terms, so a lone large term among many small
+ * ones (a 2 among 559 zeros' deviations) costs at most a few ulps of the
+ * total, not the small terms' bits; and the double total does not drift. */
+#ifndef VACC_TERMS
+#define VACC_TERMS 8
+#endif
+typedef struct {
+    vreal lanes;
+    double total;
+    int terms;
+} vacc;
+AK_INLINE vacc vacc_zero(void) {
+    const vacc a = {v_set1(0), 0.0, 0};
+    return a;
+}
+AK_INLINE vacc vacc_flush_(vacc a) {
+    if (++a.terms == VACC_TERMS) {
+        a.total += v_reduce_add(a.lanes);
+        a.lanes = v_set1(0);
+        a.terms = 0;
+    }
+    return a;
+}
+AK_INLINE vacc vacc_add(vacc a, vreal v) {
+    a.lanes = v_add(a.lanes, v);
+    return vacc_flush_(a);
+}
+AK_INLINE vacc vacc_add_square(vacc a, vreal v) {
+    a.lanes = v_fma(v, v, a.lanes);
+    return vacc_flush_(a);
+}
+AK_INLINE double vacc_sum(vacc a) { return a.total + v_reduce_add(a.lanes); }
+#else
+/* For double data a double accumulator is no wider than the data, so the
+ * sums are compensated instead (Knuth's TwoSum, and for squares the product's
+ * own rounding error from an fma where there is one): the error of a sum of
+ * any length stays a few ulps, like NumPy's pairwise summation, where a plain
+ * running sum of 10^5 terms drifts by tens. */
+typedef struct {
+    vreal sum, err;
+} vacc;
+AK_INLINE vacc vacc_zero(void) {
+    const vacc a = {v_set1(0), v_set1(0)};
+    return a;
+}
+AK_INLINE vacc vacc_two_sum_(vacc a, vreal b) {
+    const vreal s = v_add(a.sum, b), bb = v_sub(s, a.sum);
+    a.err = v_add(a.err, v_add(v_sub(a.sum, v_sub(s, bb)), v_sub(b, bb)));
+    a.sum = s;
+    return a;
+}
+AK_INLINE vacc vacc_add(vacc a, vreal v) { return vacc_two_sum_(a, v); }
+AK_INLINE vacc vacc_add_square(vacc a, vreal v) {
+    const vreal p = v_mul(v, v);
+    a = vacc_two_sum_(a, p);
+#if !defined(ATTNKIT_ISA_scalar) /* the exact error of v*v, with a fused multiply-add */
+    a.err = v_add(a.err, v_fma(v, v, v_sub(v_set1(0), p)));
+#endif
+    return a;
+}
+AK_INLINE double vacc_sum(vacc a) { return v_reduce_add(a.sum) + v_reduce_add(a.err); }
 #endif
 
 /* An output larger than this will not stay in the caches (32 MB of L3 here,

@@ -18,9 +18,11 @@
 #include "simd.h"
 
 /* Exponentials are added in `real` lanes for SUM_BLOCK elements, then the
- * block's total is added into a double: a float row of 10^5 elements then
- * loses no more than a few ulps to summation. */
-enum { SUM_BLOCK = 512 };
+ * block's total is added into a double. The block is short, so each lane adds
+ * a handful of terms: a row of one 1 among many 1e-5 (a lone peak) loses at
+ * most a few ulps of its sum, where a long block would lose the small terms'
+ * bits against the large one. */
+enum { SUM_BLOCK = 128 };
 
 static inline int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
 

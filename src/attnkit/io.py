@@ -33,7 +33,13 @@ def load_safetensors(path):
         size = os.fstat(f.fileno()).st_size
         if n > size - 8:
             raise ValueError(f"{path}: not a safetensors file (header length {n}, file {size} bytes)")
-        header = json.loads(f.read(n))
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise ValueError(f"{path}: not a safetensors file (its header is not JSON: {e})") from None
+        if not isinstance(header, dict):
+            raise ValueError(f"{path}: not a safetensors file (its header is a JSON "
+                             f"{type(header).__name__}, not an object)")
         data = f.read()
     tensors = {}
     for name, entry in header.items():
@@ -62,12 +68,12 @@ def save_safetensors(tensors, path, metadata=None):
     """Write name -> array (any of the dtypes above) as a .safetensors file."""
     header, chunks, offset = {}, [], 0
     for name, value in tensors.items():
-        array = np.ascontiguousarray(value)
+        array = np.asarray(value)  # not ascontiguousarray: it makes a 0-d array 1-d
         little = array.dtype.newbyteorder("<")
         if little not in _NAMES:
             raise TypeError(f"save_safetensors: {name!r} has dtype {array.dtype}, which "
                             "safetensors does not hold")
-        data = array.astype(little, copy=False).tobytes()
+        data = array.astype(little, copy=False).tobytes(order="C")
         header[name] = {"dtype": _NAMES[little], "shape": list(array.shape),
                         "data_offsets": [offset, offset + len(data)]}
         chunks.append(data)

@@ -31,9 +31,10 @@ def _positive(value, name, owner):
 
 
 def _input(layer, x):
-    """x as an array of the layer's dtype; another float dtype is an error, as in PyTorch."""
+    """x as a float array; when the layer has parameters, of their dtype
+    (another float dtype is an error, as in PyTorch)."""
     x = F._as_float_array(x, type(layer).__name__, "input")
-    if x.dtype != layer.dtype:
+    if any(True for _ in layer.named_parameters()) and x.dtype != layer.dtype:
         raise TypeError(f"{type(layer).__name__}: input has dtype {x.dtype} but the layer's "
                         f"parameters are {layer.dtype}; convert one of them (layer.astype(...))")
     return x
@@ -82,7 +83,7 @@ class LayerNorm(Module):
         shape = (normalized_shape,) if isinstance(normalized_shape, (int, np.integer)) else tuple(normalized_shape)
         self.normalized_shape = tuple(int(d) for d in shape)
         self.eps = float(eps)
-        dtype = _float_dtype(dtype)
+        dtype = self._dtype = _float_dtype(dtype)
         self.register_parameter("weight", np.ones(self.normalized_shape, dtype) if elementwise_affine else None)
         self.register_parameter("bias", np.zeros(self.normalized_shape, dtype)
                                 if elementwise_affine and bias else None)
@@ -103,7 +104,8 @@ class RMSNorm(Module):
         shape = (normalized_shape,) if isinstance(normalized_shape, (int, np.integer)) else tuple(normalized_shape)
         self.normalized_shape = tuple(int(d) for d in shape)
         self.eps = None if eps is None else float(eps)
-        self.register_parameter("weight", np.ones(self.normalized_shape, _float_dtype(dtype))
+        self._dtype = _float_dtype(dtype)
+        self.register_parameter("weight", np.ones(self.normalized_shape, self._dtype)
                                 if elementwise_affine else None)
 
     def forward(self, x):
@@ -123,7 +125,7 @@ class BatchNorm1d(Module):
         super().__init__()
         self.num_features = _positive(num_features, "num_features", "BatchNorm1d")
         self.eps, self.momentum = float(eps), momentum
-        dtype = _float_dtype(dtype)
+        dtype = self._dtype = _float_dtype(dtype)
         C = self.num_features
         self.register_parameter("weight", np.ones(C, dtype) if affine else None)
         self.register_parameter("bias", np.zeros(C, dtype) if affine else None)

@@ -161,6 +161,7 @@ class Module:
         if dtype not in _FLOATS:
             raise TypeError(f"modules compute in float32 or float64, not {dtype}")
         for _, module in self.named_modules():
+            object.__setattr__(module, "_dtype", dtype)
             for store in (module._parameters, module._buffers):
                 for name, value in store.items():
                     if value is not None and value.dtype.kind == "f":
@@ -171,9 +172,10 @@ class Module:
 
     @property
     def dtype(self):
+        """The parameters' dtype; for a module without any, the one it was made with."""
         for _, value in self.named_parameters():
             return value.dtype
-        return np.dtype(np.float32)
+        return self.__dict__.get("_dtype", np.dtype(np.float32))
 
     # -- state dicts -----------------------------------------------------------
     def state_dict(self):

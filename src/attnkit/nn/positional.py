@@ -49,7 +49,9 @@ class SinusoidalPositionalEncoding(Module):
     def __init__(self, dim, max_length=4096, base=10000.0, *, dtype=np.float32):
         super().__init__()
         self.dim, self.base = _positive(dim, "dim", "SinusoidalPositionalEncoding"), float(base)
-        self._table = sinusoidal_positional_encoding(max_length, self.dim, self.base, dtype=_float_dtype(dtype))
+        self._dtype = _float_dtype(dtype)
+        # kept in float64 and rounded to the input's dtype when added
+        self._table = sinusoidal_positional_encoding(max_length, self.dim, self.base, dtype=np.float64)
 
     def forward(self, x, offset=0):
         x = _sequence_input(self, x, self.dim)
