@@ -155,7 +155,9 @@ static int workspace_alloc(workspace* w, const attnkit_attention_args* a)
 typedef struct {
     real* out;     /* (rows, Ev), or a split chunk's unnormalised o   */
     real* lse;     /* (rows) or NULL                                  */
-    real* weights; /* (rows, S) at stride S, or NULL                  */
+    real* weights; /* (rows, S) at stride S, or NULL: raw scores here  */
+    real* stat_m;  /* (rows): each row's m and l, for the weights      */
+    double* stat_l;
     real* part_m;  /* a split chunk's m (rows), or NULL               */
     double* part_l; /* and its l (rows)                               */
     const real* q; /* (rows, E) at q_row */
@@ -297,7 +299,10 @@ static void finish_rows(workspace* w, const attnkit_attention_args* a, const tas
         if (e < Ev) v_store_part(dst + e, v_mul(v_load_part(o + e, Ev - e, 0), inv), Ev - e);
         const real lse = l > 0 ? (real)(m_use + log(l)) : (l == 0 ? -INFINITY : NAN);
         if (t->lse) t->lse[i] = lse;
-        if (t->weights) finish_weights_row(t->weights + i * a->S, a, t->dropout_bh, t->i0 + i, m_use, l);
+        if (t->weights) { /* normalised once every task is done: finish_weights */
+            t->stat_m[i] = m_use;
+            t->stat_l[i] = l;
+        }
     }
 }
 
@@ -545,6 +550,8 @@ typedef struct {
     const attnkit_attention_args* a;
     int64_t blocks, chunks;
     partials part;
+    real* stat_m;   /* (B, H, L) when weights are asked for */
+    double* stat_l;
 } job;
 
 static void make_task(task* t, const job* jb, int64_t index)
@@ -571,6 +578,8 @@ static void make_task(task* t, const job* jb, int64_t index)
         t->out = jb->out + (bh * a->L + t->i0) * a->Ev;
         t->lse = jb->lse ? jb->lse + bh * a->L + t->i0 : NULL;
         t->weights = jb->weights ? jb->weights + (bh * a->L + t->i0) * a->S : NULL;
+        t->stat_m = jb->stat_m ? jb->stat_m + bh * a->L + t->i0 : NULL;
+        t->stat_l = jb->stat_l ? jb->stat_l + bh * a->L + t->i0 : NULL;
         t->part_m = NULL;
         t->part_l = NULL;
     } else {
@@ -578,9 +587,56 @@ static void make_task(task* t, const job* jb, int64_t index)
         t->out = jb->part.o + r * a->Ev;
         t->lse = NULL;
         t->weights = jb->weights ? jb->weights + (bh * a->L + t->i0) * a->S : NULL;
+        t->stat_m = NULL; /* the merge keeps the row's statistics */
+        t->stat_l = NULL;
         t->part_m = jb->part.m + r;
         t->part_l = jb->part.l + r;
     }
+}
+
+/* Rows [begin, end) of the weights: each (b, h, i) row normalised, or with
+ * weights_mean each (b, i) row the mean of its heads' normalised rows. */
+static void finish_weights_rows(const job* jb, int64_t begin, int64_t end)
+{
+    const attnkit_attention_args* a = jb->a;
+    const int64_t L = a->L, S = a->S, H = a->H;
+    if (!a->weights_mean) {
+        for (int64_t r = begin; r < end; r++)
+            finish_weights_row(jb->weights + r * S, a, (uint32_t)(r / L), r % L, jb->stat_m[r], jb->stat_l[r]);
+        return;
+    }
+    const vreal inv_heads = v_set1((real)(1.0 / (double)H));
+    for (int64_t r = begin; r < end; r++) { /* r = b*L + i */
+        const int64_t b = r / L, i = r % L;
+        real* mean = (real*)a->weights_mean + r * S;
+        memset(mean, 0, (size_t)S * sizeof(real));
+        for (int64_t h = 0; h < H; h++) {
+            const int64_t row = (b * H + h) * L + i;
+            real* w = jb->weights + row * S;
+            finish_weights_row(w, a, (uint32_t)(b * H + h), i, jb->stat_m[row], jb->stat_l[row]);
+            int64_t j = 0;
+            for (; j + VLEN <= S; j += VLEN) v_store(mean + j, v_fma(v_load(w + j), inv_heads, v_load(mean + j)));
+            if (j < S)
+                v_store_part(mean + j, v_fma(v_load_part(w + j, S - j, 0), inv_heads, v_load_part(mean + j, S - j, 0)),
+                             S - j);
+        }
+    }
+}
+
+static void finish_weights(const job* jb)
+{
+    const attnkit_attention_args* a = jb->a;
+    const int64_t rows = a->B * a->L * (a->weights_mean ? 1 : a->H);
+    const int64_t per_row = a->S * (a->weights_mean ? a->H : 1) * 4;
+    const int threads = attnkit_plan_threads(rows, per_row);
+    if (threads <= 1) {
+        finish_weights_rows(jb, 0, rows);
+        return;
+    }
+    const int64_t chunk = attnkit_chunk_size(rows, threads);
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+    for (int64_t k = 0; k < (rows + chunk - 1) / chunk; k++)
+        finish_weights_rows(jb, k * chunk, min_i64(rows, (k + 1) * chunk));
 }
 
 static void run_tasks(const job* jb, workspace* w, int64_t begin, int64_t end)
@@ -597,7 +653,7 @@ int KERNEL(attention)(real* out, real* lse, real* weights, const real* q, const 
 {
     if (a->B == 0 || a->H == 0 || a->L == 0 || a->Ev == 0) return 0;
     job jb = {out, lse, weights, q, k, v, mask, a, (a->L + BL - 1) / BL, key_chunks(a),
-              {NULL, NULL, NULL}};
+              {NULL, NULL, NULL}, NULL, NULL};
     const int64_t BH = a->B * a->H;
     if (a->S == 0) { /* no keys: every row has nothing to attend to */
         memset(out, 0, (size_t)(BH * a->L * a->Ev) * sizeof(real));
@@ -605,11 +661,21 @@ int KERNEL(attention)(real* out, real* lse, real* weights, const real* q, const 
             for (int64_t r = 0; r < BH * a->L; r++) lse[r] = -INFINITY;
         return 0;
     }
+    void* stat_block = NULL;
+    if (weights) {
+        stat_block = malloc((size_t)(BH * a->L) * (sizeof(double) + sizeof(real)));
+        if (!stat_block) return -1;
+        jb.stat_l = (double*)stat_block;
+        jb.stat_m = (real*)(jb.stat_l + BH * a->L);
+    }
     void* part_block = NULL;
     if (jb.chunks > 1) {
         const int64_t rows = BH * jb.chunks * a->L;
         part_block = malloc((size_t)rows * ((size_t)a->Ev * sizeof(real) + sizeof(real) + sizeof(double)));
-        if (!part_block) return -1;
+        if (!part_block) {
+            free(stat_block);
+            return -1;
+        }
         jb.part.l = (double*)part_block;
         jb.part.m = (real*)(jb.part.l + rows);
         jb.part.o = jb.part.m + rows;
@@ -650,9 +716,14 @@ int KERNEL(attention)(real* out, real* lse, real* weights, const real* q, const 
                 double l;
                 merge_row(out + (bh * a->L + i) * a->Ev, &m, &l, &jb.part, a, bh, i, jb.chunks);
                 if (lse) lse[bh * a->L + i] = l > 0 ? (real)(m + log(l)) : (l == 0 ? -INFINITY : NAN);
-                if (weights) finish_weights_row(weights + (bh * a->L + i) * a->S, a, (uint32_t)bh, i, m, l);
+                if (weights) {
+                    jb.stat_m[bh * a->L + i] = m;
+                    jb.stat_l[bh * a->L + i] = l;
+                }
             }
     }
+    if (!failed && weights) finish_weights(&jb);
     free(part_block);
+    free(stat_block);
     return failed ? -1 : 0;
 }

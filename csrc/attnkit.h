@@ -141,9 +141,13 @@ typedef struct {
     int64_t causal_offset;
     double dropout_p;          /* in [0, 1]                              */
     uint32_t dropout_seed;
+    void* weights_mean;        /* (B, L, S) real, or NULL: see below     */
 } attnkit_attention_args;
 
-/* Returns 0, or -1 when its workspace (a few hundred KB a thread) cannot be
+/* weights_mean, when not NULL, receives the weights averaged over the H
+ * heads (B, L, S), dropout included (what MultiheadAttention returns); then
+ * `weights` (B, H, L, S) must be given too and is used as scratch.
+ * Returns 0, or -1 when its workspace (a few hundred KB a thread) cannot be
  * allocated. */
 int attnkit_attention_f32(float* out, float* lse, float* weights, const float* q,
                           const float* k, const float* v, const void* mask,

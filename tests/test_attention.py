@@ -366,3 +366,20 @@ def test_pytorch_and_attnkit_disagree_only_on_empty_rows(rng):
     np.testing.assert_allclose(out[[0, 2]], expected[[0, 2]], rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(out[1], 0)  # PyTorch: NaN
     assert_nonfinite_match(out[[0, 2]], expected[[0, 2]])
+
+
+@pytest.mark.parametrize("L, S", [(70, 150), (1, 3000), (3, 2500)])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+def test_weights_averaged_over_heads(simd, L, S, dropout_p, rng):
+    """return_weights="mean" gives the per-head weights' mean (what
+    MultiheadAttention returns), dropout included, without the per-head array."""
+    q, k, v = randn(rng, (2, 4, L, 16), np.float32), randn(rng, (2, 4, S, 16), np.float32), randn(rng, (2, 4, S, 16), np.float32)
+    mask = rng.random((2, 1, L, S)) < 0.8
+    kw = dict(attn_mask=mask, is_causal=True, causal_alignment="bottom_right", dropout_p=dropout_p)
+    out, per_head = sdpa(q, k, v, return_weights=True, rng=np.random.default_rng(3), **kw)
+    out2, mean = sdpa(q, k, v, return_weights="mean", rng=np.random.default_rng(3), **kw)
+    np.testing.assert_array_equal(out2, out)
+    assert mean.shape == (2, L, S)
+    np.testing.assert_allclose(mean, per_head.mean(axis=1), rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="return_weights must be True, False or 'mean'"):
+        sdpa(q, k, v, return_weights="sum")

@@ -55,6 +55,7 @@ cdef extern from "attnkit.h" nogil:
         int64_t causal_offset
         double dropout_p
         uint32_t dropout_seed
+        void* weights_mean
 
     enum:
         ATTNKIT_MASK_NONE
@@ -473,7 +474,7 @@ cdef int batch_offsets(int64_t* offsets, cnp.ndarray a, int nbatch, str what) ex
 
 def attention(cnp.ndarray out, object lse, object weights, cnp.ndarray q, cnp.ndarray k,
               cnp.ndarray v, object mask, double scale, bint causal, int64_t causal_offset,
-              double dropout_p, uint32_t dropout_seed):
+              double dropout_p, uint32_t dropout_seed, object weights_mean=None):
     """Fused attention (attnkit.h) over arrays that share their batch dimensions:
 
         q (*batch, H, L, E), k (*batch, Hkv, S, E), v (*batch, Hkv, S, Ev),
@@ -481,6 +482,8 @@ def attention(cnp.ndarray out, object lse, object weights, cnp.ndarray q, cnp.nd
         broadcast dimensions; along S 0 or 1 element), out (*batch, H, L, Ev),
         lse None or (*batch, H, L), weights None or (*batch, H, L, S), the
         last three C-contiguous. q, k, v need unit stride along E and Ev.
+        weights_mean None or (*batch, L, S), C-contiguous: the weights
+        averaged over heads (weights is then scratch).
     """
     cdef int type_num = cnp.PyArray_TYPE(q)
     cdef int nd = cnp.PyArray_NDIM(q), nbatch = nd - 3, d
@@ -534,6 +537,17 @@ def attention(cnp.ndarray out, object lse, object weights, cnp.ndarray q, cnp.nd
             raise ValueError(f"attention: weights {shape_of(weights_a)} is not a contiguous "
                              "(..., H, L, S) array")
         pweights = cnp.PyArray_DATA(weights_a)
+    a.weights_mean = NULL
+    cdef cnp.ndarray mean_a
+    if weights_mean is not None:
+        if weights is None:
+            raise ValueError("attention: weights_mean needs the weights array as scratch")
+        mean_a = <cnp.ndarray>weights_mean
+        check_float_operand(mean_a, nd - 1, type_num, "attention weights_mean", True)
+        if mean_a.size != B * a.L * a.S or not cnp.PyArray_IS_C_CONTIGUOUS(mean_a):
+            raise ValueError(f"attention: weights_mean {shape_of(mean_a)} is not a contiguous "
+                             "(..., L, S) array")
+        a.weights_mean = cnp.PyArray_DATA(mean_a)
     a.q_head = element_stride(q, nd - 3, "attention query")
     a.q_row = element_stride(q, nd - 2, "attention query")
     a.k_head = element_stride(k, nd - 3, "attention key")

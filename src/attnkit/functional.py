@@ -408,9 +408,11 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     enable_gqa : bool
         Grouped-query attention: H a multiple of Hkv, query head h uses
         key/value head h // (H // Hkv).
-    return_weights : bool
+    return_weights : bool or "mean"
         Also return the weights that multiplied value, (..., H, L, S),
-        dropout included.
+        dropout included; "mean" returns them averaged over the heads,
+        (..., L, S), as MultiheadAttention does (without the per-head array
+        ever reaching Python).
     return_lse : bool
         Also return each row's log-sum-exp of its scores, (..., H, L).
 
@@ -479,17 +481,22 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     k4 = _attention_operand(k, batch + (Hkv, S, E))
     v4 = _attention_operand(v, batch + (Hkv, S, Ev))
     mask4 = None if attn_mask is None else _attention_mask(attn_mask, q, batch + (H, L, S), func)
+    if not (isinstance(return_weights, bool) or return_weights == "mean"):
+        raise ValueError(f"{func}: return_weights must be True, False or 'mean', got {return_weights!r}")
     out = np.empty(batch + (H, L, Ev), q.dtype)
     lse = np.empty(batch + (H, L), q.dtype) if return_lse else None
-    weights = np.empty(batch + (H, L, S), q.dtype) if return_weights else None
+    weights = np.empty(batch + (H, L, S), q.dtype) if return_weights is not False else None
+    mean = np.empty(batch + (L, S), q.dtype) if return_weights == "mean" else None
     offset = 0 if causal_alignment == "top_left" else S - L
     _kernels.attention(out, lse, weights, q4, k4, v4, mask4, scale, bool(is_causal), offset,
-                       dropout_p, seed)
+                       dropout_p, seed, mean)
+    if mean is not None:
+        weights = mean
     if two_d:
         out = out[0]
         lse = None if lse is None else lse[0]
         weights = None if weights is None else weights[0]
-    results = (out,) + ((weights,) if return_weights else ()) + ((lse,) if return_lse else ())
+    results = (out,) + ((weights,) if return_weights is not False else ()) + ((lse,) if return_lse else ())
     return results[0] if len(results) == 1 else results
 
 

@@ -27,6 +27,20 @@ from .module import Module
 __all__ = ["MultiHeadAttention", "KVCache", "Attention", "attention_scores"]
 
 
+def _affine(x, weight, bias):
+    """x @ weight.T + bias for (N, length, in) inputs the layer has already
+    checked: one GEMM over all rows (F.linear's work, without its checks).
+    A (length, N, in) array seen batch first is multiplied in its own layout,
+    since rows are independent: no copy to reorder them."""
+    if not x.flags.c_contiguous and x.ndim == 3 and x.swapaxes(0, 1).flags.c_contiguous:
+        return _affine(x.swapaxes(0, 1), weight, bias).swapaxes(0, 1)
+    rows = np.ascontiguousarray(x).reshape(-1, x.shape[-1])
+    y = rows @ weight.T
+    if bias is not None:
+        y += bias
+    return y.reshape(x.shape[:-1] + (weight.shape[0],))
+
+
 def _mask_array(mask, name):
     mask = np.asarray(mask)
     if mask.dtype != np.bool_ and mask.dtype.kind != "f":
@@ -176,10 +190,10 @@ class MultiHeadAttention(Module):
         """(N, L, E), (N, S, kv), (N, S, kv): one product for self-attention."""
         (Wq, Wk, Wv), (bq, bk, bv) = self._weights()
         if q is k and k is v and self._qkv_same_embed_dim:
-            qkv = F.linear(q, self.in_proj_weight, self.in_proj_bias)   # (N, L, 3E)
+            qkv = _affine(q, self.in_proj_weight, self.in_proj_bias)    # (N, L, 3E)
             E = self.embed_dim
             return qkv[..., :E], qkv[..., E:2 * E], qkv[..., 2 * E:]
-        return F.linear(q, Wq, bq), F.linear(k, Wk, bk), F.linear(v, Wv, bv)
+        return _affine(q, Wq, bq), _affine(k, Wk, bk), _affine(v, Wv, bv)
 
     # -- the call ------------------------------------------------------------------
     def _input(self, x, name, features):
@@ -248,19 +262,17 @@ class MultiHeadAttention(Module):
             qh, kh, vh, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
             is_causal=bool(is_causal), enable_gqa=Hkv != H,
             causal_alignment="bottom_right" if kv_cache is not None else "top_left",
-            return_weights=need_weights, rng=self.rng)
+            return_weights=("mean" if average_attn_weights else True) if need_weights else False,
+            rng=self.rng)
         heads, weights = results if need_weights else (results, None)   # (N, H, L, d)
         merged = heads.transpose(0, 2, 1, 3).reshape(N, L, self.embed_dim)
-        out = self.out_proj(merged)                                      # (N, L, E)
+        out = _affine(merged, self.out_proj.weight, self.out_proj.bias)  # (N, L, E)
         if not batched:
             out = out[0]
         elif not self.batch_first:
             out = np.ascontiguousarray(out.swapaxes(0, 1))
-        if weights is not None:
-            if average_attn_weights:
-                weights = weights.mean(axis=1, dtype=weights.dtype)   # (N, L, S')
-            if not batched:
-                weights = weights[0]
+        if weights is not None and not batched:                           # (N, L, S') averaged,
+            weights = weights[0]                                          # or (N, H, L, S')
         return out, weights
 
     def _merged_mask(self, attn_mask, key_padding_mask, N, L, S, extra):
