@@ -7,8 +7,8 @@
  * BS at a time:
  *
  *   q    (BL, E)        the query block, scaled once            workspace
- *   kt   (E, BS)        the key tile, packed transposed          workspace
- *   vp   (BS, Ev)       the value tile, packed                   workspace
+ *   kp   (BS, E)        the key tile, packed when k's rows are apart  workspace
+ *   vp   (BS, Ev)       the value tile, packed likewise          workspace
  *   s    (BL, BS)       scores = q @ kt, then masked, then p     workspace
  *   o    (BL, Ev)       sum of p @ v, rescaled as the max moves  workspace
  *   m, l (BL)           running max and sum of exp(s - m) per row
@@ -110,7 +110,9 @@ AK_INLINE void micro_kernel(real* c, int64_t ldc, const real* a, int64_t a_row, 
 typedef struct {
     real* q;          /* (rows/NR panels) x (E, NR): q^T, scaled; the row path: (E) */
     real* st;         /* (keys, BL): scores, keys down, queries across; row path: (keys) */
-    real* vp;         /* (keys, NR): the last NR columns of v when Ev % NR != 0 */
+    real* kp;         /* (keys, E): the key tile, when k's rows are not adjacent */
+    real* vp;         /* (keys, Ev_pad): the value tile, when v's rows are not
+                         adjacent or Ev % NR != 0 (zero-padded) */
     real* o;          /* (rows, Ev_pad) */
     real* m;          /* (rows) running max, -inf while nothing seen  */
     real* alpha;      /* (rows) this tile's rescale of o and l         */
@@ -127,24 +129,25 @@ static int workspace_alloc(workspace* w, const attnkit_attention_args* a)
 {
     const int64_t E = a->E, Evp = padded_ev(a), tiles = (a->S + BS - 1) / BS;
     const int64_t rows = min_i64(BL, round_up(a->L, NR)), keys = min_i64(BS, round_up(a->S, MR));
-    const int64_t sizes[8] = {
-        rows * E * (int64_t)sizeof(real), keys * BL * (int64_t)sizeof(real),
-        keys * NR * (int64_t)sizeof(real), rows * Evp * (int64_t)sizeof(real),
-        rows * (int64_t)sizeof(real),      rows * (int64_t)sizeof(real),
-        rows * (int64_t)sizeof(double),    tiles + 1,
+    const int64_t sizes[9] = {
+        rows * E * (int64_t)sizeof(real),  keys * BL * (int64_t)sizeof(real),
+        keys * E * (int64_t)sizeof(real),  keys * Evp * (int64_t)sizeof(real),
+        rows * Evp * (int64_t)sizeof(real), rows * (int64_t)sizeof(real),
+        rows * (int64_t)sizeof(real),       rows * (int64_t)sizeof(double),
+        tiles + 1,
     };
     int64_t total = 0;
-    for (int i = 0; i < 8; i++) total += round_up(sizes[i], 64);
+    for (int i = 0; i < 9; i++) total += round_up(sizes[i], 64);
     char* p = NULL;
     if (posix_memalign((void**)&p, 64, (size_t)total) != 0) return -1;
     w->block = p;
-    real** reals[6] = {&w->q, &w->st, &w->vp, &w->o, &w->m, &w->alpha};
-    for (int i = 0; i < 6; i++) {
+    real** reals[7] = {&w->q, &w->st, &w->kp, &w->vp, &w->o, &w->m, &w->alpha};
+    for (int i = 0; i < 7; i++) {
         *reals[i] = (real*)p;
         p += round_up(sizes[i], 64);
     }
     w->l = (double*)p;
-    p += round_up(sizes[6], 64);
+    p += round_up(sizes[7], 64);
     w->skipped = (uint8_t*)p;
     return 0;
 }
@@ -214,10 +217,21 @@ static void mask_scores(real* st, int64_t key_step, int64_t query_step, const at
         }
         if (a->mask_kind == ATTNKIT_MASK_BOOL) {
             const uint8_t* m = t->mask + (j0 + j) * a->mask_col;
+            if (a->mask_row == 0) { /* a key padding mask: one look per key */
+                if (!m[0])
+                    for (int64_t i = first; i < i_end; i++) col[i * query_step] = -INFINITY;
+                continue;
+            }
             for (int64_t i = first; i < i_end; i++)
                 if (!m[i * a->mask_row]) col[i * query_step] = -INFINITY;
         } else if (a->mask_kind == ATTNKIT_MASK_ADD) {
             const real* m = (const real*)t->mask + (j0 + j) * a->mask_col;
+            if (a->mask_row == 0) { /* the same bias for every query */
+                const real bias = m[0];
+                if (bias != 0)
+                    for (int64_t i = first; i < i_end; i++) col[i * query_step] += bias;
+                continue;
+            }
             for (int64_t i = first; i < i_end; i++) col[i * query_step] += m[i * a->mask_row];
         }
     }
@@ -345,11 +359,33 @@ static void run_block(workspace* w, const attnkit_attention_args* a, const task*
             continue;
         }
 
+        /* Rows of k and v far apart (heads side by side in a (N, L, H*E)
+         * projection) are copied next to each other first: read in place,
+         * each row is a few cache lines at a stride that maps them, and
+         * the value rows, onto the same few L1 sets, which evict each other. */
+        const real* kt = t->k + j0 * a->k_row;
+        int64_t k_row = a->k_row;
+        if (k_row != E) {
+            for (int64_t j = 0; j < n; j++) memcpy(w->kp + j * E, kt + j * k_row, (size_t)E * sizeof(real));
+            kt = w->kp;
+            k_row = E;
+        }
+        const real* vt = t->v + j0 * a->v_row;
+        int64_t v_row = a->v_row;
+        if (v_row != Ev || Ev != Evp) { /* also ragged last columns: zero-padded to Evp */
+            for (int64_t j = 0; j < n; j++) {
+                memcpy(w->vp + j * Evp, vt + j * v_row, (size_t)Ev * sizeof(real));
+                memset(w->vp + j * Evp + Ev, 0, (size_t)(Evp - Ev) * sizeof(real));
+            }
+            vt = w->vp;
+            v_row = Evp;
+        }
+
         /* st = k_tile @ q^T, MR keys against every query panel while those
          * keys are in L1 */
         for (int64_t j = 0; j < n; j += MR)
             for (int64_t p = 0; p < panels; p++)
-                micro_kernel(w->st + j * BL + p * NR, BL, t->k + (j0 + j) * a->k_row, a->k_row, 1,
+                micro_kernel(w->st + j * BL + p * NR, BL, kt + j * k_row, k_row, 1,
                              w->q + p * E * NR, NR, E, min_i64(MR, n - j), NULL);
         if (a->causal || a->mask_kind != ATTNKIT_MASK_NONE) mask_scores(w->st, BL, 1, a, t, 0, rows, j0, n);
         if (t->weights)
@@ -380,22 +416,10 @@ static void run_block(workspace* w, const attnkit_attention_args* a, const task*
         if (a->dropout_p > 0) drop_scores(w->st, BL, 1, a, t, 0, rows, j0, n);
 
         /* o = alpha o + st^T @ v_tile, NR columns of v at a time */
-        for (int64_t p = 0; p * NR < Evp; p++) {
-            const real* b = t->v + j0 * a->v_row + p * NR;
-            int64_t ldb = a->v_row;
-            if ((p + 1) * NR > Ev) { /* the ragged last columns: pack them, zero-padded */
-                const int64_t width = Ev - p * NR;
-                for (int64_t j = 0; j < n; j++) {
-                    memcpy(w->vp + j * NR, b + j * a->v_row, (size_t)width * sizeof(real));
-                    memset(w->vp + j * NR + width, 0, (size_t)(NR - width) * sizeof(real));
-                }
-                b = w->vp;
-                ldb = NR;
-            }
+        for (int64_t p = 0; p * NR < Evp; p++)
             for (int64_t i = 0; i < rows; i += MR)
-                micro_kernel(w->o + i * Evp + p * NR, Evp, w->st + i, 1, BL, b, ldb, n,
+                micro_kernel(w->o + i * Evp + p * NR, Evp, w->st + i, 1, BL, vt + p * NR, v_row, n,
                              min_i64(MR, rows - i), w->alpha + i);
-        }
     }
     finish_rows(w, a, t);
 }

@@ -82,14 +82,18 @@ def test_two_dimensional_inputs(simd, rng):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("layout", ["transposed_heads", "negative_strides", "strided_last_axis",
-                                    "unaligned", "fortran"])
+@pytest.mark.parametrize("layout", ["transposed_heads", "transposed_heads_ragged_v", "negative_strides",
+                                    "strided_last_axis", "unaligned", "fortran"])
 def test_non_contiguous_inputs(simd, dtype, layout, rng):
     B, H, L, S, E = 2, 3, 29, 41, 16
     if layout == "transposed_heads":  # (B, L, H, E) seen as (B, H, L, E), as after a projection
         q = np.swapaxes(randn(rng, (B, L, H, E), dtype), 1, 2)
         k = np.swapaxes(randn(rng, (B, S, H, E), dtype), 1, 2)
         v = np.swapaxes(randn(rng, (B, S, H, E), dtype), 1, 2)
+    elif layout == "transposed_heads_ragged_v":  # the kernel packs v's rows, zero-padded
+        q = np.swapaxes(randn(rng, (B, L, H, E), dtype), 1, 2)
+        k = np.swapaxes(randn(rng, (B, S, H, E), dtype), 1, 2)
+        v = np.swapaxes(randn(rng, (B, S, H, 13), dtype), 1, 2)
     elif layout == "negative_strides":
         q, k, v = (randn(rng, (B, H, n, E), dtype)[::-1, :, ::-1] for n in (L, S, S))
     elif layout == "strided_last_axis":
