@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from attnkit import nn, reference
+from attnkit import functional as F, nn, reference
 from attnkit.nn import init
 from accuracy import assert_accurate, torch_or_skip
 
@@ -375,6 +375,32 @@ def test_activation_matches_reference(simd, dtype, name, rng):
     assert y.shape == x.shape
     assert_accurate(y, lambda dt: ref(x, dt), dtype)
     np.testing.assert_array_equal(x, x_before)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ["relu", "gelu", "gelu_tanh", "silu"])
+def test_activation_out_in_place_strided_and_overlapping(dtype, name, rng):
+    func = {"relu": F.relu, "gelu": F.gelu, "gelu_tanh": lambda x, out=None: F.gelu(x, "tanh", out=out),
+            "silu": F.silu}[name]
+    x = (rng.standard_normal((6, 33)) * 3).astype(dtype)
+    expected = func(x)
+    inplace = x.copy()
+    assert func(inplace, out=inplace) is inplace                     # out may be x itself
+    np.testing.assert_array_equal(inplace, expected)
+    strided = np.zeros((6, 66), dtype)[:, ::2]                        # not contiguous: still filled
+    assert func(x, out=strided) is strided
+    np.testing.assert_array_equal(strided, expected)
+    buffer = np.concatenate([x.ravel(), np.zeros(1, dtype)])          # out overlaps x shifted by one
+    result = func(buffer[:-1].reshape(6, 33), out=buffer[1:].reshape(6, 33))
+    np.testing.assert_array_equal(result, expected)
+    with pytest.raises(TypeError, match="dtype"):
+        func(x, out=np.empty((6, 33), np.float16))
+    with pytest.raises(ValueError, match="shape"):
+        func(x, out=np.empty((6, 32), dtype))
+    readonly = np.empty_like(x)
+    readonly.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        func(x, out=readonly)
 
 
 def test_gelu_bad_approximate():

@@ -539,10 +539,12 @@ def linear(x, weight, bias=None):
     return y
 
 
-def relu(x):
-    """max(x, 0); NaN stays NaN."""
+def relu(x, *, out=None):
+    """max(x, 0); NaN stays NaN. out: as for gelu."""
     x = _as_float_array(x, "relu")
-    return np.maximum(x, 0, dtype=x.dtype)
+    if out is not None:
+        _check_out(out, x, "relu")
+    return np.maximum(x, 0, dtype=x.dtype, out=out)
 
 
 def sigmoid(x):
@@ -552,23 +554,33 @@ def sigmoid(x):
     return np.where(x >= 0, 1 / (1 + e), e / (1 + e)).astype(x.dtype, copy=False)
 
 
-def _elementwise(x, name):
+def _elementwise(x, name, out):
     x = np.ascontiguousarray(_as_float_array(x, name))
-    return _kernels.activation(np.empty_like(x), x, name)
+    if out is None:
+        return _kernels.activation(np.empty_like(x), x, name)
+    _check_out(out, x, name)
+    if out.flags.c_contiguous and (out is x or _same_layout(out, x) or not np.shares_memory(out, x)):
+        return _kernels.activation(out, x, name)
+    out[...] = _kernels.activation(np.empty_like(x), x, name)   # a strided or overlapping out
+    return out
 
 
-def gelu(x, approximate="none"):
+def gelu(x, approximate="none", *, out=None):
     """x * Phi(x), Phi the standard normal CDF (approximate="none", the exact
     GELU, with erf), or its tanh approximation (approximate="tanh"), as
-    torch.nn.functional.gelu."""
+    torch.nn.functional.gelu.
+
+    out: an array of x's shape and dtype, C-contiguous, to write the result
+    into (NumPy's convention); it may be x itself, which spares a large
+    temporary in a feed-forward block."""
     if approximate not in ("none", "tanh"):
         raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
-    return _elementwise(x, "gelu" if approximate == "none" else "gelu_tanh")
+    return _elementwise(x, "gelu" if approximate == "none" else "gelu_tanh", out)
 
 
-def silu(x):
-    """x * sigmoid(x) (also called swish)."""
-    return _elementwise(x, "silu")
+def silu(x, *, out=None):
+    """x * sigmoid(x) (also called swish). out: as for gelu."""
+    return _elementwise(x, "silu", out)
 
 
 def dropout(x, p=0.5, training=True, *, rng=None):
