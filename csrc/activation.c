@@ -1,7 +1,10 @@
 /*
- * activation.c: elementwise activations over n contiguous elements.
- * The contract is in attnkit.h; simd.h says which ISA and precision.
+ * activation.c: a bias add and an elementwise activation in one pass,
+ * out (rows, cols) = f(x (rows, cols) + bias (cols)), as a linear layer's
+ * output needs. The contract is in attnkit.h; simd.h says which ISA and
+ * precision.
  *
+ *   identity       out = x + bias
  *   gelu (exact)   out = x * Phi(x) = 0.5 x (1 + erf(x / sqrt(2)))
  *   gelu (tanh)    out = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
  *   silu           out = x * sigmoid(x) = x / (1 + exp(-x))
@@ -28,10 +31,13 @@ static inline int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
  * the exponent's own rounding is put back as a factor (1 + err): exp(-z^2)
  * multiplies a rounding error of z^2 by z^2, 68 at z = 8, and the tail would
  * otherwise keep only four digits. The exponent is below 7e-4, inside
- * v_exp_nonpositive's range. */
-AK_INLINE vreal v_half_erfc_abs(vreal x)
+ * v_exp_nonpositive's range. |x| is first held to 16, where Phi(-|x|) is
+ * already below the smallest float, so that x^2 cannot overflow (it made
+ * gelu(1e20) NaN); v_min(16, NaN) is NaN, so NaN still passes through. */
+AK_INLINE vreal v_half_erfc_abs(vreal v)
 {
-    const vreal z = v_mul(v_abs(x), v_set1(0.70710678118654752f));
+    const vreal x = v_min(v_set1(16.0f), v_abs(v));
+    const vreal z = v_mul(x, v_set1(0.70710678118654752f));
     const vreal t = v_div(v_set1(1), v_fma(z, v_set1(0.5f), v_set1(1)));
     vreal p = v_set1(0.17087277f);
     p = v_fma(p, t, v_set1(-0.82215223f));
@@ -53,41 +59,11 @@ AK_INLINE vreal v_half_erfc_abs(vreal x)
 }
 
 /* gelu(x) = x Phi(x): for x < 0 Phi(x) = Phi(-|x|) directly (the tail keeps
- * its relative precision), for x >= 0 1 - Phi(-|x|). Four vectors a step, so
- * that their long chains of dependent operations overlap. */
-AK_INLINE vreal v_gelu(vreal v)
+ * its relative precision), for x >= 0 1 - Phi(-|x|). */
+AK_INLINE vreal v_gelu_erf(vreal v)
 {
     const vreal tail = v_half_erfc_abs(v);
     return v_mul(v, v_select(v_is_less(v, v_set1(0)), tail, v_sub(v_set1(1), tail)));
-}
-
-static void gelu_erf_range(real* out, const real* x, int64_t begin, int64_t end)
-{
-    int64_t i = begin;
-    for (; i + 4 * VLEN <= end; i += 4 * VLEN) {
-        const vreal y0 = v_gelu(v_load(x + i)), y1 = v_gelu(v_load(x + i + VLEN));
-        const vreal y2 = v_gelu(v_load(x + i + 2 * VLEN)), y3 = v_gelu(v_load(x + i + 3 * VLEN));
-        v_store(out + i, y0);
-        v_store(out + i + VLEN, y1);
-        v_store(out + i + 2 * VLEN, y2);
-        v_store(out + i + 3 * VLEN, y3);
-    }
-    for (; i < end; i += VLEN) {
-        const int64_t n = min_i64(VLEN, end - i);
-        const vreal y = v_gelu(n == VLEN ? v_load(x + i) : v_load_part(x + i, n, 0));
-        if (n == VLEN) v_store(out + i, y);
-        else v_store_part(out + i, y, n);
-    }
-}
-#else
-/* double: the C library's erf, element by element (to about an ulp) */
-static void gelu_erf_range(real* out, const real* x, int64_t begin, int64_t end)
-{
-    for (int64_t i = begin; i < end; i++) {
-        const double v = x[i];
-        out[i] = v < 0 ? 0.5 * v * erfc(-v * 0.70710678118654752440)
-                       : 0.5 * v * (1.0 + erf(v * 0.70710678118654752440));
-    }
 }
 #endif
 
@@ -99,44 +75,105 @@ AK_INLINE vreal v_tanh(vreal y)
     return v_select(v_is_less(y, v_set1(0)), v_sub(v_set1(0), t), t);
 }
 
-static void gelu_tanh_range(real* out, const real* x, int64_t begin, int64_t end)
+AK_INLINE vreal v_gelu_tanh(vreal v)
 {
-    const vreal k = v_set1((real)0.79788456080286535588), c = v_set1((real)0.044715);
-    const vreal half = v_set1((real)0.5), one = v_set1(1);
-    for (int64_t i = begin; i < end; i += VLEN) {
-        const int64_t n = min_i64(VLEN, end - i);
-        const vreal v = n == VLEN ? v_load(x + i) : v_load_part(x + i, n, 0);
-        const vreal inner = v_mul(k, v_fma(v_mul(c, v), v_mul(v, v), v));
-        const vreal y = v_mul(v_mul(half, v), v_add(one, v_tanh(inner)));
-        if (n == VLEN) v_store(out + i, y);
-        else v_store_part(out + i, y, n);
-    }
+    const vreal inner = v_mul(v_set1((real)0.79788456080286535588),
+                              v_fma(v_mul(v_set1((real)0.044715), v), v_mul(v, v), v));
+    return v_mul(v_mul(v_set1((real)0.5), v), v_add(v_set1(1), v_tanh(inner)));
 }
 
-static void silu_range(real* out, const real* x, int64_t begin, int64_t end)
+AK_INLINE vreal v_silu(vreal v)
 {
     const vreal one = v_set1(1);
-    for (int64_t i = begin; i < end; i += VLEN) {
-        const int64_t n = min_i64(VLEN, end - i);
-        const vreal v = n == VLEN ? v_load(x + i) : v_load_part(x + i, n, 0);
-        const vreal e = v_exp_nonpositive(v_sub(v_set1(0), v_abs(v)));
-        const vreal sig = v_div(v_select(v_is_less(v, v_set1(0)), e, one), v_add(one, e));
-        const vreal y = v_mul(v, sig);
-        if (n == VLEN) v_store(out + i, y);
-        else v_store_part(out + i, y, n);
+    const vreal e = v_exp_nonpositive(v_sub(v_set1(0), v_abs(v)));
+    return v_mul(v, v_div(v_select(v_is_less(v, v_set1(0)), e, one), v_add(one, e)));
+}
+
+AK_INLINE vreal v_identity(vreal v) { return v; }
+
+/* A run of n elements that share one bias row: out (n) = f(x (n) + bias (n)),
+ * bias NULL for none. Two vectors a step, loaded before either is stored,
+ * so that out may be x and so that two long chains of dependent operations
+ * (the exact GELU has about fifty) overlap. */
+#define DEFINE_RUN(name, f)                                                                    \
+    static void name(real* out, const real* x, const real* bias, int64_t n)                    \
+    {                                                                                          \
+        int64_t j = 0;                                                                         \
+        for (; j + 2 * VLEN <= n; j += 2 * VLEN) {                                             \
+            vreal v0 = v_load(x + j), v1 = v_load(x + j + VLEN);                               \
+            if (bias) {                                                                        \
+                v0 = v_add(v0, v_load(bias + j));                                              \
+                v1 = v_add(v1, v_load(bias + j + VLEN));                                       \
+            }                                                                                  \
+            v0 = f(v0);                                                                        \
+            v1 = f(v1);                                                                        \
+            v_store(out + j, v0);                                                              \
+            v_store(out + j + VLEN, v1);                                                       \
+        }                                                                                      \
+        for (; j < n; j += VLEN) {                                                             \
+            const int64_t m = min_i64(VLEN, n - j);                                            \
+            vreal v = m == VLEN ? v_load(x + j) : v_load_part(x + j, m, 0);                    \
+            if (bias) v = v_add(v, m == VLEN ? v_load(bias + j) : v_load_part(bias + j, m, 0)); \
+            v = f(v);                                                                          \
+            if (m == VLEN) v_store(out + j, v);                                                \
+            else v_store_part(out + j, v, m);                                                  \
+        }                                                                                      \
+    }
+
+#if ATTNKIT_REAL_BITS == 32
+DEFINE_RUN(gelu_erf_run, v_gelu_erf)
+#else
+/* double: the C library's erf, element by element (to about an ulp) */
+static void gelu_erf_run(real* out, const real* x, const real* bias, int64_t n)
+{
+    for (int64_t j = 0; j < n; j++) {
+        const double v = bias ? x[j] + bias[j] : x[j];
+        out[j] = v < 0 ? 0.5 * v * erfc(-v * 0.70710678118654752440)
+                       : 0.5 * v * (1.0 + erf(v * 0.70710678118654752440));
+    }
+}
+#endif
+DEFINE_RUN(gelu_tanh_run, v_gelu_tanh)
+DEFINE_RUN(silu_run, v_silu)
+DEFINE_RUN(identity_run, v_identity)
+
+typedef void (*run_fn)(real*, const real*, const real*, int64_t);
+
+/* elements [begin, end) of the flat (rows, cols) arrays, split where rows
+ * end so that each run sees its slice of the bias */
+static void apply_range(run_fn run, real* out, const real* x, const real* bias, int64_t cols,
+                        int64_t begin, int64_t end)
+{
+    if (!bias) {
+        run(out + begin, x + begin, NULL, end - begin);
+        return;
+    }
+    for (int64_t i = begin; i < end;) {
+        const int64_t col = i % cols, stop = min_i64(end, i - col + cols);
+        run(out + i, x + i, bias + col, stop - i);
+        i = stop;
     }
 }
 
-void KERNEL(activation)(real* out, const real* x, int64_t n, int kind)
+void KERNEL(bias_activation)(real* out, const real* x, const real* bias, int64_t rows, int64_t cols,
+                             int kind)
 {
-    void (*range)(real*, const real*, int64_t, int64_t) =
-        kind == ATTNKIT_GELU_ERF ? gelu_erf_range : kind == ATTNKIT_GELU_TANH ? gelu_tanh_range : silu_range;
+    const run_fn run = kind == ATTNKIT_GELU_ERF    ? gelu_erf_run
+                       : kind == ATTNKIT_GELU_TANH ? gelu_tanh_run
+                       : kind == ATTNKIT_SILU      ? silu_run
+                                                   : identity_run;
+    const int64_t n = rows * cols;
+    if (n == 0) return;
     const int64_t chunks = (n + CHUNK - 1) / CHUNK;
-    const int threads = attnkit_plan_threads(chunks, (kind == ATTNKIT_GELU_ERF ? 8 : 2) * CHUNK);
+    /* a bias add alone is one pass over memory; the exact GELU about fifty
+     * operations an element */
+    const int64_t cost = kind == ATTNKIT_IDENTITY ? 1 : kind == ATTNKIT_GELU_ERF ? 8 : 2;
+    const int threads = attnkit_plan_threads(chunks, cost * CHUNK);
     if (threads <= 1) {
-        range(out, x, 0, n);
+        apply_range(run, out, x, bias, cols, 0, n);
         return;
     }
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t c = 0; c < chunks; c++) range(out, x, c * CHUNK, min_i64(n, (c + 1) * CHUNK));
+    for (int64_t c = 0; c < chunks; c++)
+        apply_range(run, out, x, bias, cols, c * CHUNK, min_i64(n, (c + 1) * CHUNK));
 }

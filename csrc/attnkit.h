@@ -181,14 +181,19 @@ static inline int attnkit_dropout_keep(uint32_t row_key, uint32_t j, uint32_t th
 }
 
 /* ---------------------------------------------------------------------------
- * Elementwise activations: out (n) = f(x (n)), both contiguous; out may be x.
- *   ATTNKIT_GELU_ERF   x * Phi(x), the exact GELU (erf from the C library)
+ * Bias and activation, the tail of a linear layer, in one pass over memory:
+ *   out (rows, cols) = f(x (rows, cols) + bias (cols))
+ * all contiguous; out may be x; bias may be NULL (no add). f is one of
+ *   ATTNKIT_GELU_ERF   x * Phi(x), the exact GELU
  *   ATTNKIT_GELU_TANH  the tanh approximation of GELU
  *   ATTNKIT_SILU       x * sigmoid(x)
+ *   ATTNKIT_IDENTITY   x (the bias add alone)
  * ------------------------------------------------------------------------- */
-enum { ATTNKIT_GELU_ERF = 0, ATTNKIT_GELU_TANH = 1, ATTNKIT_SILU = 2 };
-void attnkit_activation_f32(float* out, const float* x, int64_t n, int kind);
-void attnkit_activation_f64(double* out, const double* x, int64_t n, int kind);
+enum { ATTNKIT_GELU_ERF = 0, ATTNKIT_GELU_TANH = 1, ATTNKIT_SILU = 2, ATTNKIT_IDENTITY = 3 };
+void attnkit_bias_activation_f32(float* out, const float* x, const float* bias, int64_t rows, int64_t cols,
+                                 int kind);
+void attnkit_bias_activation_f64(double* out, const double* x, const double* bias, int64_t rows,
+                                 int64_t cols, int kind);
 
 /* ---------------------------------------------------------------------------
  * Instruction sets. Each kernel is built three times from one source; the

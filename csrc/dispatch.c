@@ -44,8 +44,10 @@
                                     const float*, const void*, const attnkit_attention_args*); \
     int attnkit_attention_f64_##isa(double*, double*, double*, const double*, const double*,   \
                                     const double*, const void*, const attnkit_attention_args*); \
-    void attnkit_activation_f32_##isa(float*, const float*, int64_t, int);                     \
-    void attnkit_activation_f64_##isa(double*, const double*, int64_t, int);
+    void attnkit_bias_activation_f32_##isa(float*, const float*, const float*, int64_t,        \
+                                           int64_t, int);                                      \
+    void attnkit_bias_activation_f64_##isa(double*, const double*, const double*, int64_t,     \
+                                           int64_t, int);
 DECLARE_KERNELS(scalar)
 DECLARE_KERNELS(avx2)
 DECLARE_KERNELS(avx512)
@@ -66,8 +68,8 @@ typedef struct {
                          const void*, const attnkit_attention_args*);
     int (*attention_f64)(double*, double*, double*, const double*, const double*, const double*,
                          const void*, const attnkit_attention_args*);
-    void (*activation_f32)(float*, const float*, int64_t, int);
-    void (*activation_f64)(double*, const double*, int64_t, int);
+    void (*bias_activation_f32)(float*, const float*, const float*, int64_t, int64_t, int);
+    void (*bias_activation_f64)(double*, const double*, const double*, int64_t, int64_t, int);
 } kernel_table;
 
 #define KERNEL_ROW(isa)                                                                        \
@@ -80,8 +82,8 @@ typedef struct {
      attnkit_rms_norm_f64_##isa,                                                               \
      attnkit_attention_f32_##isa,                                                              \
      attnkit_attention_f64_##isa,                                                              \
-     attnkit_activation_f32_##isa,                                                             \
-     attnkit_activation_f64_##isa}
+     attnkit_bias_activation_f32_##isa,                                                        \
+     attnkit_bias_activation_f64_##isa}
 
 static const kernel_table tables[ATTNKIT_ISA_COUNT] = {
     KERNEL_ROW(scalar),
@@ -171,13 +173,15 @@ int attnkit_attention_f64(double* out, double* lse, double* weights, const doubl
     return active->attention_f64(out, lse, weights, q, k, v, mask, args);
 }
 
-void attnkit_activation_f32(float* out, const float* x, int64_t n, int kind)
+void attnkit_bias_activation_f32(float* out, const float* x, const float* bias, int64_t rows, int64_t cols,
+                                 int kind)
 {
-    active->activation_f32(out, x, n, kind);
+    active->bias_activation_f32(out, x, bias, rows, cols, kind);
 }
-void attnkit_activation_f64(double* out, const double* x, int64_t n, int kind)
+void attnkit_bias_activation_f64(double* out, const double* x, const double* bias, int64_t rows,
+                                 int64_t cols, int kind)
 {
-    active->activation_f64(out, x, n, kind);
+    active->bias_activation_f64(out, x, bias, rows, cols, kind);
 }
 
 /* ---------------------------------------------------------------------------

@@ -350,7 +350,8 @@ def test_norms_without_affine_parameters_compute_in_their_dtype(simd, dtype, kin
 
 
 def activation_inputs(rng, dtype):
-    special = [-50, -20, -8, -3, -1, -1e-3, -0.0, 0.0, 1e-30, 1e-3, 0.5, 1, 3, 8, 20, 50]
+    special = [-50, -20, -8, -3, -1, -1e-3, -0.0, 0.0, 1e-30, 1e-3, 0.5, 1, 3, 8, 20, 50,
+               -14, 14, -1e4, 1e4, -1e6, 1e6]
     return np.concatenate([rng.standard_normal(200) * 4, special]).reshape(-1, 6).astype(dtype)
 
 
@@ -401,6 +402,42 @@ def test_activation_out_in_place_strided_and_overlapping(dtype, name, rng):
     readonly.flags.writeable = False
     with pytest.raises(ValueError, match="read-only"):
         func(x, out=readonly)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gelu_infinities_and_nan(simd, dtype):
+    x = np.array([np.inf, -np.inf, np.nan, 1e30, -1e30, 0.0, -0.0, 1.0], dtype)
+    y = F.gelu(x)
+    assert y[0] == np.inf and np.isnan(y[1]) and np.isnan(y[2])    # -inf * Phi(-inf) = -inf * 0
+    assert y[3] == dtype(1e30) and y[4] == 0 and y[5] == 0 and y[6] == 0
+    np.testing.assert_allclose(y[7], 0.8413447460685429, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", [None, "relu", "gelu", "gelu_tanh", "silu"])
+@pytest.mark.parametrize("shape", [(7,), (3, 5, 7), (2, 0, 7), (4, 130)])
+def test_linear_with_activation_matches_composition(simd, dtype, activation, shape, rng):
+    """F.linear(..., activation=name) does the bias add and the activation in
+    one pass; the result is the two done one after the other."""
+    out_features = 33
+    x = rng.standard_normal(shape).astype(dtype)
+    w = (rng.standard_normal((out_features, shape[-1])) / 3).astype(dtype)
+    b = rng.standard_normal(out_features).astype(dtype)
+    after = {None: lambda y: y, "relu": F.relu, "gelu": F.gelu, "silu": F.silu,
+             "gelu_tanh": lambda y: F.gelu(y, "tanh")}[activation]
+    ref_after = {None: lambda y, dt: y, "relu": lambda y, dt: reference.relu(y, dtype=dt),
+                 "gelu": lambda y, dt: reference.gelu(y, dtype=dt),
+                 "gelu_tanh": lambda y, dt: reference.gelu(y, "tanh", dtype=dt),
+                 "silu": lambda y, dt: reference.silu(y, dtype=dt)}[activation]
+    for bias in (b, None):
+        x_before = x.copy()
+        got = F.linear(x, w, bias, activation=activation)
+        assert got.shape == shape[:-1] + (out_features,) and got.dtype == dtype
+        np.testing.assert_array_equal(got, after(F.linear(x, w, bias)))   # the same, in one pass
+        np.testing.assert_array_equal(x, x_before)
+        assert_accurate(got, lambda dt: ref_after(reference.linear(x, w, bias, dtype=dt), dt), dtype)
+    with pytest.raises(ValueError, match="activation"):
+        F.linear(x, w, b, activation="tanh")
 
 
 def test_gelu_bad_approximate():

@@ -73,8 +73,11 @@ cdef extern from "attnkit.h" nogil:
         ATTNKIT_GELU_ERF
         ATTNKIT_GELU_TANH
         ATTNKIT_SILU
-    void attnkit_activation_f32(float* out, const float* x, int64_t n, int kind) noexcept
-    void attnkit_activation_f64(double* out, const double* x, int64_t n, int kind) noexcept
+        ATTNKIT_IDENTITY
+    void attnkit_bias_activation_f32(float* out, const float* x, const float* bias, int64_t rows,
+                                     int64_t cols, int kind) noexcept
+    void attnkit_bias_activation_f64(double* out, const double* x, const double* bias, int64_t rows,
+                                     int64_t cols, int kind) noexcept
 
     enum:
         ATTNKIT_ISA_COUNT
@@ -422,12 +425,14 @@ def rms_norm(cnp.ndarray out, object rrms, cnp.ndarray x, object weight, double 
 # ---------------------------------------------------------------------------
 # Activations
 
-ACTIVATIONS = {"gelu": ATTNKIT_GELU_ERF, "gelu_tanh": ATTNKIT_GELU_TANH, "silu": ATTNKIT_SILU}
+ACTIVATIONS = {"gelu": ATTNKIT_GELU_ERF, "gelu_tanh": ATTNKIT_GELU_TANH, "silu": ATTNKIT_SILU,
+               "identity": ATTNKIT_IDENTITY}
 
 
-def activation(cnp.ndarray out, cnp.ndarray x, str name):
-    """out = f(x) elementwise, f one of ACTIVATIONS; both C-contiguous, of one
-    shape and float dtype (out may be x)."""
+def bias_activation(cnp.ndarray out, cnp.ndarray x, object bias, str name):
+    """out = f(x + bias) elementwise, f one of ACTIVATIONS, bias (x's last
+    dimension) broadcast over x's rows, or None; x and out C-contiguous, of
+    one shape and float dtype (out may be x)."""
     cdef int kind = ACTIVATIONS[name]
     cdef int type_num = cnp.PyArray_TYPE(x)
     if not is_native_float(x) or cnp.PyArray_TYPE(out) != type_num or not cnp.PyArray_ISNOTSWAPPED(out):
@@ -440,13 +445,21 @@ def activation(cnp.ndarray out, cnp.ndarray x, str name):
     if not cnp.PyArray_ISWRITEABLE(out):
         raise ValueError(f"{name}: output is read-only")
     cdef int64_t n = cnp.PyArray_SIZE(x)
+    cdef int64_t cols = cnp.PyArray_DIM(x, cnp.PyArray_NDIM(x) - 1) if cnp.PyArray_NDIM(x) > 0 else 1
+    cdef int64_t rows = n // cols if cols > 0 else 0
+    cdef const void* pb = NULL
+    if bias is not None:
+        pb = optional_vector(bias, cols, type_num, f"{name} bias", False)
     cdef void* po = cnp.PyArray_DATA(out)
     cdef const void* px = cnp.PyArray_DATA(x)
+    if n == 0:
+        return out
     with nogil:
         if type_num == cnp.NPY_FLOAT:
-            attnkit_activation_f32(<float*>po, <const float*>px, n, kind)
+            attnkit_bias_activation_f32(<float*>po, <const float*>px, <const float*>pb, rows, cols, kind)
         else:
-            attnkit_activation_f64(<double*>po, <const double*>px, n, kind)
+            attnkit_bias_activation_f64(<double*>po, <const double*>px, <const double*>pb, rows, cols,
+                                        kind)
     return out
 
 

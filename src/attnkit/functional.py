@@ -503,14 +503,25 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 # ---------------------------------------------------------------------------
 # The pieces layers are made of: linear maps, activations, dropout, batch norm
 
-def linear(x, weight, bias=None):
+_LINEAR_ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu")
+
+
+def linear(x, weight, bias=None, *, activation=None):
     """x @ weight.T + bias, as torch.nn.functional.linear.
 
     x (..., in_features), weight (out_features, in_features), bias
     (out_features) or None; all of one float dtype. The product is NumPy's
-    (its BLAS); attnkit adds the bias in place rather than in a copy.
+    (its BLAS); attnkit adds the bias in place, on its threads.
+
+    activation (an attnkit extension): None, or "gelu", "gelu_tanh", "silu"
+    or "relu" to return activation(x @ weight.T + bias) with the bias add
+    and the activation done in one pass over the product, as a feed-forward
+    block's first layer wants.
     """
     func = "linear"
+    if activation is not None and activation not in _LINEAR_ACTIVATIONS:
+        raise ValueError(f"{func}: activation must be None or one of {', '.join(_LINEAR_ACTIVATIONS)}, "
+                         f"got {activation!r}")
     x = _as_float_array(x, func, "input")
     weight = _as_float_array(weight, func, "weight")
     if weight.ndim != 2:
@@ -535,7 +546,17 @@ def linear(x, weight, bias=None):
         if bias.shape != (weight.shape[0],) or bias.dtype != x.dtype:
             raise ValueError(f"{func}: bias must be ({weight.shape[0]},) of {x.dtype}, got "
                              f"{bias.shape} {bias.dtype}")
-        y += bias
+        bias = np.ascontiguousarray(bias)
+    kernel = "identity" if activation in (None, "relu") else activation
+    if not y.flags.c_contiguous or y.size == 0:   # not from NumPy's matmul as it is today
+        if bias is not None:
+            y += bias
+        if kernel != "identity":
+            y = _elementwise(y, kernel, None)
+    elif bias is not None or kernel != "identity":
+        _kernels.bias_activation(y, y, bias, kernel)
+    if activation == "relu":
+        np.maximum(y, 0, out=y)
     return y
 
 
@@ -557,11 +578,11 @@ def sigmoid(x):
 def _elementwise(x, name, out):
     x = np.ascontiguousarray(_as_float_array(x, name))
     if out is None:
-        return _kernels.activation(np.empty_like(x), x, name)
+        return _kernels.bias_activation(np.empty_like(x), x, None, name)
     _check_out(out, x, name)
     if out.flags.c_contiguous and (out is x or _same_layout(out, x) or not np.shares_memory(out, x)):
-        return _kernels.activation(out, x, name)
-    out[...] = _kernels.activation(np.empty_like(x), x, name)   # a strided or overlapping out
+        return _kernels.bias_activation(out, x, None, name)
+    out[...] = _kernels.bias_activation(np.empty_like(x), x, None, name)   # a strided or overlapping out
     return out
 
 
