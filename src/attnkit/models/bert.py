@@ -12,7 +12,6 @@ Inference only: dropout is a no-op.
 import json
 import os
 from dataclasses import dataclass, fields
-from functools import partial
 
 import numpy as np
 
@@ -56,10 +55,9 @@ class BertConfig:
         return config
 
 
-# Hugging Face's hidden_act names -> activations that can write in place
-_ACTIVATIONS = {"gelu": F.gelu, "gelu_new": partial(F.gelu, approximate="tanh"),
-                "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"),
-                "relu": F.relu, "silu": F.silu, "swish": F.silu}
+# Hugging Face's hidden_act names -> F.linear's activation names
+_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+                "relu": "relu", "silu": "silu", "swish": "silu"}
 
 
 class _Container(Module):
@@ -132,8 +130,9 @@ class BertLayer(Module):
 
     def forward(self, x, key_mask):
         a = self.attention.output(getattr(self.attention, "self")(x, key_mask), x)
-        h = self.intermediate.dense(a)                                    # (N, L, intermediate)
-        return self.output(self.activation(h, out=h), a)                   # h is ours: in place
+        dense = self.intermediate.dense                    # bias and activation in one pass
+        h = F.linear(a, dense.weight, dense.bias, activation=self.activation)  # (N, L, intermediate)
+        return self.output(h, a)
 
 
 class BertModel(Module):

@@ -239,6 +239,8 @@ class Tanh(Module):
 
 _ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, "tanh"),
                 "silu": F.silu, "sigmoid": F.sigmoid}
+# the ones F.linear can apply in the same pass as its bias
+LINEAR_ACTIVATION_NAMES = {_ACTIVATIONS[name]: name for name in ("relu", "gelu", "gelu_tanh", "silu")}
 
 
 def get_activation(activation):

@@ -16,8 +16,9 @@ import copy
 
 import numpy as np
 
+from .. import functional as F
 from .attention import MultiHeadAttention
-from .layers import Dropout, LayerNorm, Linear, get_activation
+from .layers import LINEAR_ACTIVATION_NAMES, Dropout, LayerNorm, Linear, get_activation
 from .module import Module, ModuleList
 
 __all__ = ["TransformerEncoderLayer", "TransformerDecoderLayer", "TransformerEncoder",
@@ -28,7 +29,15 @@ class _FeedForward:
     """linear2(dropout(activation(linear1(x)))), shared by both layers."""
 
     def _feed_forward(self, x):
-        return self.linear2(self.dropout(self.activation(self.linear1(x))))
+        try:
+            name = LINEAR_ACTIVATION_NAMES.get(self.activation)
+        except TypeError:                                   # an unhashable callable
+            name = None
+        if name is None:
+            h = self.activation(self.linear1(x))
+        else:                                               # bias and activation in one pass
+            h = F.linear(x, self.linear1.weight, self.linear1.bias, activation=name)
+        return self.linear2(self.dropout(h))
 
 
 class TransformerEncoderLayer(Module, _FeedForward):
