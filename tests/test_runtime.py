@@ -14,9 +14,14 @@ from attnkit import _runtime, reference
 
 
 def run_python(code, env_extra=None, timeout=120):
-    """Run code in a fresh interpreter (outside the source tree); return stdout."""
+    """Run code in a fresh interpreter (outside the source tree); return stdout.
+    env_extra: variables to set, or to remove where the value is None."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ATTNKIT_", "OMP_"))}
-    env.update(env_extra or {})
+    for name, value in (env_extra or {}).items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, cwd="/",
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr
@@ -243,3 +248,19 @@ def test_openmp_threads_sleep_between_kernels_and_the_environment_is_restored():
     out, _ = run_python("import os, attnkit; print(os.environ.get('OMP_WAIT_POLICY'))",
                         {"OMP_WAIT_POLICY": "ACTIVE"})
     assert out.strip() == "ACTIVE"
+
+
+def test_numpy_blas_threads_are_asked_to_sleep_only_when_attnkit_loads_numpy():
+    """Imported before NumPy, attnkit has OpenBLAS read OPENBLAS_THREAD_TIMEOUT=4
+    (its threads then sleep after a product instead of spinning against
+    attnkit's kernels) and removes the variable again; imported after NumPy it
+    cannot, and show_config says which case holds; a user's value is kept."""
+    code = ("import os, sys; {first}import attnkit; "
+            "print(os.environ.get('OPENBLAS_THREAD_TIMEOUT')); "
+            "print(attnkit.show_config(mode='dicts')['threads']['blas_thread_timeout'])")
+    out, _ = run_python(code.format(first=""), {"OPENBLAS_THREAD_TIMEOUT": None})
+    assert out.split("\n")[:2] == ["None", "OPENBLAS_THREAD_TIMEOUT=4, set by attnkit"]
+    out, _ = run_python(code.format(first="import numpy; "), {"OPENBLAS_THREAD_TIMEOUT": None})
+    assert out.split("\n")[:2] == ["None", "OpenBLAS's default (NumPy was imported before attnkit)"]
+    out, _ = run_python(code.format(first=""), {"OPENBLAS_THREAD_TIMEOUT": "12"})
+    assert out.split("\n")[:2] == ["12", "OPENBLAS_THREAD_TIMEOUT=12"]

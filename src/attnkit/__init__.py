@@ -11,6 +11,7 @@ plain NumPy. `python -m attnkit` checks one against the other and times them.
 __version__ = "0.1.0"
 
 import os as _os
+import sys as _sys
 
 # attnkit's OpenMP threads sleep as soon as a kernel ends, instead of spinning
 # for a while as GNU OpenMP's do by default: spinning threads fight NumPy's BLAS
@@ -19,14 +20,29 @@ import os as _os
 # once, when it loads with the extension below; the variable is put back at
 # once, so other OpenMP runtimes loaded later (PyTorch's own, say) see the
 # user's environment. A policy the user set is kept.
-_user_wait_policy = _os.environ.get("OMP_WAIT_POLICY")
-if _user_wait_policy is None:
-    _os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+#
+# The same fight the other way round: after each matrix product NumPy's
+# OpenBLAS threads spin for 2^28 cycles (about 0.1 s) before they sleep, so
+# the attention, GELU and layer norm that follow a product in a transformer
+# layer share the cores with them (on 2 threads attention took 16.8 ms after
+# a product, 8.8 ms on its own). OpenBLAS reads OPENBLAS_THREAD_TIMEOUT once,
+# when NumPy first loads it: if that has not happened yet, attnkit asks for
+# 2^4 cycles, sleep at once, here; if NumPy was imported first, it cannot,
+# and show_config() says so. A timeout the user set is kept.
+_defaults = {"OMP_WAIT_POLICY": "PASSIVE"}
+if "numpy" not in _sys.modules:
+    _defaults["OPENBLAS_THREAD_TIMEOUT"] = "4"
+_defaults = {name: value for name, value in _defaults.items() if name not in _os.environ}
+_os.environ.update(_defaults)
 try:
     from . import _kernels  # noqa: E402
 finally:
-    if _user_wait_policy is None:
-        _os.environ.pop("OMP_WAIT_POLICY", None)
+    for _name in _defaults:
+        _os.environ.pop(_name, None)
+_blas_thread_timeout = ("OPENBLAS_THREAD_TIMEOUT=4, set by attnkit" if "OPENBLAS_THREAD_TIMEOUT" in _defaults
+                        else f"OPENBLAS_THREAD_TIMEOUT={_os.environ['OPENBLAS_THREAD_TIMEOUT']}"
+                        if "OPENBLAS_THREAD_TIMEOUT" in _os.environ
+                        else "OpenBLAS's default (NumPy was imported before attnkit)")
 
 from . import io, nn, reference
 from ._runtime import (
