@@ -23,7 +23,10 @@ enum { CHUNK = 4096 }; /* elements a thread takes at a time */
 static inline int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 #if ATTNKIT_REAL_BITS == 32
-/* Phi(-|x|) = erfc(z) / 2 for z = |x| / sqrt 2, as t exp(-z^2 + P(t)) / 2,
+/* The exact GELU, float. gelu(x) = x Phi(x): for x < 0 Phi(x) = Phi(-|x|)
+ * directly (the tail keeps its relative precision), for x >= 0 1 - Phi(-|x|).
+ *
+ * Phi(-|x|) = erfc(z) / 2 for z = |x| / sqrt 2, as t exp(-z^2 + P(t)) / 2,
  * t = 1 / (1 + z/2), P the degree-9 polynomial of the Chebyshev-fitted
  * approximation in Press et al., Numerical Recipes (erfcc), whose relative
  * error against the C library's erfc over [0, 12] is at most 1.05e-7.
@@ -34,36 +37,67 @@ static inline int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
  * v_exp_nonpositive's range. |x| is first held to 16, where Phi(-|x|) is
  * already below the smallest float, so that x^2 cannot overflow (it made
  * gelu(1e20) NaN); v_min(16, NaN) is NaN, so NaN still passes through. */
-AK_INLINE vreal v_half_erfc_abs(vreal v)
-{
-    const vreal x = v_min(v_set1(16.0f), v_abs(v));
-    const vreal z = v_mul(x, v_set1(0.70710678118654752f));
-    const vreal t = v_div(v_set1(1), v_fma(z, v_set1(0.5f), v_set1(1)));
-    vreal p = v_set1(0.17087277f);
-    p = v_fma(p, t, v_set1(-0.82215223f));
-    p = v_fma(p, t, v_set1(1.48851587f));
-    p = v_fma(p, t, v_set1(-1.13520398f));
-    p = v_fma(p, t, v_set1(0.27886807f));
-    p = v_fma(p, t, v_set1(-0.18628806f));
-    p = v_fma(p, t, v_set1(0.09678418f));
-    p = v_fma(p, t, v_set1(0.37409196f));
-    p = v_fma(p, t, v_set1(1.00002368f));
-    p = v_fma(p, t, v_set1(-1.26551223f));
-    const vreal sq = v_mul(x, x), sq_err = v_fma(x, x, v_sub(v_set1(0), sq));   /* x^2 exactly */
-    const vreal a = v_mul(sq, v_set1(-0.5f));                                   /* -z^2, head */
-    const vreal b = v_fma(sq_err, v_set1(-0.5f), p);                            /* small rest */
-    const vreal arg = v_add(a, b), bb = v_sub(arg, a);
-    const vreal err = v_add(v_sub(a, v_sub(arg, bb)), v_sub(b, bb));           /* TwoSum    */
-    const vreal e = v_exp_nonpositive(arg);
-    return v_mul(v_mul(t, v_set1(0.5f)), v_fma(e, err, e));
-}
+enum { GELU_WAYS = 8 }; /* independent vectors carried through the steps together */
+#define EACH for (int k = 0; k < count; k++)
 
-/* gelu(x) = x Phi(x): for x < 0 Phi(x) = Phi(-|x|) directly (the tail keeps
- * its relative precision), for x >= 0 1 - Phi(-|x|). */
-AK_INLINE vreal v_gelu_erf(vreal v)
+/* The exact GELU of count (<= GELU_WAYS) vectors, in place. Its chain of
+ * dependent operations is about 150 cycles long, longer than the core's
+ * reorder window covers one vector after another: written as one loop per
+ * step (each unrolled whole, count being a constant where it is inlined),
+ * the steps of GELU_WAYS vectors interleave. */
+AK_INLINE void gelu_erf_n(vreal* v, int count)
 {
-    const vreal tail = v_half_erfc_abs(v);
-    return v_mul(v, v_select(v_is_less(v, v_set1(0)), tail, v_sub(v_set1(1), tail)));
+    vreal x[GELU_WAYS], t[GELU_WAYS], p[GELU_WAYS], a[GELU_WAYS], b[GELU_WAYS], e[GELU_WAYS];
+    EACH x[k] = v_min(v_set1(16.0f), v_abs(v[k]));
+    EACH t[k] = v_div(v_set1(1), v_fma(v_mul(x[k], v_set1(0.70710678118654752f)), v_set1(0.5f), v_set1(1)));
+    EACH p[k] = v_fma(v_set1(0.17087277f), t[k], v_set1(-0.82215223f));
+    EACH p[k] = v_fma(p[k], t[k], v_set1(1.48851587f));
+    EACH p[k] = v_fma(p[k], t[k], v_set1(-1.13520398f));
+    EACH p[k] = v_fma(p[k], t[k], v_set1(0.27886807f));
+    EACH p[k] = v_fma(p[k], t[k], v_set1(-0.18628806f));
+    EACH p[k] = v_fma(p[k], t[k], v_set1(0.09678418f));
+    EACH p[k] = v_fma(p[k], t[k], v_set1(0.37409196f));
+    EACH p[k] = v_fma(p[k], t[k], v_set1(1.00002368f));
+    EACH p[k] = v_fma(p[k], t[k], v_set1(-1.26551223f));
+    EACH {
+        const vreal sq = v_mul(x[k], x[k]), sq_err = v_fma(x[k], x[k], v_sub(v_set1(0), sq)); /* x^2 exactly */
+        a[k] = v_mul(sq, v_set1(-0.5f));                                                    /* -z^2, head */
+        b[k] = v_fma(sq_err, v_set1(-0.5f), p[k]);                                          /* small rest */
+    }
+    EACH {                                                            /* exp(a + b) (1 + TwoSum error) */
+        const vreal arg = v_add(a[k], b[k]), bb = v_sub(arg, a[k]);
+        const vreal err = v_add(v_sub(a[k], v_sub(arg, bb)), v_sub(b[k], bb));
+        e[k] = v_exp_nonpositive(arg);
+        e[k] = v_fma(e[k], err, e[k]);
+    }
+    EACH {                /* x < 0: x Phi(-|x|), the tail keeping its relative precision; else x (1 - tail) */
+        const vreal tail = v_mul(v_mul(t[k], v_set1(0.5f)), e[k]);
+        v[k] = v_mul(v[k], v_select(v_is_less(v[k], v_set1(0)), tail, v_sub(v_set1(1), tail)));
+    }
+}
+#undef EACH
+
+/* runs of n elements sharing a bias row, as DEFINE_RUN below, GELU_WAYS vectors a step */
+static void gelu_erf_run(real* out, const real* x, const real* bias, int64_t n)
+{
+    int64_t j = 0;
+    for (; j + GELU_WAYS * VLEN <= n; j += GELU_WAYS * VLEN) {
+        vreal v[GELU_WAYS];
+        for (int k = 0; k < GELU_WAYS; k++) {
+            v[k] = v_load(x + j + k * VLEN);
+            if (bias) v[k] = v_add(v[k], v_load(bias + j + k * VLEN));
+        }
+        gelu_erf_n(v, GELU_WAYS);
+        for (int k = 0; k < GELU_WAYS; k++) v_store(out + j + k * VLEN, v[k]);
+    }
+    for (; j < n; j += VLEN) {
+        const int64_t m = min_i64(VLEN, n - j);
+        vreal v = m == VLEN ? v_load(x + j) : v_load_part(x + j, m, 0);
+        if (bias) v = v_add(v, m == VLEN ? v_load(bias + j) : v_load_part(bias + j, m, 0));
+        gelu_erf_n(&v, 1);
+        if (m == VLEN) v_store(out + j, v);
+        else v_store_part(out + j, v, m);
+    }
 }
 #endif
 
@@ -120,9 +154,7 @@ AK_INLINE vreal v_identity(vreal v) { return v; }
         }                                                                                      \
     }
 
-#if ATTNKIT_REAL_BITS == 32
-DEFINE_RUN(gelu_erf_run, v_gelu_erf)
-#else
+#if ATTNKIT_REAL_BITS != 32
 /* double: the C library's erf, element by element (to about an ulp) */
 static void gelu_erf_run(real* out, const real* x, const real* bias, int64_t n)
 {
