@@ -28,6 +28,12 @@ __all__ = ["TransformerEncoderLayer", "TransformerDecoderLayer", "TransformerEnc
 class _FeedForward:
     """linear2(dropout(activation(linear1(x)))), shared by both layers."""
 
+    def _build_feed_forward(self, d_model, dim_feedforward, dropout, activation, bias, dtype, rng):
+        self.linear1 = Linear(d_model, dim_feedforward, bias=bias, dtype=dtype, rng=rng)
+        self.dropout = Dropout(dropout, rng=rng)
+        self.linear2 = Linear(dim_feedforward, d_model, bias=bias, dtype=dtype, rng=rng)
+        self.activation = get_activation(activation)
+
     def _feed_forward(self, x):
         try:
             name = LINEAR_ACTIVATION_NAMES.get(self.activation)
@@ -51,15 +57,12 @@ class TransformerEncoderLayer(Module, _FeedForward):
         super().__init__()
         self.self_attn = MultiHeadAttention(d_model, nhead, dropout=dropout, bias=bias,
                                             batch_first=batch_first, dtype=dtype, rng=rng)
-        self.linear1 = Linear(d_model, dim_feedforward, bias=bias, dtype=dtype, rng=rng)
-        self.dropout = Dropout(dropout, rng=rng)
-        self.linear2 = Linear(dim_feedforward, d_model, bias=bias, dtype=dtype, rng=rng)
+        self._build_feed_forward(d_model, dim_feedforward, dropout, activation, bias, dtype, rng)
         self.norm_first = bool(norm_first)
         self.norm1 = LayerNorm(d_model, eps=layer_norm_eps, bias=bias, dtype=dtype)
         self.norm2 = LayerNorm(d_model, eps=layer_norm_eps, bias=bias, dtype=dtype)
         self.dropout1 = Dropout(dropout, rng=rng)
         self.dropout2 = Dropout(dropout, rng=rng)
-        self.activation = get_activation(activation)
 
     def _self_attention(self, x, mask, key_padding_mask, is_causal):
         out, _ = self.self_attn(x, x, x, attn_mask=mask, key_padding_mask=key_padding_mask,
@@ -89,9 +92,7 @@ class TransformerDecoderLayer(Module, _FeedForward):
                                             batch_first=batch_first, dtype=dtype, rng=rng)
         self.multihead_attn = MultiHeadAttention(d_model, nhead, dropout=dropout, bias=bias,
                                                  batch_first=batch_first, dtype=dtype, rng=rng)
-        self.linear1 = Linear(d_model, dim_feedforward, bias=bias, dtype=dtype, rng=rng)
-        self.dropout = Dropout(dropout, rng=rng)
-        self.linear2 = Linear(dim_feedforward, d_model, bias=bias, dtype=dtype, rng=rng)
+        self._build_feed_forward(d_model, dim_feedforward, dropout, activation, bias, dtype, rng)
         self.norm_first = bool(norm_first)
         self.norm1 = LayerNorm(d_model, eps=layer_norm_eps, bias=bias, dtype=dtype)
         self.norm2 = LayerNorm(d_model, eps=layer_norm_eps, bias=bias, dtype=dtype)
@@ -99,7 +100,6 @@ class TransformerDecoderLayer(Module, _FeedForward):
         self.dropout1 = Dropout(dropout, rng=rng)
         self.dropout2 = Dropout(dropout, rng=rng)
         self.dropout3 = Dropout(dropout, rng=rng)
-        self.activation = get_activation(activation)
 
     def _self_attention(self, x, mask, key_padding_mask, is_causal):
         out, _ = self.self_attn(x, x, x, attn_mask=mask, key_padding_mask=key_padding_mask,
