@@ -5,6 +5,7 @@
  * precision.
  *
  *   identity       out = x + bias
+ *   relu           out = max(x + bias, 0), NaN kept
  *   gelu (exact)   out = x * Phi(x) = 0.5 x (1 + erf(x / sqrt(2)))
  *   gelu (tanh)    out = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
  *   silu           out = x * sigmoid(x) = x / (1 + exp(-x))
@@ -22,6 +23,10 @@ enum { CHUNK = 4096 }; /* elements a thread takes at a time */
 
 static inline int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
 
+/* independent vectors a run carries through each step together (see
+ * gelu_erf_n); 8 made the exact GELU 1.5x faster than 1, 4 and 16 less */
+enum { WAYS = 8 };
+
 #if ATTNKIT_REAL_BITS == 32
 /* The exact GELU, float. gelu(x) = x Phi(x): for x < 0 Phi(x) = Phi(-|x|)
  * directly (the tail keeps its relative precision), for x >= 0 1 - Phi(-|x|).
@@ -37,17 +42,16 @@ static inline int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
  * v_exp_nonpositive's range. |x| is first held to 16, where Phi(-|x|) is
  * already below the smallest float, so that x^2 cannot overflow (it made
  * gelu(1e20) NaN); v_min(16, NaN) is NaN, so NaN still passes through. */
-enum { GELU_WAYS = 8 }; /* independent vectors carried through the steps together */
 #define EACH for (int k = 0; k < count; k++)
 
-/* The exact GELU of count (<= GELU_WAYS) vectors, in place. Its chain of
+/* The exact GELU of count (<= WAYS) vectors, in place. Its chain of
  * dependent operations is about 150 cycles long, longer than the core's
  * reorder window covers one vector after another: written as one loop per
  * step (each unrolled whole, count being a constant where it is inlined),
- * the steps of GELU_WAYS vectors interleave. */
+ * the steps of WAYS vectors interleave. */
 AK_INLINE void gelu_erf_n(vreal* v, int count)
 {
-    vreal x[GELU_WAYS], t[GELU_WAYS], p[GELU_WAYS], a[GELU_WAYS], b[GELU_WAYS], e[GELU_WAYS];
+    vreal x[WAYS], t[WAYS], p[WAYS], a[WAYS], b[WAYS], e[WAYS];
     EACH x[k] = v_min(v_set1(16.0f), v_abs(v[k]));
     EACH t[k] = v_div(v_set1(1), v_fma(v_mul(x[k], v_set1(0.70710678118654752f)), v_set1(0.5f), v_set1(1)));
     EACH p[k] = v_fma(v_set1(0.17087277f), t[k], v_set1(-0.82215223f));
@@ -77,28 +81,6 @@ AK_INLINE void gelu_erf_n(vreal* v, int count)
 }
 #undef EACH
 
-/* runs of n elements sharing a bias row, as DEFINE_RUN below, GELU_WAYS vectors a step */
-static void gelu_erf_run(real* out, const real* x, const real* bias, int64_t n)
-{
-    int64_t j = 0;
-    for (; j + GELU_WAYS * VLEN <= n; j += GELU_WAYS * VLEN) {
-        vreal v[GELU_WAYS];
-        for (int k = 0; k < GELU_WAYS; k++) {
-            v[k] = v_load(x + j + k * VLEN);
-            if (bias) v[k] = v_add(v[k], v_load(bias + j + k * VLEN));
-        }
-        gelu_erf_n(v, GELU_WAYS);
-        for (int k = 0; k < GELU_WAYS; k++) v_store(out + j + k * VLEN, v[k]);
-    }
-    for (; j < n; j += VLEN) {
-        const int64_t m = min_i64(VLEN, n - j);
-        vreal v = m == VLEN ? v_load(x + j) : v_load_part(x + j, m, 0);
-        if (bias) v = v_add(v, m == VLEN ? v_load(bias + j) : v_load_part(bias + j, m, 0));
-        gelu_erf_n(&v, 1);
-        if (m == VLEN) v_store(out + j, v);
-        else v_store_part(out + j, v, m);
-    }
-}
 #endif
 
 AK_INLINE vreal v_tanh(vreal y)
@@ -125,36 +107,49 @@ AK_INLINE vreal v_silu(vreal v)
 
 AK_INLINE vreal v_identity(vreal v) { return v; }
 
+/* max(x, 0) with v_max's NaN rule: 0 > NaN is false, so NaN stays NaN */
+AK_INLINE vreal v_relu(vreal v) { return v_max(v_set1(0), v); }
+
+/* f of count vectors in place, the shape gelu_erf_n has */
+#define DEFINE_EACH(name_n, f)                                                                 \
+    AK_INLINE void name_n(vreal* v, int count)                                                 \
+    {                                                                                          \
+        for (int k = 0; k < count; k++) v[k] = f(v[k]);                                        \
+    }
+DEFINE_EACH(gelu_tanh_n, v_gelu_tanh)
+DEFINE_EACH(silu_n, v_silu)
+DEFINE_EACH(relu_n, v_relu)
+DEFINE_EACH(identity_n, v_identity)
+
 /* A run of n elements that share one bias row: out (n) = f(x (n) + bias (n)),
- * bias NULL for none. Two vectors a step, loaded before either is stored,
- * so that out may be x and so that two long chains of dependent operations
- * (the exact GELU has about fifty) overlap. */
-#define DEFINE_RUN(name, f)                                                                    \
+ * bias NULL for none; f_n applies f to WAYS vectors (or 1, at the end).
+ * Every vector of a step is loaded before any is stored, so out may be x. */
+#define DEFINE_RUN(name, f_n)                                                                  \
     static void name(real* out, const real* x, const real* bias, int64_t n)                    \
     {                                                                                          \
         int64_t j = 0;                                                                         \
-        for (; j + 2 * VLEN <= n; j += 2 * VLEN) {                                             \
-            vreal v0 = v_load(x + j), v1 = v_load(x + j + VLEN);                               \
-            if (bias) {                                                                        \
-                v0 = v_add(v0, v_load(bias + j));                                              \
-                v1 = v_add(v1, v_load(bias + j + VLEN));                                       \
+        for (; j + WAYS * VLEN <= n; j += WAYS * VLEN) {                                       \
+            vreal v[WAYS];                                                                     \
+            for (int k = 0; k < WAYS; k++) {                                                   \
+                v[k] = v_load(x + j + k * VLEN);                                               \
+                if (bias) v[k] = v_add(v[k], v_load(bias + j + k * VLEN));                     \
             }                                                                                  \
-            v0 = f(v0);                                                                        \
-            v1 = f(v1);                                                                        \
-            v_store(out + j, v0);                                                              \
-            v_store(out + j + VLEN, v1);                                                       \
+            f_n(v, WAYS);                                                                      \
+            for (int k = 0; k < WAYS; k++) v_store(out + j + k * VLEN, v[k]);                  \
         }                                                                                      \
         for (; j < n; j += VLEN) {                                                             \
             const int64_t m = min_i64(VLEN, n - j);                                            \
             vreal v = m == VLEN ? v_load(x + j) : v_load_part(x + j, m, 0);                    \
             if (bias) v = v_add(v, m == VLEN ? v_load(bias + j) : v_load_part(bias + j, m, 0)); \
-            v = f(v);                                                                          \
+            f_n(&v, 1);                                                                        \
             if (m == VLEN) v_store(out + j, v);                                                \
             else v_store_part(out + j, v, m);                                                  \
         }                                                                                      \
     }
 
-#if ATTNKIT_REAL_BITS != 32
+#if ATTNKIT_REAL_BITS == 32
+DEFINE_RUN(gelu_erf_run, gelu_erf_n)
+#else
 /* double: the C library's erf, element by element (to about an ulp) */
 static void gelu_erf_run(real* out, const real* x, const real* bias, int64_t n)
 {
@@ -165,9 +160,10 @@ static void gelu_erf_run(real* out, const real* x, const real* bias, int64_t n)
     }
 }
 #endif
-DEFINE_RUN(gelu_tanh_run, v_gelu_tanh)
-DEFINE_RUN(silu_run, v_silu)
-DEFINE_RUN(identity_run, v_identity)
+DEFINE_RUN(gelu_tanh_run, gelu_tanh_n)
+DEFINE_RUN(silu_run, silu_n)
+DEFINE_RUN(relu_run, relu_n)
+DEFINE_RUN(identity_run, identity_n)
 
 typedef void (*run_fn)(real*, const real*, const real*, int64_t);
 
@@ -193,13 +189,14 @@ void KERNEL(bias_activation)(real* out, const real* x, const real* bias, int64_t
     const run_fn run = kind == ATTNKIT_GELU_ERF    ? gelu_erf_run
                        : kind == ATTNKIT_GELU_TANH ? gelu_tanh_run
                        : kind == ATTNKIT_SILU      ? silu_run
+                       : kind == ATTNKIT_RELU      ? relu_run
                                                    : identity_run;
     const int64_t n = rows * cols;
     if (n == 0) return;
     const int64_t chunks = (n + CHUNK - 1) / CHUNK;
-    /* a bias add alone is one pass over memory; the exact GELU about fifty
-     * operations an element */
-    const int64_t cost = kind == ATTNKIT_IDENTITY ? 1 : kind == ATTNKIT_GELU_ERF ? 8 : 2;
+    /* a bias add (and ReLU) is one pass over memory; the exact GELU about
+     * fifty operations an element */
+    const int64_t cost = kind == ATTNKIT_IDENTITY || kind == ATTNKIT_RELU ? 1 : kind == ATTNKIT_GELU_ERF ? 8 : 2;
     const int threads = attnkit_plan_threads(chunks, cost * CHUNK);
     if (threads <= 1) {
         apply_range(run, out, x, bias, cols, 0, n);

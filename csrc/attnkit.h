@@ -188,8 +188,9 @@ static inline int attnkit_dropout_keep(uint32_t row_key, uint32_t j, uint32_t th
  *   ATTNKIT_GELU_TANH  the tanh approximation of GELU
  *   ATTNKIT_SILU       x * sigmoid(x)
  *   ATTNKIT_IDENTITY   x (the bias add alone)
+ *   ATTNKIT_RELU       max(x, 0); NaN stays NaN
  * ------------------------------------------------------------------------- */
-enum { ATTNKIT_GELU_ERF = 0, ATTNKIT_GELU_TANH = 1, ATTNKIT_SILU = 2, ATTNKIT_IDENTITY = 3 };
+enum { ATTNKIT_GELU_ERF = 0, ATTNKIT_GELU_TANH = 1, ATTNKIT_SILU = 2, ATTNKIT_IDENTITY = 3, ATTNKIT_RELU = 4 };
 void attnkit_bias_activation_f32(float* out, const float* x, const float* bias, int64_t rows, int64_t cols,
                                  int kind);
 void attnkit_bias_activation_f64(double* out, const double* x, const double* bias, int64_t rows,

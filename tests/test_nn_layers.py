@@ -440,6 +440,15 @@ def test_linear_with_activation_matches_composition(simd, dtype, activation, sha
         F.linear(x, w, b, activation="tanh")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_relu_keeps_nan(simd, dtype):
+    """The fused ReLU is max(x, 0) with NaN kept, as F.relu and torch.relu."""
+    x = np.array([[1.0, np.nan, -2.0], [-1.0, 0.5, 3.0]], dtype)
+    w = np.eye(3, dtype=dtype)
+    got = F.linear(x, w, np.zeros(3, dtype), activation="relu")
+    np.testing.assert_array_equal(got, [[np.nan] * 3, [0.0, 0.5, 3.0]])
+
+
 def test_gelu_bad_approximate():
     with pytest.raises(ValueError, match="approximate"):
         nn.GELU("erf")

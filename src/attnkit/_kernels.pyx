@@ -74,6 +74,7 @@ cdef extern from "attnkit.h" nogil:
         ATTNKIT_GELU_TANH
         ATTNKIT_SILU
         ATTNKIT_IDENTITY
+        ATTNKIT_RELU
     void attnkit_bias_activation_f32(float* out, const float* x, const float* bias, int64_t rows,
                                      int64_t cols, int kind) noexcept
     void attnkit_bias_activation_f64(double* out, const double* x, const double* bias, int64_t rows,
@@ -426,7 +427,7 @@ def rms_norm(cnp.ndarray out, object rrms, cnp.ndarray x, object weight, double 
 # Activations
 
 ACTIVATIONS = {"gelu": ATTNKIT_GELU_ERF, "gelu_tanh": ATTNKIT_GELU_TANH, "silu": ATTNKIT_SILU,
-               "identity": ATTNKIT_IDENTITY}
+               "relu": ATTNKIT_RELU, "identity": ATTNKIT_IDENTITY}
 
 
 def bias_activation(cnp.ndarray out, cnp.ndarray x, object bias, str name):

@@ -547,16 +547,8 @@ def linear(x, weight, bias=None, *, activation=None):
             raise ValueError(f"{func}: bias must be ({weight.shape[0]},) of {x.dtype}, got "
                              f"{bias.shape} {bias.dtype}")
         bias = np.ascontiguousarray(bias)
-    kernel = "identity" if activation in (None, "relu") else activation
-    if not y.flags.c_contiguous or y.size == 0:   # not from NumPy's matmul as it is today
-        if bias is not None:
-            y += bias
-        if kernel != "identity":
-            y = _elementwise(y, kernel, None)
-    elif bias is not None or kernel != "identity":
-        _kernels.bias_activation(y, y, bias, kernel)
-    if activation == "relu":
-        np.maximum(y, 0, out=y)
+    if bias is not None or activation is not None:       # y is matmul's own: contiguous
+        _kernels.bias_activation(y, y, bias, activation or "identity")
     return y
 
 
