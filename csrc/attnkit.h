@@ -124,6 +124,10 @@ void attnkit_rms_norm_f64(double* out, double* rrms, const double* x, const doub
  *                      uint8_t (bool) or real (additive); NULL with kind 0
  * q_batch etc. are (B) arrays of offsets, so batch dimensions of any shape
  * broadcast without copies.
+ * E >= 1 (E = 0 makes every score 0: pass one zero column instead). With
+ * Ev = 0, or no rows (B*H*L = 0), the kernel returns at once and writes
+ * nothing, so lse and weights are not filled: to get them for Ev = 0, pass
+ * one zero column of values. The binding keeps to both rules.
  * ------------------------------------------------------------------------- */
 enum { ATTNKIT_MASK_NONE = 0, ATTNKIT_MASK_BOOL = 1, ATTNKIT_MASK_ADD = 2 };
 

@@ -11,6 +11,7 @@ acquiring a memoryview costs about 0.3 us per argument, which is a fifth of a
 whole softmax call on a small row.
 """
 cimport numpy as cnp
+from cpython.pyport cimport PY_SSIZE_T_MAX
 from libc.stdint cimport int64_t, uint8_t, uint32_t
 from libc.stdlib cimport free, malloc
 
@@ -521,7 +522,7 @@ def attention(cnp.ndarray out, object lse, object weights, cnp.ndarray q, cnp.nd
     if k.shape[nd - 1] != a.E or v.shape[nd - 3] != a.Hkv or v.shape[nd - 2] != a.S:
         raise ValueError(f"attention: shapes do not fit: query {shape_of(q)}, key {shape_of(k)}, "
                          f"value {shape_of(v)}")
-    if a.Hkv == 0 or a.H % a.Hkv != 0:
+    if (a.H % a.Hkv != 0) if a.Hkv else a.H != 0:
         raise ValueError(f"attention: {a.H} query heads do not share {a.Hkv} key/value heads evenly")
     if out.shape[nd - 3] != a.H or out.shape[nd - 2] != a.L or out.shape[nd - 1] != a.Ev \
             or not cnp.PyArray_IS_C_CONTIGUOUS(out):
@@ -532,22 +533,38 @@ def attention(cnp.ndarray out, object lse, object weights, cnp.ndarray q, cnp.nd
                 cnp.PyArray_STRIDE(arr, nd - 1) != cnp.PyArray_ITEMSIZE(arr):
             raise ValueError(f"attention {name}: the last axis must be contiguous "
                              f"(strides {(<object>arr).strides})")
-    cdef int64_t B = 1
+    # The batch count comes from shapes alone, and broadcast views make it
+    # free: (2**59 + 1, 1, 0, 1) is a valid empty array. It is multiplied in
+    # Python's integers, and a call with no rows to compute returns before
+    # anything is sized by it.
+    batch_count = 1
     for d in range(nbatch):
-        B *= q.shape[d]
+        batch_count *= q.shape[d]
+    if batch_count * a.H * a.L == 0 or (a.Ev == 0 and lse is None and weights is None):
+        return out
+    if a.E == 0:
+        raise ValueError("attention: the kernel needs E >= 1 (the caller pads q and k with a zero column)")
+    if a.Ev == 0:
+        raise ValueError("attention: the kernel needs Ev >= 1 to compute lse or weights "
+                         "(the caller pads v with a zero column)")
+    # four offset tables of B entries each; the output already holds B rows,
+    # so this only fails on a view whose batch count exceeds any allocation
+    if batch_count > <object>PY_SSIZE_T_MAX // (4 * <object>sizeof(int64_t)):
+        raise MemoryError(f"attention: {batch_count} batch entries are more than can be addressed")
+    cdef int64_t B = batch_count
     cdef cnp.ndarray lse_a, weights_a, m
     cdef void* plse = NULL
     cdef void* pweights = NULL
     if lse is not None:
         lse_a = <cnp.ndarray>lse
         check_float_operand(lse_a, nd - 1, type_num, "attention lse", True)
-        if lse_a.size != B * a.H * a.L or not cnp.PyArray_IS_C_CONTIGUOUS(lse_a):
+        if lse_a.size != <object>B * a.H * a.L or not cnp.PyArray_IS_C_CONTIGUOUS(lse_a):
             raise ValueError(f"attention: lse {shape_of(lse_a)} is not a contiguous (..., H, L) array")
         plse = cnp.PyArray_DATA(lse_a)
     if weights is not None:
         weights_a = <cnp.ndarray>weights
         check_float_operand(weights_a, nd, type_num, "attention weights", True)
-        if weights_a.size != B * a.H * a.L * a.S or not cnp.PyArray_IS_C_CONTIGUOUS(weights_a):
+        if weights_a.size != <object>B * a.H * a.L * a.S or not cnp.PyArray_IS_C_CONTIGUOUS(weights_a):
             raise ValueError(f"attention: weights {shape_of(weights_a)} is not a contiguous "
                              "(..., H, L, S) array")
         pweights = cnp.PyArray_DATA(weights_a)
@@ -558,7 +575,7 @@ def attention(cnp.ndarray out, object lse, object weights, cnp.ndarray q, cnp.nd
             raise ValueError("attention: weights_mean needs the weights array as scratch")
         mean_a = <cnp.ndarray>weights_mean
         check_float_operand(mean_a, nd - 1, type_num, "attention weights_mean", True)
-        if mean_a.size != B * a.L * a.S or not cnp.PyArray_IS_C_CONTIGUOUS(mean_a):
+        if mean_a.size != <object>B * a.L * a.S or not cnp.PyArray_IS_C_CONTIGUOUS(mean_a):
             raise ValueError(f"attention: weights_mean {shape_of(mean_a)} is not a contiguous "
                              "(..., L, S) array")
         a.weights_mean = cnp.PyArray_DATA(mean_a)
@@ -597,9 +614,9 @@ def attention(cnp.ndarray out, object lse, object weights, cnp.ndarray q, cnp.nd
     if not (0 <= dropout_p <= 1):
         raise ValueError(f"attention: dropout_p must be in [0, 1], got {dropout_p}")
 
-    cdef int64_t* offsets = <int64_t*>malloc(4 * max(B, 1) * sizeof(int64_t))
+    cdef int64_t* offsets = <int64_t*>malloc(<size_t>(4 * B) * sizeof(int64_t))
     if offsets == NULL:
-        raise MemoryError()
+        raise MemoryError(f"attention: could not allocate the batch offsets of {B} batch entries")
     cdef int status
     try:
         batch_offsets(offsets, q, nbatch, "attention query")

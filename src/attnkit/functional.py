@@ -12,6 +12,7 @@ Conventions, as in NumPy and PyTorch:
     read an array in place it reads a contiguous copy.
 """
 import math
+import numbers
 import operator
 
 import numpy as np
@@ -43,6 +44,44 @@ def _as_float_array(x, func, name="x"):
         f"{func}: {name} must be a float32 or float64 array, got dtype {a.dtype} "
         f"(shape {a.shape}); convert it with {name}.astype(np.float32)"
     )
+
+
+def _contiguous(a):
+    """a itself when C-contiguous and aligned (what the kernels read), else a
+    fresh copy, which is both. Unlike np.ascontiguousarray, keeps a 0-d array
+    0-d and does not pass an unaligned array through."""
+    if a.flags.c_contiguous and a.flags.aligned:
+        return a
+    return np.array(a, order="C", copy=True)
+
+
+def _flag(value, func, name):
+    """A bool argument: True, False or NumPy's bools. Anything else (a string,
+    an int, an array) is a TypeError: `is_causal="no"` must not mean True."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(f"{func}: {name} must be a bool, got {type(value).__name__} {value!r}")
+
+
+def _real(value, func, name):
+    """A real-number argument as a Python float. Strings are refused (NumPy
+    and float() would parse "1e-5"), and so are bools and complex numbers."""
+    if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "fiu":
+        return float(value)
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{func}: {name} must be a real number, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
+def _index(value, func, name):
+    """An integer argument (an axis, a dimension); bools are refused, since
+    True would silently mean 1."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{func}: {name} must be an int, got a bool ({value!r})")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{func}: {name} must be an int, got {type(value).__name__} {value!r}") from None
 
 
 def _check_out(out, x, func):
@@ -122,18 +161,9 @@ def _normalize_axes(axis, ndim, func):
     if axis is None:
         return tuple(range(ndim))
     if isinstance(axis, (tuple, list)):
-        try:
-            axes = normalize_axis_tuple(tuple(operator.index(a) for a in axis), ndim)
-        except TypeError:
-            raise TypeError(f"{func}: axis must be an int, a tuple of ints or None, got {axis!r}") from None
+        axes = normalize_axis_tuple(tuple(_index(a, func, "axis") for a in axis), ndim)
         return tuple(sorted(axes))
-    try:
-        index = operator.index(axis)
-    except TypeError:
-        raise TypeError(
-            f"{func}: axis must be an int, a tuple of ints or None, got {type(axis).__name__}"
-        ) from None
-    return (normalize_axis_index(index, ndim),)
+    return (normalize_axis_index(_index(axis, func, "axis"), ndim),)
 
 
 def _softmax(x, axis, where, out, log, func):
@@ -225,14 +255,11 @@ def log_softmax(x, axis=-1, *, where=None, out=None):
 # layer_norm and rms_norm
 
 def _normalized_shape(normalized_shape, x, func):
-    try:
-        shape = (operator.index(normalized_shape),)
-    except TypeError:
-        try:
-            shape = tuple(operator.index(d) for d in normalized_shape)
-        except TypeError:
-            raise TypeError(f"{func}: normalized_shape must be an int or a tuple of ints, "
-                            f"got {normalized_shape!r}") from None
+    dims = normalized_shape if isinstance(normalized_shape, (tuple, list)) else (normalized_shape,)
+    if any(isinstance(d, (bool, np.bool_)) or not hasattr(d, "__index__") for d in dims):
+        raise TypeError(f"{func}: normalized_shape must be an int or a tuple of ints, "
+                        f"got {normalized_shape!r}")
+    shape = tuple(operator.index(d) for d in dims)
     if any(d < 0 for d in shape):
         raise ValueError(f"{func}: normalized_shape {shape} has a negative dimension")
     if len(shape) > x.ndim or x.shape[x.ndim - len(shape):] != shape:
@@ -251,14 +278,11 @@ def _parameter(p, shape, dtype, func, name):
                         f"convert it with {name}.astype(np.{dtype})")
     if a.shape != shape:
         raise ValueError(f"{func}: {name} has shape {a.shape} but normalized_shape is {shape}")
-    return np.ascontiguousarray(a).reshape(-1)
+    return _contiguous(a).reshape(-1)
 
 
 def _check_eps(eps, func):
-    try:
-        value = float(eps)
-    except (TypeError, ValueError):
-        raise TypeError(f"{func}: eps must be a number, got {type(eps).__name__}") from None
+    value = _real(eps, func, "eps")
     if not (value >= 0 and math.isfinite(value)):
         raise ValueError(f"{func}: eps must be finite and >= 0, got {eps!r}")
     return value
@@ -299,7 +323,7 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=Non
     b = _parameter(bias, shape, x.dtype, func, "bias")
     eps = _check_eps(eps, func)
     shape2, x2 = _rows(x, shape, out, func)
-    return _run_into(out, shape2, 1, (x2,), x.shape, x.dtype,
+    return _run_into(out, shape2, 1, (x2, w, b), x.shape, x.dtype,
                      lambda dest: _kernels.layer_norm(dest, None, None, x2, w, b, eps))
 
 
@@ -321,7 +345,7 @@ def rms_norm(x, normalized_shape, weight=None, eps=None, *, out=None):
     w = _parameter(weight, shape, x.dtype, func, "weight")
     eps = float(np.finfo(x.dtype).eps) if eps is None else _check_eps(eps, func)
     shape2, x2 = _rows(x, shape, out, func)
-    return _run_into(out, shape2, 1, (x2,), x.shape, x.dtype,
+    return _run_into(out, shape2, 1, (x2, w), x.shape, x.dtype,
                      lambda dest: _kernels.rms_norm(dest, None, x2, w, eps))
 
 
@@ -334,6 +358,11 @@ def _attention_operand(a, shape):
     if a.shape[-1] > 1 and a.strides[-1] != a.itemsize or not a.flags.aligned:
         a = np.array(a, order="C", copy=True)
     return a if a.shape == shape else np.broadcast_to(a, shape)
+
+
+def _zero_column(a):
+    """a (..., 0) as (..., 1) zeros, a broadcast view: no memory."""
+    return np.broadcast_to(np.zeros(1, a.dtype), a.shape[:-1] + (1,))
 
 
 def _broadcast(shapes, func, what):
@@ -370,7 +399,7 @@ def _attention_mask(attn_mask, q, full_shape, func):
         raise ValueError(f"{func}: attn_mask of shape {mask.shape} does not broadcast to the "
                          f"scores' shape {full_shape} (..., H, L, S)") from None
     if full_shape[-1] > 1 and full.strides[-1] not in (0, full.itemsize) or not full.flags.aligned:
-        full = np.broadcast_to(np.ascontiguousarray(mask), full_shape)
+        full = np.broadcast_to(np.array(mask, order="C", copy=True), full_shape)
     return full
 
 
@@ -438,6 +467,14 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if k.shape[-2] != v.shape[-2]:
         raise ValueError(f"{func}: key and value have different lengths S: key {k.shape}, "
                          f"value {v.shape}")
+    is_causal = _flag(is_causal, func, "is_causal")
+    enable_gqa = _flag(enable_gqa, func, "enable_gqa")
+    return_lse = _flag(return_lse, func, "return_lse")
+    mean_weights = isinstance(return_weights, str) and return_weights == "mean"
+    if isinstance(return_weights, str) and not mean_weights:
+        raise ValueError(f"{func}: return_weights must be True, False or 'mean', got {return_weights!r}")
+    if not mean_weights:
+        return_weights = _flag(return_weights, func, "return_weights")
     if causal_alignment not in ("top_left", "bottom_right"):
         raise ValueError(f"{func}: causal_alignment must be 'top_left' or 'bottom_right', "
                          f"got {causal_alignment!r}")
@@ -451,7 +488,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         if v.shape[-3] != Hkv:
             raise ValueError(f"{func}: key and value have different head counts: key {k.shape}, "
                              f"value {v.shape}")
-        if Hkv == 0 or H % Hkv != 0:
+        if (H % Hkv != 0) if Hkv else H != 0:
             raise ValueError(f"{func}: with enable_gqa, the query heads ({H}) must be a multiple "
                              f"of the key/value heads ({Hkv})")
         batch = _broadcast([q.shape[:-3], k.shape[:-3], v.shape[:-3]], func, "batch dimensions")
@@ -463,10 +500,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         lead = lead or (1,)
         batch, H = lead[:-1], lead[-1]
         Hkv = H
-    if isinstance(is_causal, (np.ndarray, list, tuple)):
-        raise TypeError(f"{func}: is_causal must be a bool, got {type(is_causal).__name__}")
-    scale = (1.0 / math.sqrt(E) if E > 0 else 1.0) if scale is None else float(scale)
-    dropout_p = float(dropout_p)
+    scale = (1.0 / math.sqrt(E) if E > 0 else 1.0) if scale is None else _real(scale, func, "scale")
+    dropout_p = _real(dropout_p, func, "dropout_p")
     if not 0.0 <= dropout_p <= 1.0:
         raise ValueError(f"{func}: dropout_p must be in [0, 1], got {dropout_p}")
     seed = 0
@@ -477,26 +512,36 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
             raise TypeError(f"{func}: rng must be a numpy.random.Generator, got {type(rng).__name__}")
         seed = int(rng.integers(0, 2**32, dtype=np.uint64))
 
+    want_weights = mean_weights or return_weights
+    # The kernel works on E, Ev >= 1. With E = 0 every score is an empty dot
+    # product, 0, which a zero column gives too; with Ev = 0 the output is
+    # empty but the weights and lse are not, and a zero column of values
+    # lets the kernel compute them.
+    if E == 0:
+        q, k, E = _zero_column(q), _zero_column(k), 1
+    Ev_kernel = Ev
+    if Ev == 0 and (want_weights or return_lse):
+        v, Ev_kernel = _zero_column(v), 1
     q4 = _attention_operand(q, batch + (H, L, E))
     k4 = _attention_operand(k, batch + (Hkv, S, E))
-    v4 = _attention_operand(v, batch + (Hkv, S, Ev))
+    v4 = _attention_operand(v, batch + (Hkv, S, Ev_kernel))
     mask4 = None if attn_mask is None else _attention_mask(attn_mask, q, batch + (H, L, S), func)
-    if not (isinstance(return_weights, bool) or return_weights == "mean"):
-        raise ValueError(f"{func}: return_weights must be True, False or 'mean', got {return_weights!r}")
-    out = np.empty(batch + (H, L, Ev), q.dtype)
+    out = np.empty(batch + (H, L, Ev_kernel), q.dtype)
     lse = np.empty(batch + (H, L), q.dtype) if return_lse else None
-    weights = np.empty(batch + (H, L, S), q.dtype) if return_weights is not False else None
-    mean = np.empty(batch + (L, S), q.dtype) if return_weights == "mean" else None
+    weights = np.empty(batch + (H, L, S), q.dtype) if want_weights else None
+    mean = np.empty(batch + (L, S), q.dtype) if mean_weights else None
     offset = 0 if causal_alignment == "top_left" else S - L
-    _kernels.attention(out, lse, weights, q4, k4, v4, mask4, scale, bool(is_causal), offset,
+    _kernels.attention(out, lse, weights, q4, k4, v4, mask4, scale, is_causal, offset,
                        dropout_p, seed, mean)
-    if mean is not None:
-        weights = mean
-    if two_d:
+    if Ev_kernel != Ev:
+        out = np.empty(out.shape[:-1] + (0,), q.dtype)
+    if two_d:   # the 2-d call ran as one head: drop that axis (the mean has none)
         out = out[0]
         lse = None if lse is None else lse[0]
         weights = None if weights is None else weights[0]
-    results = (out,) + ((weights,) if return_weights is not False else ()) + ((lse,) if return_lse else ())
+    if mean is not None:
+        weights = mean
+    results = (out,) + ((weights,) if want_weights else ()) + ((lse,) if return_lse else ())
     return results[0] if len(results) == 1 else results
 
 
@@ -546,7 +591,7 @@ def linear(x, weight, bias=None, *, activation=None):
         if bias.shape != (weight.shape[0],) or bias.dtype != x.dtype:
             raise ValueError(f"{func}: bias must be ({weight.shape[0]},) of {x.dtype}, got "
                              f"{bias.shape} {bias.dtype}")
-        bias = np.ascontiguousarray(bias)
+        bias = _contiguous(bias)
     if bias is not None or activation is not None:       # y is matmul's own: contiguous
         _kernels.bias_activation(y, y, bias, activation or "identity")
     return y
@@ -557,7 +602,8 @@ def relu(x, *, out=None):
     x = _as_float_array(x, "relu")
     if out is not None:
         _check_out(out, x, "relu")
-    return np.maximum(x, 0, dtype=x.dtype, out=out)
+        return np.maximum(x, 0, dtype=x.dtype, out=out)
+    return np.asarray(np.maximum(x, 0, dtype=x.dtype))   # a 0-d x gives a 0-d array, not a scalar
 
 
 def sigmoid(x):
@@ -568,11 +614,12 @@ def sigmoid(x):
 
 
 def _elementwise(x, name, out):
-    x = np.ascontiguousarray(_as_float_array(x, name))
+    x = _contiguous(_as_float_array(x, name))
     if out is None:
         return _kernels.bias_activation(np.empty_like(x), x, None, name)
     _check_out(out, x, name)
-    if out.flags.c_contiguous and (out is x or _same_layout(out, x) or not np.shares_memory(out, x)):
+    if out.flags.c_contiguous and out.flags.aligned and (
+            out is x or _same_layout(out, x) or not np.shares_memory(out, x)):
         return _kernels.bias_activation(out, x, None, name)
     out[...] = _kernels.bias_activation(np.empty_like(x), x, None, name)   # a strided or overlapping out
     return out
@@ -601,7 +648,8 @@ def dropout(x, p=0.5, training=True, *, rng=None):
     when training; x itself otherwise. rng: a NumPy Generator (seeded for
     reproducible masks)."""
     x = _as_float_array(x, "dropout")
-    p = float(p)
+    p = _real(p, "dropout", "p")
+    training = _flag(training, "dropout", "training")
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"dropout: p must be in [0, 1], got {p}")
     if not training or p == 0.0:
@@ -630,6 +678,10 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     x = _as_float_array(x, func, "input")
     if x.ndim not in (2, 3):
         raise ValueError(f"{func}: input must be (N, C) or (N, C, L), got shape {x.shape}")
+    eps = _check_eps(eps, func)
+    training = _flag(training, func, "training")
+    if momentum is not None or training:    # None only where no running average is updated
+        momentum = _real(momentum, func, "momentum")
     C = x.shape[1]
     axes = (0,) if x.ndim == 2 else (0, 2)
     shape = (1, C) if x.ndim == 2 else (1, C, 1)

@@ -161,7 +161,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         k = np.repeat(k, H // k.shape[-3], axis=-3)              # (..., H, S, E)
         v = np.repeat(v, H // v.shape[-3], axis=-3)              # (..., H, S, Ev)
     if scale is None:
-        scale = 1.0 / np.sqrt(q.shape[-1])
+        scale = 1.0 / np.sqrt(q.shape[-1]) if q.shape[-1] > 0 else 1.0   # E = 0: every score is 0
     scores = (q @ np.swapaxes(k, -1, -2)) * dtype(scale)         # (..., H, L, S)
     if is_causal:
         offset = 0 if causal_alignment == "top_left" else S - L
