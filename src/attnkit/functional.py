@@ -58,7 +58,9 @@ def _contiguous(a):
 def _flag(value, func, name):
     """A bool argument: True, False or NumPy's bools. Anything else (a string,
     an int, an array) is a TypeError: `is_causal="no"` must not mean True."""
-    if isinstance(value, (bool, np.bool_)):
+    if value is False or value is True:
+        return value
+    if isinstance(value, np.bool_):
         return bool(value)
     raise TypeError(f"{func}: {name} must be a bool, got {type(value).__name__} {value!r}")
 
