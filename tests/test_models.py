@@ -120,6 +120,17 @@ def test_encode_edge_cases(encoder):
 
 
 @needs_checkpoint
+def test_empty_batches_through_the_pretrained_model(encoder):
+    ids, mask = encoder.tokenize([])
+    assert ids.shape == mask.shape == (0, 0) and ids.dtype == mask.dtype == np.int64
+    assert encoder.encode([]).shape == (0, 384) and encoder.encode([]).dtype == np.float32
+    assert encoder.encode(iter([]), batch_size=1).shape == (0, 384)
+    for shape in [(0, 7), (0, 0)]:
+        hidden = encoder.model(np.zeros(shape, np.int64), attention_mask=np.ones(shape, np.int64))
+        assert hidden.shape == shape + (384,) and hidden.dtype == np.float32
+
+
+@needs_checkpoint
 def test_encode_rejects_bad_input(encoder):
     with pytest.raises(TypeError, match="list of sentences"):
         encoder.encode("a single string")
@@ -164,6 +175,44 @@ def test_bert_config_rejects_what_it_cannot_run(tmp_path):
         BertConfig.from_json(path)
     path.write_text('{"position_embedding_type": "relative_key"}')
     with pytest.raises(ValueError, match="relative_key"):
+        BertConfig.from_json(path)
+
+
+def _tiny_bert(**overrides):
+    config = BertConfig(**dict(dict(vocab_size=50, hidden_size=16, num_hidden_layers=2,
+                                    num_attention_heads=4, intermediate_size=32,
+                                    max_position_embeddings=20), **overrides))
+    return BertModel(config, rng=np.random.default_rng(1)).eval()
+
+
+@pytest.mark.parametrize("shape", [(0, 7), (3, 0), (0, 0)])
+def test_bert_model_empty_batch_or_sequence(shape):
+    model = _tiny_bert()
+    ids = np.zeros(shape, np.int64)
+    for mask in (None, np.ones(shape, np.int64), np.zeros(shape, bool)):
+        hidden = model(ids, attention_mask=mask, token_type_ids=np.zeros(shape, np.int64))
+        assert hidden.shape == shape + (16,) and hidden.dtype == np.float32
+
+
+def test_bert_positions_are_checked_where_they_are_used():
+    model = _tiny_bert()
+    ids = np.ones((2, 20), np.int64)                     # every position the model has
+    assert model(ids).shape == (2, 20, 16)
+    with pytest.raises(ValueError, match="21 tokens is more than the 20 positions"):
+        model(np.ones((2, 21), np.int64))
+    # the embeddings alone (no BertModel check before them) say the same,
+    # not a broadcast error
+    with pytest.raises(ValueError, match="21 tokens is more than the 20 positions"):
+        model.embeddings(np.ones((2, 21), np.int64), np.zeros((2, 21), np.int64))
+
+
+@pytest.mark.parametrize("heads", [0, -2, 2.0, True])
+def test_bert_config_needs_a_positive_number_of_heads(heads, tmp_path):
+    with pytest.raises(ValueError, match=f"num_attention_heads must be a positive int, got {heads!r}"):
+        _tiny_bert(num_attention_heads=heads)
+    path = tmp_path / "config.json"
+    path.write_text(f'{{"num_attention_heads": {str(heads).lower()}}}')
+    with pytest.raises(ValueError, match="num_attention_heads must be a positive int"):
         BertConfig.from_json(path)
 
 

@@ -15,7 +15,7 @@ DTYPES = [np.float32, np.float64]
 def tolerance(expected, dtype):
     """The issue's rule: max abs difference <= 1e-5 (float32) or 1e-10
     (float64) of the output's scale."""
-    scale = max(float(np.max(np.abs(expected))), 1.0)
+    scale = max(float(np.max(np.abs(expected), initial=0.0)), 1.0)      # initial: empty results
     return (1e-5 if np.dtype(dtype) == np.float32 else 1e-10) * scale
 
 
@@ -403,6 +403,173 @@ def test_dropout_only_while_training(rng):
     assert not np.allclose(a, b)
     layer.eval()
     np.testing.assert_array_equal(layer(x), layer(x))
+
+
+# ---------------------------------------------------------------------------
+# Empty batches and sequences: empty results of PyTorch's shapes
+
+EMPTY_SHAPES = [(0, 5, 5), (0, 5, 7), (2, 0, 5), (2, 5, 0), (0, 0, 0), (2, 0, 0)]   # N, L, S
+EMPTY_CONFIGS = [dict(), dict(add_bias_kv=True, add_zero_attn=True), dict(kdim=6, vdim=5)]
+
+
+def _torch_call(module, args, kwargs):
+    """module(*args, **kwargs) in PyTorch, as numpy. Where PyTorch itself fails
+    on an empty batch (its need_weights=False path reshapes a mask with a -1
+    that 0 elements make ambiguous), its need_weights=True path gives the
+    output to compare with, and the weights are None as asked."""
+    try:
+        out, weights = module(*args, **kwargs)
+    except RuntimeError as e:
+        assert "ambiguous" in str(e) and kwargs.get("need_weights") is False
+        out, weights = module(*args, **dict(kwargs, need_weights=True))[0], None
+    return out.detach().numpy(), None if weights is None else weights.detach().numpy()
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("N, L, S", EMPTY_SHAPES)
+@pytest.mark.parametrize("config", EMPTY_CONFIGS, ids=lambda c: ",".join(c) or "default")
+def test_mha_empty_batch_or_sequence_matches_pytorch(torch_nn, batch_first, N, L, S, config, rng):
+    torch = torch_nn
+    E, H = 16, 4
+    t = torch.nn.MultiheadAttention(E, H, batch_first=batch_first, **config).eval()
+    with torch.no_grad():      # biases that show: with S = 0, the output is out_proj.bias
+        t.in_proj_bias.normal_()
+        t.out_proj.bias.normal_()
+    a = nn.MultiHeadAttention(E, H, batch_first=batch_first, **config).eval()
+    a.load_state_dict(torch_state(t))
+    q, k, v = inputs(rng, np.float32, E, config.get("kdim", E), config.get("vdim", E), N, L, S, batch_first)
+    kpm = np.zeros((N, S), bool)
+    kpm[:, S // 2:] = True
+    masks = [{}, dict(key_padding_mask=kpm), dict(attn_mask=rng.random((L, S)) < 0.3),
+             dict(attn_mask=rng.standard_normal((N * H, L, S)).astype(np.float32))]
+    for mask in masks:
+        for need, average in [(True, True), (True, False), (False, True)]:
+            kwargs = dict(mask, need_weights=need, average_attn_weights=average)
+            out, weights = a(q, k, v, **kwargs)
+            expected_out, expected_weights = _torch_call(
+                t, [torch.from_numpy(x) for x in (q, k, v)],
+                {key: torch.from_numpy(value) if isinstance(value, np.ndarray) else value
+                 for key, value in kwargs.items()})
+            assert out.dtype == np.float32 and np.isfinite(out).all()
+            assert_close(out, expected_out, np.float32)
+            if need:
+                assert_close(weights, expected_weights, np.float32)
+            else:
+                assert weights is None and expected_weights is None
+
+
+def test_mha_audit_example_empty_self_attention(torch_nn):
+    torch = torch_nn
+    t = torch.nn.MultiheadAttention(16, 4, batch_first=True).eval()
+    a = nn.MultiHeadAttention(16, 4, batch_first=True).eval()
+    a.load_state_dict(torch_state(t))
+    x0 = np.zeros((0, 5, 16), np.float32)
+    out, weights = a(x0, x0, x0)                      # q is k is v: the packed projection
+    expected_out, expected_weights = t(*[torch.from_numpy(x0)] * 3)
+    assert out.shape == tuple(expected_out.shape) == (0, 5, 16)
+    assert weights.shape == tuple(expected_weights.shape) == (0, 5, 5)
+    out, weights = a(x0, x0, x0, need_weights=False, average_attn_weights=False, is_causal=True)
+    assert out.shape == (0, 5, 16) and weights is None
+    assert a(x0, x0, x0, average_attn_weights=False)[1].shape == (0, 4, 5, 5)
+
+
+def test_mha_unbatched_empty_sequences_match_pytorch(torch_nn, rng):
+    torch = torch_nn
+    t = torch.nn.MultiheadAttention(8, 2).eval()
+    with torch.no_grad():
+        t.out_proj.bias.normal_()
+    a = nn.MultiHeadAttention(8, 2).eval()
+    a.load_state_dict(torch_state(t))
+    for L, S in [(0, 3), (2, 0), (0, 0)]:
+        q, k, v = inputs(rng, np.float32, 8, 8, 8, None, L, S, False, batched=False)
+        out, weights = a(q, k, v)
+        expected_out, expected_weights = t(*[torch.from_numpy(x) for x in (q, k, v)])
+        assert_close(out, expected_out.detach().numpy(), np.float32)
+        assert_close(weights, expected_weights.detach().numpy(), np.float32)
+    # nothing to attend to: the heads give 0, never NaN, and out_proj adds its bias
+    out, _ = a(rng.standard_normal((2, 8)).astype(np.float32), np.zeros((0, 8), np.float32),
+               np.zeros((0, 8), np.float32))
+    np.testing.assert_array_equal(out, np.broadcast_to(a.out_proj.bias, (2, 8)))
+
+
+@pytest.mark.parametrize("num_kv_heads", [None, 1])
+def test_kv_cache_with_an_empty_batch(num_kv_heads, rng):
+    m = nn.MultiHeadAttention(8, 2, batch_first=True, num_kv_heads=num_kv_heads, rng=rng).eval()
+    cache = nn.KVCache()
+    for step, expected_length in [(3, 3), (1, 4), (0, 4), (2, 6)]:
+        x = np.zeros((0, step, 8), np.float32)
+        out, weights = m(x, x, x, kv_cache=cache, is_causal=True)
+        assert out.shape == (0, step, 8) and weights.shape == (0, step, expected_length)
+        assert len(cache) == expected_length
+
+
+def _empty_layer_inputs(torch, batch_first, N, L):
+    shape = (N, L, 16) if batch_first else (L, N, 16)
+    x = np.random.default_rng(N + L).standard_normal(shape).astype(np.float32)
+    return x, torch.from_numpy(x)
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("N, L", [(0, 5), (2, 0), (0, 0)])
+def test_encoder_layer_empty_batch_or_sequence_matches_pytorch(torch_nn, batch_first, norm_first, N, L):
+    torch = torch_nn
+    kwargs = dict(dim_feedforward=32, batch_first=batch_first, norm_first=norm_first)
+    t = torch.nn.TransformerEncoderLayer(16, 4, **kwargs).eval()
+    a = nn.TransformerEncoderLayer(16, 4, **kwargs).eval()
+    a.load_state_dict(torch_state(t))
+    x, tx = _empty_layer_inputs(torch, batch_first, N, L)
+    pad = np.zeros((N, L), bool)
+    expected = t(tx).detach().numpy()      # PyTorch fails on the empty padding mask (see _torch_call);
+    for kw in [{}, dict(src_key_padding_mask=pad), dict(is_causal=True)]:    # all-False is no mask
+        out = a(x, **kw)
+        assert out.shape == expected.shape == x.shape
+        assert_close(out, expected, np.float32)
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("N, L, S", [(0, 4, 6), (2, 0, 6), (2, 4, 0), (0, 0, 0)])
+def test_decoder_layer_empty_batch_or_sequence_matches_pytorch(torch_nn, batch_first, norm_first, N, L, S):
+    torch = torch_nn
+    kwargs = dict(dim_feedforward=32, batch_first=batch_first, norm_first=norm_first)
+    t = torch.nn.TransformerDecoderLayer(16, 4, **kwargs).eval()
+    with torch.no_grad():
+        t.multihead_attn.out_proj.bias.normal_()
+    a = nn.TransformerDecoderLayer(16, 4, **kwargs).eval()
+    a.load_state_dict(torch_state(t))
+    tgt, ttgt = _empty_layer_inputs(torch, batch_first, N, L)
+    memory, tmemory = _empty_layer_inputs(torch, batch_first, N, S)
+    expected = t(ttgt, tmemory, tgt_is_causal=True,
+                 tgt_mask=torch.nn.Transformer.generate_square_subsequent_mask(L)).detach().numpy()
+    for kw in [{}, dict(memory_key_padding_mask=np.zeros((N, S), bool),
+                        tgt_key_padding_mask=np.zeros((N, L), bool))]:
+        out = a(tgt, memory, tgt_is_causal=True, **kw)
+        assert out.shape == expected.shape == tgt.shape and np.isfinite(out).all()
+        assert_close(out, expected, np.float32)
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_stacks_take_an_empty_batch_as_pytorch_does(torch_nn, batch_first):
+    torch = torch_nn
+    layer = dict(dim_feedforward=32, batch_first=batch_first)
+    te = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(16, 4, **layer), 2,
+                                     norm=torch.nn.LayerNorm(16), enable_nested_tensor=False).eval()
+    ae = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 4, **layer), 2, norm=nn.LayerNorm(16)).eval()
+    ae.load_state_dict(torch_state(te))
+    td = torch.nn.TransformerDecoder(torch.nn.TransformerDecoderLayer(16, 4, **layer), 2).eval()
+    ad = nn.TransformerDecoder(nn.TransformerDecoderLayer(16, 4, **layer), 2).eval()
+    ad.load_state_dict(torch_state(td))
+    for N, L, S in [(0, 4, 6), (2, 0, 3), (2, 3, 0)]:
+        src, tsrc = _empty_layer_inputs(torch, batch_first, N, S)
+        tgt, ttgt = _empty_layer_inputs(torch, batch_first, N, L)
+        memory = ae(src, src_key_padding_mask=np.zeros((N, S), bool))
+        assert_close(memory, te(tsrc).detach().numpy(), np.float32)
+        out = ad(tgt, memory, tgt_is_causal=True)
+        expected = td(ttgt, torch.from_numpy(memory), tgt_is_causal=True,
+                      tgt_mask=torch.nn.Transformer.generate_square_subsequent_mask(L)).detach().numpy()
+        assert out.shape == expected.shape == tgt.shape
+        assert_close(out, expected, np.float32)
 
 
 # ---------------------------------------------------------------------------

@@ -940,3 +940,116 @@ def test_layer_norm_vs_batch_norm_batch_of_one_and_variable_lengths(rng):
     bn.eval()
     np.testing.assert_array_equal(bn(batch)[0], bn(batch[:1])[0])
     np.testing.assert_array_equal(bn(other)[0], bn(batch[:1])[0])
+
+
+# ---------------------------------------------------------------------------
+# An empty batch, every module: an empty result of the shape a batch of two
+# has, with the batch dimension 0 (as PyTorch gives); no error, no NaN
+
+def _seq(*shape):
+    return lambda n: (np.random.default_rng(n).standard_normal(
+        tuple(n if d is None else d for d in shape)).astype(np.float32),)
+
+
+_gen = np.random.default_rng
+EMPTY_BATCH = [      # (class, build, make_inputs(n), the batch axis of each output)
+    (nn.Module, lambda: nn.Sequential([]), _seq(None, 5, 8), (0,)),          # no layers: the identity
+    (nn.Linear, lambda: nn.Linear(8, 3, rng=_gen(0)), _seq(None, 5, 8), (0,)),
+    (nn.LayerNorm, lambda: nn.LayerNorm(8), _seq(None, 5, 8), (0,)),
+    (nn.RMSNorm, lambda: nn.RMSNorm(8), _seq(None, 5, 8), (0,)),
+    (nn.BatchNorm1d, lambda: nn.BatchNorm1d(8), _seq(None, 8), (0,)),
+    (nn.BatchNorm1d, lambda: nn.BatchNorm1d(8, track_running_stats=False), _seq(None, 8, 4), (0,)),
+    (nn.BatchNorm1d, lambda: nn.BatchNorm1d(8).eval(), _seq(None, 8, 4), (0,)),
+    (nn.Dropout, lambda: nn.Dropout(0.5, rng=_gen(0)), _seq(None, 5, 8), (0,)),
+    (nn.Embedding, lambda: nn.Embedding(10, 4, rng=_gen(0)),
+     lambda n: (np.arange(n * 5).reshape(n, 5) % 10,), (0,)),
+    (nn.Identity, nn.Identity, _seq(None, 5, 8), (0,)),
+    (nn.ReLU, nn.ReLU, _seq(None, 5, 8), (0,)),
+    (nn.GELU, lambda: nn.GELU("tanh"), _seq(None, 5, 8), (0,)),
+    (nn.SiLU, nn.SiLU, _seq(None, 5, 8), (0,)),
+    (nn.Sigmoid, nn.Sigmoid, _seq(None, 5, 8), (0,)),
+    (nn.Tanh, nn.Tanh, _seq(None, 5, 8), (0,)),
+    (nn.Sequential, lambda: nn.Sequential([nn.Linear(8, 4, rng=_gen(0)), nn.ReLU()]), _seq(None, 5, 8), (0,)),
+    (nn.ModuleList, lambda: nn.ModuleList([nn.Linear(8, 8, rng=_gen(0)), nn.LayerNorm(8)]),
+     _seq(None, 5, 8), (0, 0)),
+    (nn.MultiHeadAttention, lambda: nn.MultiHeadAttention(8, 2, rng=_gen(0)),
+     lambda n: _seq(5, None, 8)(n) * 3, (1, 0)),
+    (nn.MultiHeadAttention, lambda: nn.MultiHeadAttention(8, 2, kdim=6, vdim=4, num_kv_heads=1,
+                                                          add_bias_kv=True, batch_first=True, rng=_gen(0)),
+     lambda n: _seq(n, 5, 8)(n) + _seq(n, 7, 6)(n) + _seq(n, 7, 4)(n), (0, 0)),
+    (nn.KVCache, nn.KVCache,
+     lambda n: _seq(None, 2, 3, 4)(n) * 2, (0, 0)),
+    (nn.Attention, lambda: nn.Attention(8, score="additive", rng=_gen(0)),
+     lambda n: _seq(None, 5, 8)(n) * 3, (0, 0)),
+    (nn.SinusoidalPositionalEncoding, lambda: nn.SinusoidalPositionalEncoding(8), _seq(None, 5, 8), (0,)),
+    (nn.LearnedPositionalEmbedding, lambda: nn.LearnedPositionalEmbedding(10, 8, rng=_gen(0)),
+     _seq(None, 5, 8), (0,)),
+    (nn.RotaryEmbedding, lambda: nn.RotaryEmbedding(8), _seq(None, 2, 5, 8), (0,)),
+    (nn.TransformerEncoderLayer, lambda: nn.TransformerEncoderLayer(8, 2, 16, rng=_gen(0)),
+     _seq(5, None, 8), (1,)),
+    (nn.TransformerDecoderLayer, lambda: nn.TransformerDecoderLayer(8, 2, 16, batch_first=True, rng=_gen(0)),
+     lambda n: _seq(n, 4, 8)(n) + _seq(n, 6, 8)(n), (0,)),
+    (nn.TransformerEncoder, lambda: nn.TransformerEncoder(
+        nn.TransformerEncoderLayer(8, 2, 16, batch_first=True, rng=_gen(0)), 2, norm=nn.LayerNorm(8)),
+     _seq(None, 5, 8), (0,)),
+    (nn.TransformerDecoder, lambda: nn.TransformerDecoder(
+        nn.TransformerDecoderLayer(8, 2, 16, rng=_gen(0)), 2),
+     lambda n: _seq(4, n, 8)(n) + _seq(6, n, 8)(n), (1,)),
+]
+
+
+def _call(module, inputs):
+    if isinstance(module, nn.KVCache):
+        return module.append(*inputs)
+    if type(module) is nn.ModuleList:          # no forward of its own: each member's
+        return tuple(member(*inputs) for member in module)
+    return module(*inputs)
+
+
+@pytest.mark.parametrize("cls, build, make_inputs, batch_axes", EMPTY_BATCH,
+                         ids=[f"{case[0].__name__}-{i}" for i, case in enumerate(EMPTY_BATCH)])
+def test_every_module_takes_an_empty_batch(cls, build, make_inputs, batch_axes):
+    module = build()
+    assert isinstance(module, cls)
+    two = _call(build(), make_inputs(2))
+    empty = _call(module, make_inputs(0))
+    two, empty = (two, empty) if isinstance(two, tuple) else ((two,), (empty,))
+    assert len(empty) == len(two) == len(batch_axes)
+    for got, full, axis in zip(empty, two, batch_axes):
+        expected_shape = list(full.shape)
+        expected_shape[axis] = 0
+        assert got.shape == tuple(expected_shape) and got.dtype == full.dtype
+
+
+def test_every_public_module_class_has_an_empty_batch_case():
+    covered = {case[0] for case in EMPTY_BATCH}
+    missing = [name for name in nn.__all__ if isinstance(getattr(nn, name), type)
+               and getattr(nn, name) not in covered]
+    assert not missing, f"add EMPTY_BATCH cases for: {', '.join(missing)}"
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (0, 5, 3), (4, 5, 0)], ids=["0C", "0CL", "NC0"])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_batch_norm_empty_batch_in_training_matches_pytorch(shape, momentum, rng):
+    # PyTorch returns an empty batch empty, leaves the running statistics as
+    # they were, and counts the batch in num_batches_tracked.
+    torch = torch_or_skip()
+    t = torch.nn.BatchNorm1d(5, momentum=momentum)
+    a = nn.BatchNorm1d(5, momentum=momentum)
+    warm = rng.standard_normal((6, 5)).astype(np.float32)
+    t(torch.from_numpy(warm))
+    a(warm)
+    with torch.no_grad():
+        t.weight.normal_()
+    a.load_state_dict(torch_state(t))
+    x = np.zeros(shape, np.float32)
+    expected = t(torch.from_numpy(x)).detach().numpy()
+    out = a(x)
+    assert out.shape == expected.shape == shape and out.dtype == np.float32
+    for name, value in torch_state(t).items():
+        np.testing.assert_array_equal(a.state_dict()[name], value, err_msg=name)
+    assert int(a.num_batches_tracked) == 2
+    with pytest.raises(ValueError, match=r"\(5,\)"):
+        a(np.zeros((0, 4), np.float32))        # the wrong channels stay an error when empty
+    untracked = nn.BatchNorm1d(5, track_running_stats=False, affine=False)
+    assert untracked(x).shape == shape

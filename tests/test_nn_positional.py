@@ -86,7 +86,7 @@ def test_learned_positional_embedding(rng):
         emb(x, offset=9)
     with pytest.raises(ValueError, match="beyond the 12"):
         emb(rng.standard_normal((13, 5)).astype(np.float32))
-    with pytest.raises(ValueError, match="beyond the 12"):
+    with pytest.raises(ValueError, match="offset must be >= 0, got offset -1 for a sequence of length 4"):
         emb(x, offset=-1)
     with pytest.raises(ValueError, match=r"length, 5"):
         emb(rng.standard_normal((4, 6)).astype(np.float32))
@@ -177,6 +177,15 @@ def test_rotary_preserves_norms_and_dtype(dtype, interleaved, rng):
     np.testing.assert_allclose(np.hypot(ya, yb).astype(np.float64), np.hypot(xa, xb), rtol=tol * 10)
 
 
+def test_positional_modules_take_an_empty_batch_or_sequence(rng):
+    for x in (np.zeros((0, 5, 8), np.float32), np.zeros((2, 0, 8), np.float32),
+              np.zeros((0, 2, 0, 8), np.float32)):
+        for module in (nn.SinusoidalPositionalEncoding(8, max_length=4),
+                       nn.LearnedPositionalEmbedding(5, 8, rng=rng), nn.RotaryEmbedding(8)):
+            y = module(x, offset=0)
+            assert y.shape == x.shape and y.dtype == x.dtype
+
+
 def test_rotary_errors(rng):
     with pytest.raises(ValueError, match="even"):
         nn.RotaryEmbedding(7)
@@ -185,6 +194,119 @@ def test_rotary_errors(rng):
         rope(rng.standard_normal((3, 8)), positions=[0, 1])
     with pytest.raises(ValueError, match=r"length, 8"):
         rope(rng.standard_normal((3, 6)))
+
+
+# ---------------------------------------------------------------------------
+# Offsets: one rule in every encoding
+
+def _sinusoidal_function(x, offset=0):
+    return x + nn.sinusoidal_positional_encoding(x.shape[-2], 8, offset=offset, dtype=x.dtype)
+
+
+OFFSET_TAKERS = {
+    "sinusoidal_positional_encoding": _sinusoidal_function,
+    "SinusoidalPositionalEncoding": nn.SinusoidalPositionalEncoding(8, max_length=100),
+    "LearnedPositionalEmbedding": nn.LearnedPositionalEmbedding(100, 8, rng=np.random.default_rng(0)),
+    "RotaryEmbedding": nn.RotaryEmbedding(8),
+}
+
+
+@pytest.mark.parametrize("owner", OFFSET_TAKERS)
+@pytest.mark.parametrize("offset", [-1, -2, -5, -100, np.int64(-3)])
+def test_negative_offset_is_refused_not_wrapped(owner, offset, rng):
+    # The table slice [offset:offset + L] would wrap a negative offset to the
+    # end of the table (offset -5 of 100 added positions 95-97), or fail to
+    # broadcast (offset -2 gives a slice of 2 rows for 3).
+    x = rng.standard_normal((2, 3, 8)).astype(np.float32)
+    with pytest.raises(ValueError, match=rf"^{owner}: offset must be >= 0, got offset {int(offset)} "
+                                         rf"for a sequence of length 3$"):
+        OFFSET_TAKERS[owner](x, offset=offset)
+
+
+@pytest.mark.parametrize("owner", OFFSET_TAKERS)
+@pytest.mark.parametrize("offset", [2.0, 1.5, np.float32(3), True, False, np.bool_(True), "1", None,
+                                    np.array([1, 2])])
+def test_offset_that_is_not_an_int_is_a_type_error(owner, offset, rng):
+    x = rng.standard_normal((3, 8)).astype(np.float32)
+    with pytest.raises(TypeError, match=rf"^{owner}: offset must be an int, got "):
+        OFFSET_TAKERS[owner](x, offset=offset)
+
+
+@pytest.mark.parametrize("owner", OFFSET_TAKERS)
+def test_numpy_integer_offsets_are_ints(owner, rng):
+    x = rng.standard_normal((2, 3, 8)).astype(np.float32)
+    take = OFFSET_TAKERS[owner]
+    expected = take(x, offset=7)
+    for offset in (np.int64(7), np.int32(7), np.uint8(7), np.array(7)):
+        np.testing.assert_array_equal(take(x, offset=offset), expected)
+    np.testing.assert_array_equal(take(x, offset=0), take(x))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_offsets_at_the_end_of_max_length(dtype, rng):
+    L, max_length = 4, 10
+    x = rng.standard_normal((2, L, 8)).astype(dtype)
+    sinusoidal = nn.SinusoidalPositionalEncoding(8, max_length=max_length)
+    learned = nn.LearnedPositionalEmbedding(max_length, 8, dtype=dtype, rng=rng)
+    table = nn.sinusoidal_positional_encoding(max_length + 1, 8, dtype=dtype)
+    last = max_length - L                          # offset + L == max_length: the table's last rows
+    np.testing.assert_array_equal(sinusoidal(x, offset=last), x + table[last:max_length])
+    np.testing.assert_array_equal(learned(x, offset=last), x + learned.weight[last:])
+    # one past: the sinusoidal encoding computes position max_length, the same
+    # numbers the table would have held; the learned one has no row for it
+    np.testing.assert_array_equal(sinusoidal(x, offset=last + 1), x + table[last + 1:])
+    with pytest.raises(ValueError, match=r"positions 7\.\.10 \(offset 7, length 4\) are beyond the 10"):
+        learned(x, offset=last + 1)
+    with pytest.raises(ValueError, match="beyond the 10"):
+        learned(rng.standard_normal((max_length + 1, 8)).astype(dtype))
+    np.testing.assert_array_equal(learned(x[:, :0], offset=max_length), x[:, :0])    # nothing to add
+    # the rotary embedding has no table: any offset >= 0 is a position
+    rope = nn.RotaryEmbedding(8)
+    np.testing.assert_allclose(rope(x, offset=10**6), rotate_pairs(x, range(10**6, 10**6 + L)),
+                               rtol=0, atol=1e-9 if dtype == np.float64 else 1e-5)
+
+
+def test_the_audit_example():
+    enc = nn.SinusoidalPositionalEncoding(8, max_length=100)
+    x = np.zeros((3, 8), np.float32)
+    for offset in (-5, -2):
+        with pytest.raises(ValueError, match=f"got offset {offset} for a sequence of length 3"):
+            enc(x, offset=offset)
+
+
+def test_sinusoidal_function_checks_its_length():
+    assert nn.sinusoidal_positional_encoding(0, 8).shape == (0, 8)
+    assert nn.sinusoidal_positional_encoding(np.int64(3), 8, offset=np.int64(2)).shape == (3, 8)
+    with pytest.raises(TypeError, match="length must be an int, got float 3.0"):
+        nn.sinusoidal_positional_encoding(3.0, 8)
+    with pytest.raises(ValueError, match="length must be >= 0, got -1"):
+        nn.sinusoidal_positional_encoding(-1, 8)
+    with pytest.raises(TypeError, match="max_length must be an int"):
+        nn.SinusoidalPositionalEncoding(8, max_length=10.5)
+
+
+def test_rotary_positions_are_ints_or_floats_at_least_zero(rng):
+    rope = nn.RotaryEmbedding(8)
+    x = rng.standard_normal((2, 4, 8))
+    # fractional positions (position interpolation) are rotations too
+    fractional = [0.0, 0.5, 2.25, 1000.75]
+    np.testing.assert_allclose(rope(x, positions=fractional), rotate_pairs(x, fractional),
+                               rtol=0, atol=1e-11)
+    np.testing.assert_array_equal(rope(x, positions=np.arange(4, dtype=np.float32)), rope(x))
+    np.testing.assert_array_equal(rope(x, positions=np.arange(3, 7, dtype=np.uint16)), rope(x, offset=3))
+    np.testing.assert_array_equal(rope(x, positions=[2, 3, 4, 5], offset=0), rope(x, offset=2))
+    for bad in ([0, 1, -1, 2], [0.0, -0.5, 1.0, 2.0], [0, np.nan, 1, 2], [0, 1, np.inf, 2]):
+        with pytest.raises(ValueError, match=r"positions must be finite and >= 0, got \[-?(1|0\.5|nan|inf)"):
+            rope(x, positions=bad)
+    with pytest.raises(TypeError, match="positions must be ints or floats, got dtype bool"):
+        rope(x, positions=[True, False, True, True])
+    with pytest.raises(TypeError, match="positions must be ints or floats, got dtype complex"):
+        rope(x, positions=np.zeros(4, complex))
+    with pytest.raises(ValueError, match=r"give offset \(3\) or positions, not both"):
+        rope(x, offset=3, positions=[0, 1, 2, 3])
+    with pytest.raises(ValueError, match="positions must be finite and >= 0"):
+        rope.angles([-1])
+    np.testing.assert_array_equal(rope.angles([0.5]), 0.5 * rope.angles([1]))
 
 
 # ---------------------------------------------------------------------------
@@ -232,6 +354,25 @@ def test_alibi_bias_values(L, S):
     assert nn.alibi_bias(H, L, S).dtype == np.float32
     # the diagonal where query and key positions meet is 0
     assert np.all(bias[:, np.arange(L), S - L + np.arange(L)] == 0)
+
+
+def test_alibi_bias_lengths():
+    # The queries are the last L of S positions: with L > S the first would
+    # sit at a negative position, which is refused as a negative offset is.
+    assert nn.alibi_bias(4, 7, 7).shape == (4, 7, 7)
+    assert nn.alibi_bias(4, 0, 5).shape == (4, 0, 5)
+    assert nn.alibi_bias(4, 0, 0).shape == (4, 0, 0)
+    with pytest.raises(ValueError, match=r"query_length \(6\) must not exceed key_length \(4\).*"
+                                         r"position -2"):
+        nn.alibi_bias(4, 6, 4)
+    with pytest.raises(ValueError, match="must not exceed"):
+        nn.alibi_bias(4, 1, 0)
+    with pytest.raises(ValueError, match="key_length must be >= 0, got -3"):
+        nn.alibi_bias(4, 2, -3)
+    with pytest.raises(TypeError, match="query_length must be an int, got float 2.0"):
+        nn.alibi_bias(4, 2.0, 3)
+    with pytest.raises(TypeError, match="key_length must be an int, got a bool"):
+        nn.alibi_bias(4, 1, True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -49,10 +49,19 @@ class BertConfig:
         if config.hidden_act not in _ACTIVATIONS:
             raise ValueError(f"{path}: hidden_act {config.hidden_act!r} is not supported; "
                              f"expected one of {sorted(_ACTIVATIONS)}")
-        if config.hidden_size % config.num_attention_heads:
-            raise ValueError(f"{path}: hidden_size {config.hidden_size} is not divisible by "
-                             f"num_attention_heads {config.num_attention_heads}")
+        problem = config._heads_problem()
+        if problem:
+            raise ValueError(f"{path}: {problem}")
         return config
+
+    def _heads_problem(self):
+        # checked before the division, which would otherwise fail with a bare ZeroDivisionError
+        heads = self.num_attention_heads
+        if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
+            return f"num_attention_heads must be a positive int, got {heads!r}"
+        if self.hidden_size % heads:
+            return f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {heads}"
+        return None
 
 
 # Hugging Face's hidden_act names -> F.linear's activation names
@@ -75,9 +84,14 @@ class BertEmbeddings(Module):
 
     def forward(self, input_ids, token_type_ids):
         L = input_ids.shape[1]
+        max_length = self.position_embeddings.num_embeddings
+        if L > max_length:
+            # a shorter slice of the table would fail to broadcast, far from the cause
+            raise ValueError(f"BertModel: {L} tokens is more than the {max_length} positions "
+                             "the model knows")
         x = self.word_embeddings(input_ids)                                   # (N, L, hidden)
         x += self.token_type_embeddings(token_type_ids)
-        x += self.position_embeddings.weight[:L]
+        x += self.position_embeddings.weight[:L]                              # positions 0..L-1
         return self.LayerNorm(x)
 
 
@@ -145,6 +159,9 @@ class BertModel(Module):
 
     def __init__(self, config, *, dtype=np.float32, rng=None):
         super().__init__()
+        problem = config._heads_problem()
+        if problem:
+            raise ValueError(f"BertModel: {problem}")
         self.config = config
         self.embeddings = BertEmbeddings(config, dtype, rng)
         self.encoder = _Container()

@@ -83,8 +83,10 @@ class SentenceEncoder:
     def tokenize(self, sentences):
         """(input_ids, attention_mask), each (n, L) int64, padded to the longest."""
         encodings = self.tokenizer.encode_batch(list(sentences))
-        ids = np.array([e.ids for e in encodings], dtype=np.int64)
-        mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
+        # the shape spelled out: no sentences would otherwise give (0,), not (0, 0)
+        shape = (len(encodings), len(encodings[0].ids) if encodings else 0)
+        ids = np.array([e.ids for e in encodings], dtype=np.int64).reshape(shape)
+        mask = np.array([e.attention_mask for e in encodings], dtype=np.int64).reshape(shape)
         return ids, mask
 
     def encode(self, sentences, batch_size=32):

@@ -69,6 +69,18 @@ class KVCache:
         self._keys = self._values = None
         self.length = 0
 
+    def __getstate__(self):
+        # only the steps cached: the room reserved ahead is uninitialised
+        # memory (np.empty), which a pickle would carry and could leak
+        if self._keys is None:
+            return {"keys": None, "values": None}
+        return {"keys": np.ascontiguousarray(self._keys[:, :, :self.length]),
+                "values": np.ascontiguousarray(self._values[:, :, :self.length])}
+
+    def __setstate__(self, state):
+        self._keys, self._values = state["keys"], state["values"]
+        self.length = 0 if self._keys is None else self._keys.shape[2]
+
     def append(self, keys, values):
         """Add (N, Hkv, s, d) keys and values; return views of everything cached."""
         s = keys.shape[2]
@@ -242,9 +254,11 @@ class MultiHeadAttention(Module):
             kp = np.concatenate([kp, np.broadcast_to(self.bias_k, (N, 1, Hkv * d))], axis=1)
             vp = np.concatenate([vp, np.broadcast_to(self.bias_v, (N, 1, Hkv * d))], axis=1)
             extra += 1
+        # every length spelled out: with N, L or S zero, a -1 would be ambiguous
+        S_keys = kp.shape[1]
         qh = qp.reshape(N, L, H, d).transpose(0, 2, 1, 3)                  # (N, H, L, d), a view
-        kh = kp.reshape(N, -1, Hkv, d).transpose(0, 2, 1, 3)              # (N, Hkv, S', d)
-        vh = vp.reshape(N, -1, Hkv, d).transpose(0, 2, 1, 3)              # (N, Hkv, S', d)
+        kh = kp.reshape(N, S_keys, Hkv, d).transpose(0, 2, 1, 3)          # (N, Hkv, S', d)
+        vh = vp.reshape(N, S_keys, Hkv, d).transpose(0, 2, 1, 3)          # (N, Hkv, S', d)
         if self.add_zero_attn:
             zeros = np.zeros((N, Hkv, 1, d), kh.dtype)
             kh = np.concatenate([kh, zeros], axis=2)

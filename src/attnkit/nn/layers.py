@@ -147,6 +147,15 @@ class BatchNorm1d(Module):
             self.num_batches_tracked += 1
             if momentum is None:  # a cumulative average, as PyTorch's momentum=None
                 momentum = 1.0 / float(self.num_batches_tracked)
+        if use_batch and x.size == 0:
+            # An empty batch has no statistics to normalise by or to average
+            # in; PyTorch returns it empty and leaves the running statistics as
+            # they were (it still counts the batch, as above). The functional
+            # form refuses it, so normalise by neutral statistics instead,
+            # which keeps its checks of the shape.
+            C = self.num_features
+            return F.batch_norm(x, np.zeros(C, x.dtype), np.ones(C, x.dtype), self.weight,
+                                self.bias, False, momentum, self.eps)
         return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
                             use_batch, momentum, self.eps)
 
@@ -237,15 +246,28 @@ class Tanh(Module):
         return np.tanh(F._as_float_array(x, "tanh"))
 
 
-_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, "tanh"),
+def gelu_tanh(x, *, out=None):
+    """GELU's tanh approximation, F.gelu(x, "tanh").
+
+    A named module-level function rather than a lambda: layers store their
+    activation, and pickle (and so multiprocessing, and saving a whole model)
+    finds a function by its qualified name, which a lambda does not have.
+    """
+    return F.gelu(x, "tanh", out=out)
+
+
+_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "gelu_tanh": gelu_tanh,
                 "silu": F.silu, "sigmoid": F.sigmoid}
-# the ones F.linear can apply in the same pass as its bias
+# the ones F.linear can apply in the same pass as its bias; keyed by the
+# functions themselves, which unpickling resolves by name to these same objects
 LINEAR_ACTIVATION_NAMES = {_ACTIVATIONS[name]: name for name in ("relu", "gelu", "gelu_tanh", "silu")}
 
 
 def get_activation(activation):
     """A function for "relu", "gelu", "gelu_tanh", "silu" or "sigmoid"; a
-    callable is returned as it is."""
+    callable is returned as it is. A layer keeps what this returns, so a layer
+    given a lambda or a nested function cannot be pickled: pass a name, a
+    module-level function or a Module (nn.GELU("tanh")) instead."""
     if callable(activation):
         return activation
     try:

@@ -8,8 +8,15 @@
               m - n only                                   (RoPE, Su et al.)
   ALiBi       added to the scores: -slope_h * distance, a slope per head
                                                             (Press et al.)
+
+One rule for positions everywhere here: an `offset` (the position of the
+first row) is an int >= 0, anything else is refused rather than read modulo
+the table (a negative slice start would wrap to the end of it). Positions
+past a table's max_length are computed by the sinusoidal encoding and
+refused by the learned one, which has no rows for them.
 """
 import math
+import operator
 
 import numpy as np
 
@@ -22,10 +29,41 @@ __all__ = ["sinusoidal_positional_encoding", "SinusoidalPositionalEncoding",
            "LearnedPositionalEmbedding", "RotaryEmbedding", "alibi_slopes", "alibi_bias"]
 
 
+def _int(value, owner, name):
+    """value as an int. A bool is refused (True would quietly mean 1), and so
+    is a float: int() would truncate 2.5 to 2."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{owner}: {name} must be an int, got a bool ({value!r})")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{owner}: {name} must be an int, got {type(value).__name__} "
+                        f"{value!r}") from None
+
+
+def _count(value, owner, name):
+    """A length as an int >= 0."""
+    value = _int(value, owner, name)
+    if value < 0:
+        raise ValueError(f"{owner}: {name} must be >= 0, got {value}")
+    return value
+
+
+def _offset(offset, length, owner):
+    """The first row's position as an int >= 0."""
+    offset = _int(offset, owner, "offset")
+    if offset < 0:
+        raise ValueError(f"{owner}: offset must be >= 0, got offset {offset} for a sequence "
+                         f"of length {length}")
+    return offset
+
+
 def sinusoidal_positional_encoding(length, dim, base=10000.0, *, offset=0, dtype=np.float32):
     """(length, dim): row p is the encoding of position offset + p. Computed in
-    float64 and rounded once."""
-    length, dim = int(length), _positive(dim, "dim", "sinusoidal_positional_encoding")
+    float64 and rounded once. length and offset are ints >= 0."""
+    owner = "sinusoidal_positional_encoding"
+    length, dim = _count(length, owner, "length"), _positive(dim, "dim", owner)
+    offset = _offset(offset, length, owner)
     position = np.arange(offset, offset + length, dtype=np.float64)[:, None]    # (length, 1)
     frequency = base ** (-np.arange(0, dim, 2, dtype=np.float64) / dim)       # (ceil(dim/2))
     angle = position * frequency                                               # (length, ceil(dim/2))
@@ -44,18 +82,23 @@ def _sequence_input(layer, x, dim):
 
 class SinusoidalPositionalEncoding(Module):
     """Adds the sinusoidal encoding to x (..., length, dim) (positions from
-    `offset`, for decoding one step at a time). No parameters."""
+    `offset`, an int >= 0, for decoding one step at a time). Positions past
+    max_length are computed rather than refused: the table is a cache, not a
+    limit. No parameters."""
 
     def __init__(self, dim, max_length=4096, base=10000.0, *, dtype=np.float32):
         super().__init__()
         self.dim, self.base = _positive(dim, "dim", "SinusoidalPositionalEncoding"), float(base)
+        self.max_length = _count(max_length, "SinusoidalPositionalEncoding", "max_length")
         self._dtype = _float_dtype(dtype)
         # kept in float64 and rounded to the input's dtype when added
-        self._table = sinusoidal_positional_encoding(max_length, self.dim, self.base, dtype=np.float64)
+        self._table = sinusoidal_positional_encoding(self.max_length, self.dim, self.base,
+                                                     dtype=np.float64)
 
     def forward(self, x, offset=0):
         x = _sequence_input(self, x, self.dim)
         L = x.shape[-2]
+        offset = _offset(offset, L, "SinusoidalPositionalEncoding")
         if offset + L > len(self._table):
             table = sinusoidal_positional_encoding(L, self.dim, self.base, offset=offset, dtype=x.dtype)
         else:
@@ -64,8 +107,9 @@ class SinusoidalPositionalEncoding(Module):
 
 
 class LearnedPositionalEmbedding(Module):
-    """Adds weight[offset : offset + length] to x (..., length, dim); weight
-    (max_length, dim) starts N(0, 1), as an Embedding's."""
+    """Adds weight[offset : offset + length] to x (..., length, dim), offset
+    an int >= 0; positions past max_length are refused (no row was trained
+    for them). weight (max_length, dim) starts N(0, 1), as an Embedding's."""
 
     def __init__(self, max_length, dim, *, dtype=np.float32, rng=None):
         super().__init__()
@@ -77,9 +121,11 @@ class LearnedPositionalEmbedding(Module):
     def forward(self, x, offset=0):
         x = _sequence_input(self, x, self.dim)
         L = x.shape[-2]
-        if offset < 0 or offset + L > self.max_length:
+        offset = _offset(offset, L, "LearnedPositionalEmbedding")
+        if offset + L > self.max_length:
             raise ValueError(f"LearnedPositionalEmbedding: positions {offset}..{offset + L - 1} "
-                             f"are beyond the {self.max_length} it was made for")
+                             f"(offset {offset}, length {L}) are beyond the {self.max_length} "
+                             f"it was made for")
         return x + self.weight[offset:offset + L]
 
 
@@ -89,7 +135,14 @@ class RotaryEmbedding(Module):
     Feature pairs (x_j, x_{j + d/2}) (interleaved=False, the GPT-NeoX/LLaMA
     layout) or (x_{2j}, x_{2j+1}) (interleaved=True, the paper's) are rotated
     by position * base^(-2j/d). Apply it to q and k before attention; the
-    score q_m . k_n then depends on m - n only. No parameters."""
+    score q_m . k_n then depends on m - n only. No parameters.
+
+    forward(x, offset=0, positions=None): the rows are at positions offset,
+    offset + 1, ... (offset an int >= 0), or at `positions`, a (length,)
+    array of positions >= 0. positions may be fractional (floats), as
+    position interpolation uses them (Chen et al. 2023: m / scale to stretch
+    the trained context); the rotation is defined for any real position.
+    Negative, NaN or infinite positions are refused, as are bools."""
 
     def __init__(self, head_dim, base=10000.0, interleaved=False):
         super().__init__()
@@ -99,17 +152,40 @@ class RotaryEmbedding(Module):
         self.base, self.interleaved = float(base), bool(interleaved)
 
     def angles(self, positions):
-        """(len(positions), head_dim / 2), in float64."""
+        """(len(positions), head_dim / 2), in float64. positions as forward
+        takes them: ints or floats >= 0."""
+        return self._angles(self._positions(positions))
+
+    def _angles(self, positions):
         inv = self.base ** (-np.arange(0, self.head_dim, 2, dtype=np.float64) / self.head_dim)
         return np.asarray(positions, np.float64)[:, None] * inv[None, :]
+
+    @staticmethod
+    def _positions(positions):
+        positions = np.asarray(positions)
+        if positions.dtype.kind not in "iuf":
+            raise TypeError(f"RotaryEmbedding: positions must be ints or floats, got dtype "
+                            f"{positions.dtype}")
+        if positions.size and not (np.isfinite(positions).all() and positions.min() >= 0):
+            bad = positions[~(np.isfinite(positions) & (positions >= 0))]
+            raise ValueError(f"RotaryEmbedding: positions must be finite and >= 0, got "
+                             f"{bad[:5].tolist()} among the {positions.size} given")
+        return positions
 
     def forward(self, x, offset=0, positions=None):
         x = _sequence_input(self, x, self.head_dim)
         L = x.shape[-2]
-        positions = np.arange(offset, offset + L) if positions is None else np.asarray(positions)
+        offset = _offset(offset, L, "RotaryEmbedding")
+        if positions is None:
+            positions = np.arange(offset, offset + L)
+        elif offset:
+            # which one would win is a guess either way
+            raise ValueError(f"RotaryEmbedding: give offset ({offset}) or positions, not both")
+        else:
+            positions = self._positions(positions)
         if positions.shape != (L,):
             raise ValueError(f"RotaryEmbedding: positions must be ({L},), got {positions.shape}")
-        angle = self.angles(positions)
+        angle = self._angles(positions)
         cos, sin = np.cos(angle).astype(x.dtype), np.sin(angle).astype(x.dtype)   # (L, d/2)
         if self.interleaved:
             a, b = x[..., 0::2], x[..., 1::2]
@@ -145,8 +221,14 @@ def alibi_bias(num_heads, query_length, key_length, *, dtype=np.float32):
     """(num_heads, L, S) to add to the scores (a float attn_mask): -slope_h
     times the distance between query i, at position S - L + i (the queries are
     the last L positions), and key j. Causal use adds is_causal=True with
-    causal_alignment="bottom_right"."""
-    L, S = int(query_length), int(key_length)
+    causal_alignment="bottom_right". L > S is refused: the first query would
+    be at position S - L < 0, before any key."""
+    L = _count(query_length, "alibi_bias", "query_length")
+    S = _count(key_length, "alibi_bias", "key_length")
+    if L > S:
+        raise ValueError(f"alibi_bias: query_length ({L}) must not exceed key_length ({S}): "
+                         f"the queries take the last positions of the keys, so the first query "
+                         f"would be at position {S - L}, before any key")
     query_position = np.arange(S - L, S)[:, None]                               # (L, 1)
     distance = np.abs(query_position - np.arange(S)[None, :])                   # (L, S)
     return (-alibi_slopes(num_heads)[:, None, None] * distance).astype(dtype)
