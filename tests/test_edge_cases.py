@@ -319,3 +319,54 @@ def test_numpy_scalars_and_zero_dimensional_arrays_are_fine_arguments(rng):
     np.testing.assert_array_equal(attnkit.softmax(q, axis=np.int64(1)), attnkit.softmax(q, axis=1))
     np.testing.assert_array_equal(attnkit.layer_norm(q, np.int32(8), eps=np.float32(1e-5)),
                                   attnkit.layer_norm(q, 8))
+
+
+def _mha_call(**kwargs):
+    x = np.ones((2, 3, 16), np.float32)
+    return nn.MultiHeadAttention(16, 4, batch_first=True)(x, x, x, **kwargs)
+
+
+@pytest.mark.parametrize("name, call", [
+    ("eps", lambda: nn.LayerNorm(8, eps="1e-5")),
+    ("normalized_shape", lambda: nn.LayerNorm("8")),
+    ("normalized_shape", lambda: nn.LayerNorm(8.0)),
+    ("normalized_shape", lambda: nn.RMSNorm((8, True))),
+    ("eps", lambda: nn.RMSNorm(8, eps="x")),
+    ("eps", lambda: nn.BatchNorm1d(4, eps="1e-5")),
+    ("momentum", lambda: nn.BatchNorm1d(4, momentum="0.1")),
+    ("p", lambda: nn.Dropout("0.5")),
+    ("dropout", lambda: nn.MultiHeadAttention(16, 4, dropout="0.1")),
+    ("batch_first", lambda: nn.MultiHeadAttention(16, 4, batch_first="no")),
+    ("add_zero_attn", lambda: nn.MultiHeadAttention(16, 4, add_zero_attn=1)),
+    ("is_causal", lambda: _mha_call(is_causal="no")),
+    ("need_weights", lambda: _mha_call(need_weights="no")),
+    ("average_attn_weights", lambda: _mha_call(average_attn_weights=1)),
+    ("norm_first", lambda: nn.TransformerEncoderLayer(16, 4, 32, norm_first="yes")),
+    ("norm_first", lambda: nn.TransformerDecoderLayer(16, 4, 32, norm_first="yes")),
+    ("interleaved", lambda: nn.RotaryEmbedding(8, interleaved="no")),
+    ("base", lambda: nn.RotaryEmbedding(8, base="1e4")),
+    ("base", lambda: nn.SinusoidalPositionalEncoding(8, base="1e4")),
+    ("mode", lambda: nn.Linear(4, 4).train("no")),
+])
+def test_module_arguments_of_the_wrong_type_name_the_argument(name, call):
+    with pytest.raises(TypeError, match=name):
+        call()
+
+
+def test_module_dropout_out_of_range():
+    with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\], got 1.5"):
+        nn.MultiHeadAttention(16, 4, dropout=1.5)
+    with pytest.raises(ValueError, match=r"p must be in \[0, 1\], got -0.1"):
+        nn.Dropout(-0.1)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shape", [(0, 4), (0, 4, 5), (3, 0), (3, 0, 5), (3, 4, 0)])
+def test_batch_norm_of_an_empty_batch_is_empty_and_leaves_the_statistics(training, shape):
+    C = shape[1]
+    x = np.ones(shape, np.float32)
+    mean, var = np.full(C, 0.5, np.float32), np.full(C, 2.0, np.float32)
+    result = F.batch_norm(x, mean, var, training=training)
+    assert result.shape == shape and result.dtype == np.float32
+    np.testing.assert_array_equal(mean, 0.5)
+    np.testing.assert_array_equal(var, 2.0)

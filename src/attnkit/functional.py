@@ -682,7 +682,8 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
         raise ValueError(f"{func}: input must be (N, C) or (N, C, L), got shape {x.shape}")
     eps = _check_eps(eps, func)
     training = _flag(training, func, "training")
-    if momentum is not None or training:    # None only where no running average is updated
+    updates = training and (running_mean is not None or running_var is not None)
+    if momentum is not None or updates:     # None only where no running average is updated
         momentum = _real(momentum, func, "momentum")
     C = x.shape[1]
     axes = (0,) if x.ndim == 2 else (0, 2)
@@ -691,6 +692,11 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
                     ("weight", weight), ("bias", bias)):
         if a is not None and np.shape(a) != (C,):
             raise ValueError(f"{func}: {name} must have shape ({C},), got {np.shape(a)}")
+    if x.size == 0:
+        # nothing to normalise and no statistics to take: PyTorch returns the
+        # empty batch and leaves the running averages alone (and C = 0 must
+        # not reach the division below)
+        return np.empty_like(x)
     if training:
         count = x.size // C
         if count <= 1:

@@ -154,9 +154,11 @@ class MultiHeadAttention(Module):
                              f"num_kv_heads ({num_kv_heads})")
         self.kdim = self.embed_dim if kdim is None else _positive(kdim, "kdim", "MultiHeadAttention")
         self.vdim = self.embed_dim if vdim is None else _positive(vdim, "vdim", "MultiHeadAttention")
-        self.dropout = float(dropout)
-        self.batch_first = bool(batch_first)
-        self.add_zero_attn = bool(add_zero_attn)
+        self.dropout = F._real(dropout, "MultiHeadAttention", "dropout")
+        if not 0.0 <= self.dropout <= 1.0:
+            raise ValueError(f"MultiHeadAttention: dropout must be in [0, 1], got {dropout}")
+        self.batch_first = F._flag(batch_first, "MultiHeadAttention", "batch_first")
+        self.add_zero_attn = F._flag(add_zero_attn, "MultiHeadAttention", "add_zero_attn")
         self.rng = rng if rng is not None else np.random.default_rng()
         dtype = _float_dtype(dtype)
         E, kv = self.embed_dim, self.num_kv_heads * self.head_dim
@@ -221,6 +223,9 @@ class MultiHeadAttention(Module):
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False, kv_cache=None):
+        need_weights = F._flag(need_weights, "MultiHeadAttention", "need_weights")
+        average_attn_weights = F._flag(average_attn_weights, "MultiHeadAttention", "average_attn_weights")
+        is_causal = F._flag(is_causal, "MultiHeadAttention", "is_causal")
         q = self._input(query, "query", self.embed_dim)
         k = q if key is query else self._input(key, "key", self.kdim)
         v = k if value is key else self._input(value, "value", self.vdim)
@@ -274,7 +279,7 @@ class MultiHeadAttention(Module):
 
         results = F.scaled_dot_product_attention(
             qh, kh, vh, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
-            is_causal=bool(is_causal), enable_gqa=Hkv != H,
+            is_causal=is_causal, enable_gqa=Hkv != H,
             causal_alignment="bottom_right" if kv_cache is not None else "top_left",
             return_weights=("mean" if average_attn_weights else True) if need_weights else False,
             rng=self.rng)

@@ -30,6 +30,12 @@ def _positive(value, name, owner):
     return int(value)
 
 
+def _shape(normalized_shape, owner):
+    """A norm's normalized_shape as a tuple of ints (an int is one dimension)."""
+    dims = normalized_shape if isinstance(normalized_shape, (tuple, list)) else (normalized_shape,)
+    return tuple(F._index(d, owner, "normalized_shape") for d in dims)
+
+
 def _input(layer, x):
     """x as a float array; when the layer has parameters, of their dtype
     (another float dtype is an error, as in PyTorch)."""
@@ -80,9 +86,8 @@ class LayerNorm(Module):
     def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True, *,
                  dtype=np.float32):
         super().__init__()
-        shape = (normalized_shape,) if isinstance(normalized_shape, (int, np.integer)) else tuple(normalized_shape)
-        self.normalized_shape = tuple(int(d) for d in shape)
-        self.eps = float(eps)
+        self.normalized_shape = _shape(normalized_shape, "LayerNorm")
+        self.eps = F._real(eps, "LayerNorm", "eps")
         dtype = self._dtype = _float_dtype(dtype)
         self.register_parameter("weight", np.ones(self.normalized_shape, dtype) if elementwise_affine else None)
         self.register_parameter("bias", np.zeros(self.normalized_shape, dtype)
@@ -101,9 +106,8 @@ class RMSNorm(Module):
 
     def __init__(self, normalized_shape, eps=None, elementwise_affine=True, *, dtype=np.float32):
         super().__init__()
-        shape = (normalized_shape,) if isinstance(normalized_shape, (int, np.integer)) else tuple(normalized_shape)
-        self.normalized_shape = tuple(int(d) for d in shape)
-        self.eps = None if eps is None else float(eps)
+        self.normalized_shape = _shape(normalized_shape, "RMSNorm")
+        self.eps = None if eps is None else F._real(eps, "RMSNorm", "eps")
         self._dtype = _float_dtype(dtype)
         self.register_parameter("weight", np.ones(self.normalized_shape, self._dtype)
                                 if elementwise_affine else None)
@@ -124,7 +128,8 @@ class BatchNorm1d(Module):
                  track_running_stats=True, *, dtype=np.float32):
         super().__init__()
         self.num_features = _positive(num_features, "num_features", "BatchNorm1d")
-        self.eps, self.momentum = float(eps), momentum
+        self.eps = F._real(eps, "BatchNorm1d", "eps")
+        self.momentum = None if momentum is None else F._real(momentum, "BatchNorm1d", "momentum")
         dtype = self._dtype = _float_dtype(dtype)
         C = self.num_features
         self.register_parameter("weight", np.ones(C, dtype) if affine else None)
@@ -147,15 +152,6 @@ class BatchNorm1d(Module):
             self.num_batches_tracked += 1
             if momentum is None:  # a cumulative average, as PyTorch's momentum=None
                 momentum = 1.0 / float(self.num_batches_tracked)
-        if use_batch and x.size == 0:
-            # An empty batch has no statistics to normalise by or to average
-            # in; PyTorch returns it empty and leaves the running statistics as
-            # they were (it still counts the batch, as above). The functional
-            # form refuses it, so normalise by neutral statistics instead,
-            # which keeps its checks of the shape.
-            C = self.num_features
-            return F.batch_norm(x, np.zeros(C, x.dtype), np.ones(C, x.dtype), self.weight,
-                                self.bias, False, momentum, self.eps)
         return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
                             use_batch, momentum, self.eps)
 
@@ -169,9 +165,9 @@ class Dropout(Module):
 
     def __init__(self, p=0.5, *, rng=None):
         super().__init__()
-        if not 0.0 <= p <= 1.0:
+        self.p = F._real(p, "Dropout", "p")
+        if not 0.0 <= self.p <= 1.0:
             raise ValueError(f"Dropout: p must be in [0, 1], got {p}")
-        self.p = float(p)
         self.rng = rng if rng is not None else np.random.default_rng()
 
     def forward(self, x):

@@ -148,8 +148,9 @@ class Module:
 
     # -- modes and dtype -----------------------------------------------------
     def train(self, mode=True):
+        mode = F._flag(mode, type(self).__name__, "train(mode)")
         for _, module in self.named_modules():
-            object.__setattr__(module, "training", bool(mode))
+            object.__setattr__(module, "training", mode)
         return self
 
     def eval(self):

@@ -16,7 +16,6 @@ past a table's max_length are computed by the sinusoidal encoding and
 refused by the learned one, which has no rows for them.
 """
 import math
-import operator
 
 import numpy as np
 
@@ -29,21 +28,9 @@ __all__ = ["sinusoidal_positional_encoding", "SinusoidalPositionalEncoding",
            "LearnedPositionalEmbedding", "RotaryEmbedding", "alibi_slopes", "alibi_bias"]
 
 
-def _int(value, owner, name):
-    """value as an int. A bool is refused (True would quietly mean 1), and so
-    is a float: int() would truncate 2.5 to 2."""
-    if isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{owner}: {name} must be an int, got a bool ({value!r})")
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise TypeError(f"{owner}: {name} must be an int, got {type(value).__name__} "
-                        f"{value!r}") from None
-
-
 def _count(value, owner, name):
     """A length as an int >= 0."""
-    value = _int(value, owner, name)
+    value = F._index(value, owner, name)
     if value < 0:
         raise ValueError(f"{owner}: {name} must be >= 0, got {value}")
     return value
@@ -51,7 +38,7 @@ def _count(value, owner, name):
 
 def _offset(offset, length, owner):
     """The first row's position as an int >= 0."""
-    offset = _int(offset, owner, "offset")
+    offset = F._index(offset, owner, "offset")
     if offset < 0:
         raise ValueError(f"{owner}: offset must be >= 0, got offset {offset} for a sequence "
                          f"of length {length}")
@@ -88,7 +75,8 @@ class SinusoidalPositionalEncoding(Module):
 
     def __init__(self, dim, max_length=4096, base=10000.0, *, dtype=np.float32):
         super().__init__()
-        self.dim, self.base = _positive(dim, "dim", "SinusoidalPositionalEncoding"), float(base)
+        self.dim = _positive(dim, "dim", "SinusoidalPositionalEncoding")
+        self.base = F._real(base, "SinusoidalPositionalEncoding", "base")
         self.max_length = _count(max_length, "SinusoidalPositionalEncoding", "max_length")
         self._dtype = _float_dtype(dtype)
         # kept in float64 and rounded to the input's dtype when added
@@ -149,7 +137,8 @@ class RotaryEmbedding(Module):
         self.head_dim = _positive(head_dim, "head_dim", "RotaryEmbedding")
         if self.head_dim % 2:
             raise ValueError(f"RotaryEmbedding: head_dim must be even, got {head_dim}")
-        self.base, self.interleaved = float(base), bool(interleaved)
+        self.base = F._real(base, "RotaryEmbedding", "base")
+        self.interleaved = F._flag(interleaved, "RotaryEmbedding", "interleaved")
 
     def angles(self, positions):
         """(len(positions), head_dim / 2), in float64. positions as forward

@@ -58,7 +58,7 @@ class TransformerEncoderLayer(Module, _FeedForward):
         self.self_attn = MultiHeadAttention(d_model, nhead, dropout=dropout, bias=bias,
                                             batch_first=batch_first, dtype=dtype, rng=rng)
         self._build_feed_forward(d_model, dim_feedforward, dropout, activation, bias, dtype, rng)
-        self.norm_first = bool(norm_first)
+        self.norm_first = F._flag(norm_first, type(self).__name__, "norm_first")
         self.norm1 = LayerNorm(d_model, eps=layer_norm_eps, bias=bias, dtype=dtype)
         self.norm2 = LayerNorm(d_model, eps=layer_norm_eps, bias=bias, dtype=dtype)
         self.dropout1 = Dropout(dropout, rng=rng)
@@ -93,7 +93,7 @@ class TransformerDecoderLayer(Module, _FeedForward):
         self.multihead_attn = MultiHeadAttention(d_model, nhead, dropout=dropout, bias=bias,
                                                  batch_first=batch_first, dtype=dtype, rng=rng)
         self._build_feed_forward(d_model, dim_feedforward, dropout, activation, bias, dtype, rng)
-        self.norm_first = bool(norm_first)
+        self.norm_first = F._flag(norm_first, type(self).__name__, "norm_first")
         self.norm1 = LayerNorm(d_model, eps=layer_norm_eps, bias=bias, dtype=dtype)
         self.norm2 = LayerNorm(d_model, eps=layer_norm_eps, bias=bias, dtype=dtype)
         self.norm3 = LayerNorm(d_model, eps=layer_norm_eps, bias=bias, dtype=dtype)
