@@ -256,12 +256,16 @@ def log_softmax(x, axis=-1, *, where=None, out=None):
 # ---------------------------------------------------------------------------
 # layer_norm and rms_norm
 
-def _normalized_shape(normalized_shape, x, func):
-    dims = normalized_shape if isinstance(normalized_shape, (tuple, list)) else (normalized_shape,)
+def _shape_tuple(value, func, name):
+    """An int, or a tuple or list of ints, as a tuple of ints (bools refused)."""
+    dims = value if isinstance(value, (tuple, list)) else (value,)
     if any(isinstance(d, (bool, np.bool_)) or not hasattr(d, "__index__") for d in dims):
-        raise TypeError(f"{func}: normalized_shape must be an int or a tuple of ints, "
-                        f"got {normalized_shape!r}")
-    shape = tuple(operator.index(d) for d in dims)
+        raise TypeError(f"{func}: {name} must be an int or a tuple of ints, got {value!r}")
+    return tuple(operator.index(d) for d in dims)
+
+
+def _normalized_shape(normalized_shape, x, func):
+    shape = _shape_tuple(normalized_shape, func, "normalized_shape")
     if any(d < 0 for d in shape):
         raise ValueError(f"{func}: normalized_shape {shape} has a negative dimension")
     if len(shape) > x.ndim or x.shape[x.ndim - len(shape):] != shape:

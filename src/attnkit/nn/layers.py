@@ -30,12 +30,6 @@ def _positive(value, name, owner):
     return int(value)
 
 
-def _shape(normalized_shape, owner):
-    """A norm's normalized_shape as a tuple of ints (an int is one dimension)."""
-    dims = normalized_shape if isinstance(normalized_shape, (tuple, list)) else (normalized_shape,)
-    return tuple(F._index(d, owner, "normalized_shape") for d in dims)
-
-
 def _input(layer, x):
     """x as a float array; when the layer has parameters, of their dtype
     (another float dtype is an error, as in PyTorch)."""
@@ -86,7 +80,7 @@ class LayerNorm(Module):
     def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True, *,
                  dtype=np.float32):
         super().__init__()
-        self.normalized_shape = _shape(normalized_shape, "LayerNorm")
+        self.normalized_shape = F._shape_tuple(normalized_shape, "LayerNorm", "normalized_shape")
         self.eps = F._real(eps, "LayerNorm", "eps")
         dtype = self._dtype = _float_dtype(dtype)
         self.register_parameter("weight", np.ones(self.normalized_shape, dtype) if elementwise_affine else None)
@@ -106,7 +100,7 @@ class RMSNorm(Module):
 
     def __init__(self, normalized_shape, eps=None, elementwise_affine=True, *, dtype=np.float32):
         super().__init__()
-        self.normalized_shape = _shape(normalized_shape, "RMSNorm")
+        self.normalized_shape = F._shape_tuple(normalized_shape, "RMSNorm", "normalized_shape")
         self.eps = None if eps is None else F._real(eps, "RMSNorm", "eps")
         self._dtype = _float_dtype(dtype)
         self.register_parameter("weight", np.ones(self.normalized_shape, self._dtype)
