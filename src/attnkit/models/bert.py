@@ -188,9 +188,6 @@ class BertModel(Module):
             raise ValueError(f"BertModel: input_ids must be (N, L) integers, got {input_ids.dtype} "
                              f"{input_ids.shape}")
         N, L = input_ids.shape
-        if L > self.config.max_position_embeddings:
-            raise ValueError(f"BertModel: {L} tokens is more than the {self.config.max_position_embeddings} "
-                             "positions the model knows")
         token_type_ids = np.zeros_like(input_ids) if token_type_ids is None else np.asarray(token_type_ids)
         mask = np.ones((N, L), bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
         if mask.shape != (N, L) or token_type_ids.shape != (N, L):
