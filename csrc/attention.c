@@ -31,17 +31,8 @@
 
 #include "attnkit.h"
 #include "simd.h"
+#include "tiles.h"
 
-/* Register blocking: MR x NR of C in MR*NV vector registers (12 of AVX2's
- * 16, 24 of AVX-512's 32), plus NV for B and one for A. */
-#if defined(ATTNKIT_ISA_avx512)
-enum { MR = 12, NV = 2 };
-#elif defined(ATTNKIT_ISA_avx2)
-enum { MR = 6, NV = 2 };
-#else
-enum { MR = 4, NV = 4 };
-#endif
-enum { NR = NV * VLEN };
 /* Cache blocking: BL query rows (a multiple of MR and NR) meet BS keys (a
  * multiple of MR) at a time. A tile's scores (BS x BL) stay in L1; each key
  * and value is fetched from L2/L3 once per BL queries. Measured on a Zen 3
@@ -58,49 +49,6 @@ enum { SMALL_ROWS = 4 };
  * never on the thread count, so results do not either. */
 enum { SPLIT_KEYS = 20 * BS };
 
-static inline int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
-static inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
-
-/* ---------------------------------------------------------------------------
- * The micro-kernel, for both products.
- *
- * C (mr, NR) = A (mr, K) @ B (K, NR), or alpha[i] * C + A @ B when alpha is
- * not NULL. A's element (i, kk) is a[i*a_row + kk*a_k], read one at a time and
- * broadcast; B's row kk is b + kk*ldb, NR wide; C's row i is c + i*ldc. Rows
- * of A past mr repeat row mr - 1 and are not stored, so every call runs the
- * same fully unrolled code.
- */
-AK_INLINE void micro_kernel(real* c, int64_t ldc, const real* a, int64_t a_row, int64_t a_k,
-                            const real* b, int64_t ldb, int64_t K, int64_t mr, const real* alpha)
-{
-    vreal acc[MR][NV];
-    const real* arow[MR];
-#pragma GCC unroll 16
-    for (int i = 0; i < MR; i++) {
-        arow[i] = a + (i < mr ? i : mr - 1) * a_row;
-#pragma GCC unroll 4
-        for (int j = 0; j < NV; j++) acc[i][j] = v_set1(0);
-    }
-    for (int64_t kk = 0; kk < K; kk++) {
-        vreal bv[NV];
-#pragma GCC unroll 4
-        for (int j = 0; j < NV; j++) bv[j] = v_load(b + kk * ldb + j * VLEN);
-        const int64_t ak = kk * a_k;
-#pragma GCC unroll 16
-        for (int i = 0; i < MR; i++) {
-            const vreal av = v_set1(arow[i][ak]);
-#pragma GCC unroll 4
-            for (int j = 0; j < NV; j++) acc[i][j] = v_fma(av, bv[j], acc[i][j]);
-        }
-    }
-    for (int i = 0; i < mr; i++) {
-#pragma GCC unroll 4
-        for (int j = 0; j < NV; j++) {
-            real* cp = c + i * ldc + j * VLEN;
-            v_store(cp, alpha ? v_fma(v_set1(alpha[i]), v_load(cp), acc[i][j]) : acc[i][j]);
-        }
-    }
-}
 
 /* ---------------------------------------------------------------------------
  * Workspace: one per thread, allocated once per call.

@@ -201,6 +201,21 @@ void attnkit_bias_activation_f64(double* out, const double* x, const double* bia
                                  int64_t cols, int kind);
 
 /* ---------------------------------------------------------------------------
+ * A linear layer, torch.nn.functional.linear with its tail fused:
+ *   out (M, N) = f(x (M, K) @ w (N, K)^T + bias (N))
+ *   x's rows at x_row (each contiguous), w (N, K) and out (M, N) contiguous,
+ *   bias (N) or NULL, f an ATTNKIT_* kind as above. w is read in place (no
+ *   packed copy to go stale). Each element is summed by one thread in an
+ *   order fixed by (M, N, K), so results do not depend on the thread count.
+ *   Returns 0, or -1 when a thread's workspace (K * NR reals) cannot be
+ *   allocated.
+ * ------------------------------------------------------------------------- */
+int attnkit_linear_f32(float* out, const float* x, const float* w, const float* bias, int64_t M,
+                       int64_t N, int64_t K, int64_t x_row, int kind);
+int attnkit_linear_f64(double* out, const double* x, const double* w, const double* bias, int64_t M,
+                       int64_t N, int64_t K, int64_t x_row, int kind);
+
+/* ---------------------------------------------------------------------------
  * Instruction sets. Each kernel is built three times from one source; the
  * entry points above call the build picked here. attnkit_init() picks the
  * best one the CPU and the OS support.

@@ -47,7 +47,11 @@
     void attnkit_bias_activation_f32_##isa(float*, const float*, const float*, int64_t,        \
                                            int64_t, int);                                      \
     void attnkit_bias_activation_f64_##isa(double*, const double*, const double*, int64_t,     \
-                                           int64_t, int);
+                                           int64_t, int);                                      \
+    int attnkit_linear_f32_##isa(float*, const float*, const float*, const float*, int64_t,    \
+                                 int64_t, int64_t, int64_t, int);                              \
+    int attnkit_linear_f64_##isa(double*, const double*, const double*, const double*, int64_t, \
+                                 int64_t, int64_t, int64_t, int);
 DECLARE_KERNELS(scalar)
 DECLARE_KERNELS(avx2)
 DECLARE_KERNELS(avx512)
@@ -70,6 +74,10 @@ typedef struct {
                          const void*, const attnkit_attention_args*);
     void (*bias_activation_f32)(float*, const float*, const float*, int64_t, int64_t, int);
     void (*bias_activation_f64)(double*, const double*, const double*, int64_t, int64_t, int);
+    int (*linear_f32)(float*, const float*, const float*, const float*, int64_t, int64_t, int64_t,
+                      int64_t, int);
+    int (*linear_f64)(double*, const double*, const double*, const double*, int64_t, int64_t,
+                      int64_t, int64_t, int);
 } kernel_table;
 
 #define KERNEL_ROW(isa)                                                                        \
@@ -83,7 +91,9 @@ typedef struct {
      attnkit_attention_f32_##isa,                                                              \
      attnkit_attention_f64_##isa,                                                              \
      attnkit_bias_activation_f32_##isa,                                                        \
-     attnkit_bias_activation_f64_##isa}
+     attnkit_bias_activation_f64_##isa,                                                        \
+     attnkit_linear_f32_##isa,                                                                 \
+     attnkit_linear_f64_##isa}
 
 static const kernel_table tables[ATTNKIT_ISA_COUNT] = {
     KERNEL_ROW(scalar),
@@ -182,6 +192,17 @@ void attnkit_bias_activation_f64(double* out, const double* x, const double* bia
                                  int64_t cols, int kind)
 {
     active->bias_activation_f64(out, x, bias, rows, cols, kind);
+}
+
+int attnkit_linear_f32(float* out, const float* x, const float* w, const float* bias, int64_t M,
+                       int64_t N, int64_t K, int64_t x_row, int kind)
+{
+    return active->linear_f32(out, x, w, bias, M, N, K, x_row, kind);
+}
+int attnkit_linear_f64(double* out, const double* x, const double* w, const double* bias, int64_t M,
+                       int64_t N, int64_t K, int64_t x_row, int kind)
+{
+    return active->linear_f64(out, x, w, bias, M, N, K, x_row, kind);
 }
 
 /* ---------------------------------------------------------------------------

@@ -35,8 +35,6 @@
 #define TINY_SUM_OF_SQUARES 0x1p-960
 #endif
 
-static inline int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
-
 /* ---------------------------------------------------------------------------
  * The careful path, in double, for rows the fast path cannot do exactly.
  * The row is scaled by 2^-k so its largest magnitude is in [0.5, 1): then no

@@ -34,6 +34,9 @@
 
 #define AK_INLINE static inline __attribute__((always_inline))
 
+static inline int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
+static inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+
 #if ATTNKIT_REAL_BITS == 32
 typedef float real;
 typedef int32_t real_bits; /* an integer as wide as real */

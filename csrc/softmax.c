@@ -24,8 +24,6 @@
  * bits against the large one. */
 enum { SUM_BLOCK = 128 };
 
-static inline int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
-
 /* n lanes (n <= VLEN) of x, with lanes masked out by `where` (and lanes past
  * n) read as -inf. where == NULL means every element is in. */
 AK_INLINE vreal load_masked(const real* x, const uint8_t* where, int64_t where_step, int64_t n)

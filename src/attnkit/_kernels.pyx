@@ -80,6 +80,10 @@ cdef extern from "attnkit.h" nogil:
                                      int64_t cols, int kind) noexcept
     void attnkit_bias_activation_f64(double* out, const double* x, const double* bias, int64_t rows,
                                      int64_t cols, int kind) noexcept
+    int attnkit_linear_f32(float* out, const float* x, const float* w, const float* bias, int64_t M,
+                           int64_t N, int64_t K, int64_t x_row, int kind) noexcept
+    int attnkit_linear_f64(double* out, const double* x, const double* w, const double* bias,
+                           int64_t M, int64_t N, int64_t K, int64_t x_row, int kind) noexcept
 
     enum:
         ATTNKIT_ISA_COUNT
@@ -462,6 +466,48 @@ def bias_activation(cnp.ndarray out, cnp.ndarray x, object bias, str name):
         else:
             attnkit_bias_activation_f64(<double*>po, <const double*>px, <const double*>pb, rows, cols,
                                         kind)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Linear
+
+def linear(cnp.ndarray out, cnp.ndarray x, cnp.ndarray w, object bias, str name):
+    """out (M, N) = f(x (M, K) @ w (N, K).T + bias (N)), f one of ACTIVATIONS.
+    x's rows may be apart but each is contiguous; w and out are C-contiguous;
+    out must be a fresh array (it may not overlap x, w or bias)."""
+    cdef int kind = ACTIVATIONS[name]
+    cdef int type_num = cnp.PyArray_TYPE(x)
+    check_float_operand(x, 2, type_num, "linear input", False)
+    if not is_native_float(x):
+        raise TypeError(f"linear input: expected native float32 or float64, got {x.dtype}")
+    check_float_operand(w, 2, type_num, "linear weight", False)
+    check_float_operand(out, 2, type_num, "linear output", True)
+    cdef int64_t M = x.shape[0], K = x.shape[1], N = w.shape[0]
+    if w.shape[1] != K or out.shape[0] != M or out.shape[1] != N:
+        raise ValueError(f"linear: shapes do not fit: input {shape_of(x)}, weight {shape_of(w)}, "
+                         f"output {shape_of(out)}")
+    if not (cnp.PyArray_IS_C_CONTIGUOUS(w) and cnp.PyArray_IS_C_CONTIGUOUS(out)):
+        raise ValueError("linear: weight and output must be C-contiguous")
+    if K > 1 and M > 0 and cnp.PyArray_STRIDE(x, 1) != cnp.PyArray_ITEMSIZE(x):
+        raise ValueError(f"linear: the input's rows must be contiguous (strides {(<object>x).strides})")
+    cdef const void* pb = optional_vector(bias, N, type_num, "linear bias", False)
+    if M == 0 or N == 0:
+        return out
+    cdef int64_t x_row = element_stride(x, 0, "linear input") if M > 1 else K
+    cdef void* po = cnp.PyArray_DATA(out)
+    cdef const void* px = cnp.PyArray_DATA(x)
+    cdef const void* pw = cnp.PyArray_DATA(w)
+    cdef int status
+    with nogil:
+        if type_num == cnp.NPY_FLOAT:
+            status = attnkit_linear_f32(<float*>po, <const float*>px, <const float*>pw,
+                                        <const float*>pb, M, N, K, x_row, kind)
+        else:
+            status = attnkit_linear_f64(<double*>po, <const double*>px, <const double*>pw,
+                                        <const double*>pb, M, N, K, x_row, kind)
+    if status != 0:
+        raise MemoryError(f"linear: could not allocate the workspace for in_features = {K}")
     return out
 
 

@@ -561,8 +561,10 @@ def linear(x, weight, bias=None, *, activation=None):
     """x @ weight.T + bias, as torch.nn.functional.linear.
 
     x (..., in_features), weight (out_features, in_features), bias
-    (out_features) or None; all of one float dtype. The product is NumPy's
-    (its BLAS); attnkit adds the bias in place, on its threads.
+    (out_features) or None; all of one float dtype. The product is attnkit's
+    own GEMM, on its threads (set_num_threads governs it), with the bias add
+    in the same pass; the weight is read as it is, never cached, so an edit
+    in place is seen by the next call.
 
     activation (an attnkit extension): None, or "gelu", "gelu_tanh", "silu"
     or "relu" to return activation(x @ weight.T + bias) with the bias add
@@ -582,25 +584,22 @@ def linear(x, weight, bias=None, *, activation=None):
                          f"got input {x.shape} and weight {weight.shape}")
     if weight.dtype != x.dtype:
         raise TypeError(f"{func}: weight has dtype {weight.dtype} but the input is {x.dtype}")
-    # one (rows, in) @ (in, out) product, not one per leading index: NumPy's
-    # matmul loops over stacked matrices, and one big GEMM runs faster
-    try:
-        rows = x.reshape(-1, x.shape[-1], copy=False)
-    except ValueError:
-        rows = None
-    if rows is not None and x.ndim > 2:
-        y = np.matmul(rows, weight.T).reshape(x.shape[:-1] + (weight.shape[0],))
-    else:
-        y = np.matmul(x, weight.T)
     if bias is not None:
         bias = _as_float_array(bias, func, "bias")
         if bias.shape != (weight.shape[0],) or bias.dtype != x.dtype:
             raise ValueError(f"{func}: bias must be ({weight.shape[0]},) of {x.dtype}, got "
                              f"{bias.shape} {bias.dtype}")
-        bias = _contiguous(bias)
-    if bias is not None or activation is not None:       # y is matmul's own: contiguous
-        _kernels.bias_activation(y, y, bias, activation or "identity")
-    return y
+    rows = _readable_as(x, (math.prod(x.shape[:-1]), x.shape[-1]), 1)
+    return _linear_rows(rows, weight, bias, activation).reshape(x.shape[:-1] + (weight.shape[0],))
+
+
+def _linear_rows(rows, weight, bias, activation=None):
+    """f(rows (M, K) @ weight (N, K).T + bias) as a new (M, N) array, by
+    attnkit's GEMM, for arguments already checked: rows with a contiguous last
+    axis (rows may be apart), weight and bias of rows' dtype."""
+    out = np.empty((rows.shape[0], weight.shape[0]), rows.dtype)
+    return _kernels.linear(out, rows, _contiguous(weight), None if bias is None else _contiguous(bias),
+                           activation or "identity")
 
 
 def relu(x, *, out=None):

@@ -34,11 +34,8 @@ def _affine(x, weight, bias):
     since rows are independent: no copy to reorder them."""
     if not x.flags.c_contiguous and x.ndim == 3 and x.swapaxes(0, 1).flags.c_contiguous:
         return _affine(x.swapaxes(0, 1), weight, bias).swapaxes(0, 1)
-    rows = np.ascontiguousarray(x).reshape(-1, x.shape[-1])
-    y = rows @ weight.T
-    if bias is not None:
-        y += bias
-    return y.reshape(x.shape[:-1] + (weight.shape[0],))
+    rows = F._readable_as(x, (math.prod(x.shape[:-1]), x.shape[-1]), 1)
+    return F._linear_rows(rows, weight, bias).reshape(x.shape[:-1] + (weight.shape[0],))
 
 
 def _mask_array(mask, name):
