@@ -8,19 +8,15 @@
  * attnkit.h; simd.h says which ISA and precision.
  *
  * w is read in place, in PyTorch's (out_features, in_features) layout, and
- * never packed: a weight edited in place (lin.weight[:] = w, an optimiser's
- * step) is what the next call sees, with no cached copy to go stale. What is
- * packed is a panel of x's rows, once per task.
+ * never cached: a weight edited in place (lin.weight[:] = w, an optimiser's
+ * step) is what the next call sees, with no packed copy to go stale. The
+ * rows path packs what it needs of w into each task's workspace as it goes.
  *
  * Two paths, chosen by M alone, so that no result depends on the number of
  * threads (each output element is summed by one thread, in one order):
  *
- *  rows path (M > FEW_ROWS): the micro-kernel (tiles.h) computes tiles of
- *    out^T: C (MR features, NR rows) = w (MR, K) @ xt (K, NR), w's elements
- *    broadcast from its rows, xt the task's NR rows of x transposed into the
- *    workspace. A task is FC features by NR rows; the tasks over one block of
- *    features come one after another, so that block of w stays in L2 while
- *    the panels of x pass through.
+ *  rows path (M > FEW_ROWS): the micro-kernel (tiles.h) on packed panels of
+ *    x and w, as BLIS does (below).
  *  few rows (decoding, a sentence of a few tokens): dot products along K,
  *    DR rows by DF features at a time in DR*DF vector accumulators, each
  *    reduced once; w is read once, at memory speed.
@@ -31,9 +27,10 @@
 #include "simd.h"
 #include "tiles.h"
 
-/* M at or below which the dot-product path runs: below NR/2 rows a panel of
- * the rows path is more than half padding. */
-enum { FEW_ROWS = NR / 2 > 4 ? NR / 2 : 4 };
+/* M at or below which the dot-product path runs. Where the two cross, M
+ * from 32 to 48, was measured on one AVX-512 core (K, N = 384, 1152 and
+ * 1536, 384): the rows path packs each panel of w for at most M rows. */
+enum { FEW_ROWS = 40 };
 /* the few-rows path's register block, and the features a task takes */
 enum { DR = 4, DF = 4, FEW_FEATURES = 64 };
 
@@ -122,88 +119,93 @@ static void few_rows(real* out, const real* x, int64_t x_row, const real* w, con
 }
 
 /* ---------------------------------------------------------------------------
- * The rows path
- *
- * A task is a group of up to PG panels of NR rows against a chunk of up to
- * FCHUNK features. It transposes its panels of x into the workspace once, then
- * walks w's rows MR at a time, each met by every panel of the group while it
- * is in L1. Per task: PG*NR*K reals packed for PG*NR*FCHUNK*K multiply-adds.
+ * The rows path, BLIS's way round: C (MR rows, NR features) = xp (MR, K) @
+ * wp (K, NR), with xp a micro-panel of the task's rows of x (MR of them,
+ * interleaved along K) and wp NR of w's rows transposed, both packed into the
+ * workspace by the task. A task is a group of up to RG rows against a chunk
+ * of up to FCHUNK features: it packs its rows once, then each panel of w,
+ * KC of K at a time (KC * NR reals, 32 KB, stay in L1), which every
+ * micro-panel of rows then meets. Per task RG*K + FCHUNK*K reals are packed
+ * for RG*FCHUNK*K multiply-adds. The blocks of K are summed in order, so the
+ * order of every sum is fixed by the shape.
  */
-enum { FCHUNK = 32 * MR, PANELS_BYTES = 256 * 1024, PG_MAX = 4 };
+enum { FCHUNK = 16 * NR, RG = 32 * MR, KC = 8192 / NR, LDC = FCHUNK + 64 / (int)sizeof(real) };
 
 typedef struct {
-    real* xt; /* (PG, K, NR): each panel's rows of x, transposed; rows past M are 0 */
-    real* ct; /* (MR, NR): one tile of out^T                                        */
+    real* xp; /* (RG/MR, KC, MR): KC columns of the task's rows, MR rows at a time */
+    real* wp; /* (KC, NR): KC columns of NR of w's rows, transposed; features past N are 0 */
+    real* ct; /* (RG, LDC): the task's sums, FCHUNK wide, a cache line of padding   */
     void* block;
 } workspace;
 
-/* panels per group: as many as keep PANELS_BYTES of transposed x */
-static int64_t panel_group(int64_t K)
+static int workspace_alloc(workspace* ws)
 {
-    const int64_t fit = PANELS_BYTES / (K * NR * (int64_t)sizeof(real));
-    return fit < 1 ? 1 : fit > PG_MAX ? PG_MAX : fit;
-}
-
-static int workspace_alloc(workspace* ws, int64_t K, int64_t pg)
-{
-    const int64_t xt_bytes = round_up(pg * K * NR * (int64_t)sizeof(real), 64);
-    const int64_t ct_bytes = round_up(MR * NR * (int64_t)sizeof(real), 64);
-    if (posix_memalign(&ws->block, 64, (size_t)(xt_bytes + ct_bytes)) != 0) return -1;
-    ws->xt = (real*)ws->block;
-    ws->ct = (real*)((char*)ws->block + xt_bytes);
+    const int64_t xp_bytes = round_up(RG * KC * (int64_t)sizeof(real), 64);
+    const int64_t wp_bytes = round_up(KC * NR * (int64_t)sizeof(real), 64);
+    const int64_t ct_bytes = round_up(RG * LDC * (int64_t)sizeof(real), 64);
+    if (posix_memalign(&ws->block, 64, (size_t)(xp_bytes + wp_bytes + ct_bytes)) != 0) return -1;
+    ws->xp = (real*)ws->block;
+    ws->wp = (real*)((char*)ws->block + xp_bytes);
+    ws->ct = (real*)((char*)ws->block + xp_bytes + wp_bytes);
     return 0;
 }
 
-/* xt (K, NR) = rows [m0, m0 + rows) of x, transposed, zero past rows; read
- * a row at a time (contiguous), written down a column */
-static void transpose_panel(real* xt, const real* x, int64_t x_row, int64_t K, int64_t m0, int64_t rows)
+/* dst (K, width) = K columns of rows [first, first + count) of src (rows at
+ * src_row), transposed; columns past count are 0. Each source row is read
+ * straight through; the writes go down a column. */
+static void pack_transposed(real* dst, int64_t width, const real* src, int64_t src_row, int64_t K,
+                            int64_t first, int64_t count)
 {
-    for (int64_t j = 0; j < NR; j++) {
-        if (j < rows) {
-            const real* xr = x + (m0 + j) * x_row;
-            for (int64_t k = 0; k < K; k++) xt[k * NR + j] = xr[k];
+    for (int64_t j = 0; j < width; j++) {
+        if (j < count) {
+            const real* row = src + (first + j) * src_row;
+            for (int64_t k = 0; k < K; k++) dst[k * width + j] = row[k];
         } else {
-            for (int64_t k = 0; k < K; k++) xt[k * NR + j] = 0;
+            for (int64_t k = 0; k < K; k++) dst[k * width + j] = 0;
         }
     }
 }
 
-/* features [n0, n1) of rows [m0, m1) */
+/* alpha for the micro-kernel: C = 1 * C + A @ B adds a block of K to C */
+static const real ONES[12] = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
+_Static_assert(MR <= 12, "ONES needs MR ones");
+
+/* features [n0, n1) of rows [m0, m1), KC of K at a time: the block of
+ * rows (RG x KC) is packed once into L2 and each panel of w (KC x NR) into
+ * L1, where every micro-panel of the rows meets it. The sums build up in
+ * ct, whose rows are LDC apart: out's rows may be a multiple of 4 KB apart,
+ * and MR rows of C there would all fall in one set of L1. The epilogue
+ * writes out from ct. */
 static void rows_task(const workspace* ws, real* out, const real* x, int64_t x_row, const real* w,
                       const real* bias, int64_t N, int64_t K, int kind, int64_t n0, int64_t n1,
                       int64_t m0, int64_t m1)
 {
-    const int64_t panels = (m1 - m0 + NR - 1) / NR;
-    for (int64_t p = 0; p < panels; p++)
-        transpose_panel(ws->xt + p * K * NR, x, x_row, K, m0 + p * NR, min_i64(NR, m1 - m0 - p * NR));
-    for (int64_t n = n0; n < n1; n += MR) {
-        const int64_t mr = min_i64(MR, n1 - n);
-        for (int64_t p = 0; p < panels; p++) {
-            const int64_t first = m0 + p * NR, rows = min_i64(NR, m1 - first);
-            micro_kernel(ws->ct, NR, w + n * K, K, 1, ws->xt + p * K * NR, NR, K, mr, NULL);
-            for (int64_t j = 0; j < rows; j++) {
-                real* orow = out + (first + j) * N + n;
-                for (int64_t i = 0; i < mr; i++) orow[i] = ws->ct[i * NR + j];
-            }
+    for (int64_t k0 = 0; k0 < K; k0 += KC) {
+        const int64_t kc = min_i64(KC, K - k0);
+        for (int64_t r = m0; r < m1; r += MR)
+            pack_transposed(ws->xp + (r - m0) * kc, MR, x + k0, x_row, kc, r, min_i64(MR, m1 - r));
+        for (int64_t n = n0; n < n1; n += NR) {
+            pack_transposed(ws->wp, NR, w + k0, K, kc, n, min_i64(NR, n1 - n));
+            for (int64_t r = m0; r < m1; r += MR)
+                micro_kernel(ws->ct + (r - m0) * LDC + (n - n0), LDC, ws->xp + (r - m0) * kc, 1, MR,
+                             ws->wp, NR, kc, min_i64(MR, m1 - r), k0 ? ONES : NULL);
         }
     }
-    if (bias || kind != ATTNKIT_IDENTITY)
-        for (int64_t m = m0; m < m1; m++)
-            KERNEL(activation_run)(out + m * N + n0, out + m * N + n0, bias ? bias + n0 : NULL, n1 - n0, kind);
+    for (int64_t m = m0; m < m1; m++)
+        KERNEL(activation_run)(out + m * N + n0, ws->ct + (m - m0) * LDC, bias ? bias + n0 : NULL, n1 - n0, kind);
 }
 
 static int rows_path(real* out, const real* x, int64_t x_row, const real* w, const real* bias,
                      int64_t M, int64_t N, int64_t K, int kind)
 {
-    const int64_t pg = panel_group(K), group_rows = pg * NR;
-    const int64_t groups = (M + group_rows - 1) / group_rows, chunks = (N + FCHUNK - 1) / FCHUNK;
+    const int64_t groups = (M + RG - 1) / RG, chunks = (N + FCHUNK - 1) / FCHUNK;
     const int64_t tasks = groups * chunks;
-    const int threads = attnkit_plan_threads(tasks, group_rows * FCHUNK * K);
+    const int threads = attnkit_plan_threads(tasks, RG * FCHUNK * K);
     int failed = 0;
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
         workspace ws;
-        const int ok = workspace_alloc(&ws, K, pg) == 0;
+        const int ok = workspace_alloc(&ws) == 0;
         if (!ok) {
 #pragma omp atomic write
             failed = 1;
@@ -213,7 +215,7 @@ static int rows_path(real* out, const real* x, int64_t x_row, const real* w, con
             if (!ok) continue;
             const int64_t g = t / chunks, c = t % chunks;
             rows_task(&ws, out, x, x_row, w, bias, N, K, kind, c * FCHUNK, min_i64(N, (c + 1) * FCHUNK),
-                      g * group_rows, min_i64(M, (g + 1) * group_rows));
+                      g * RG, min_i64(M, (g + 1) * RG));
         }
         if (ok) free(ws.block);
     }

@@ -13,8 +13,8 @@ from attnkit import functional as F
 from accuracy import assert_accurate, assert_nonfinite_match, torch_or_skip
 
 DTYPES = [np.float32, np.float64]
-# 1..16 take the few-rows path on every ISA; 17 and up the rows path on most
-ROWS = [1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 47, 100, 129, 257]
+# up to 40 rows take the few-rows path, more the rows path (csrc/gemm.c)
+ROWS = [1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 33, 40, 41, 47, 100, 257, 400]
 SHAPES = [(1, 1), (7, 13), (16, 16), (59, 113), (384, 97), (1031, 40)]   # (K, N)
 ACTIVATIONS = [None, "relu", "gelu", "gelu_tanh", "silu"]
 
@@ -63,7 +63,7 @@ def test_every_shape_matches_the_reference(simd, dtype, M, K, N, rng):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-@pytest.mark.parametrize("M", [3, 40])
+@pytest.mark.parametrize("M", [3, 60])
 @pytest.mark.parametrize("bias", [True, False])
 def test_activation_in_the_epilogue(simd, dtype, activation, M, bias, rng):
     x, w, b = operands(rng, M, 67, 45, dtype)
@@ -78,7 +78,7 @@ def test_activation_in_the_epilogue(simd, dtype, activation, M, bias, rng):
     np.testing.assert_array_equal(y, unfused)
 
 
-@pytest.mark.parametrize("M", [1, 5, 16, 17, 100, 300])
+@pytest.mark.parametrize("M", [1, 5, 40, 41, 100, 500])
 def test_bitwise_identical_at_any_thread_count(simd, M, rng):
     x, w, b = operands(rng, M, 200, 700, np.float32)
     results = []
@@ -89,25 +89,25 @@ def test_bitwise_identical_at_any_thread_count(simd, M, rng):
         np.testing.assert_array_equal(other, results[0])
 
 
-def test_leading_dimensions_and_layouts(rng):
-    x, w, b = operands(rng, 24, 33, 10, np.float32)
+@pytest.mark.parametrize("M", [24, 96])      # the few-rows path, the rows path
+def test_leading_dimensions_and_layouts(M, rng):
+    x, w, b = operands(rng, M, 33, 10, np.float32)
     expected = F.linear(x, w, b)
-    x3 = x.reshape(2, 3, 4, 33)
-    np.testing.assert_array_equal(F.linear(x3, w, b), expected.reshape(2, 3, 4, 10))
-    # a 1-d input is one row: the few-rows path, which sums in another order
+    x4 = x.reshape(2, 3, M // 6, 33)
+    np.testing.assert_array_equal(F.linear(x4, w, b), expected.reshape(2, 3, M // 6, 10))
+    # a 1-d input is one row: the few-rows path, which may sum in another order
     np.testing.assert_allclose(F.linear(x[5], w, b), expected[5], rtol=1e-6, atol=1e-6)
-    wide = np.zeros((48, 33), np.float32)
+    wide = np.zeros((2 * M, 33), np.float32)
     wide[::2] = x
     np.testing.assert_array_equal(F.linear(wide[::2], w, b), expected)                 # rows apart
     np.testing.assert_array_equal(F.linear(x[::-1], w, b), expected[::-1])             # reversed rows
     np.testing.assert_array_equal(F.linear(np.asfortranarray(x), np.asfortranarray(w), b), expected)
-    np.testing.assert_array_equal(F.linear(np.asfortranarray(x3.T).T, w, b), expected.reshape(2, 3, 4, 10))
-    col = np.zeros((24, 66), np.float32)
+    np.testing.assert_array_equal(F.linear(np.asfortranarray(x4.T).T, w, b), expected.reshape(x4.shape[:-1] + (10,)))
+    col = np.zeros((M, 66), np.float32)
     col[:, ::2] = x                                                                    # strided features
     np.testing.assert_array_equal(F.linear(col[:, ::2], w, b), expected)
-    for name, shape in (("broadcast rows", (24, 33)),):
-        view = np.broadcast_to(x[:1], shape)
-        np.testing.assert_array_equal(F.linear(view, w, b), np.broadcast_to(expected[:1], (24, 10)))
+    view = np.broadcast_to(x[:1], (M, 33))                                             # one row, M times
+    np.testing.assert_array_equal(F.linear(view, w, b), np.broadcast_to(F.linear(view.copy(), w, b)[:1], (M, 10)))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -141,7 +141,7 @@ def test_non_finite_values_propagate_as_in_numpy(M, rng):
 def test_a_weight_edited_in_place_is_seen_by_the_next_call(rng):
     """Nothing is cached from the weight: in-place edits, as users and
     optimisers make them, take effect at once."""
-    for M in (2, 50):
+    for M in (2, 60):
         lin = nn.Linear(16, 8, rng=rng)
         x = rng.standard_normal((M, 16)).astype(np.float32)
         lin(x)
@@ -166,7 +166,7 @@ def test_threads_follow_set_num_threads(rng):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("M", [1, 9, 70])
+@pytest.mark.parametrize("M", [1, 9, 70, 400])
 def test_matches_pytorch(dtype, M, rng):
     torch = torch_or_skip()
     x, w, b = operands(rng, M, 96, 50, dtype)
