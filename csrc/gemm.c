@@ -27,12 +27,14 @@
 #include "simd.h"
 #include "tiles.h"
 
-/* M at or below which the dot-product path runs. Where the two cross, M
- * from 32 to 48, was measured on one AVX-512 core (K, N = 384, 1152 and
- * 1536, 384): the rows path packs each panel of w for at most M rows. */
-enum { FEW_ROWS = 40 };
+/* M at or below which the dot-product path runs; where the two paths
+ * crossed, measured on one AVX-512 core (K, N = 384, 1152 and 1536, 384). */
+enum { FEW_ROWS = 24 };
 /* the few-rows path's register block, and the features a task takes */
 enum { DR = 4, DF = 4, FEW_FEATURES = 64 };
+/* both paths sum K in blocks of KC (a multiple of every VLEN); the rows
+ * path's panel of x, KC x NR, stays in L1 */
+enum { KC = 256 };
 
 /* ---------------------------------------------------------------------------
  * The few-rows path
@@ -40,7 +42,9 @@ enum { DR = 4, DF = 4, FEW_FEATURES = 64 };
 
 /* out[m][n] = x[m] . w[n] for dr rows from m0 and df features from n0; rows
  * and features past dr, df repeat the last one and are not stored, so each
- * (dr, df) is one fully unrolled body. */
+ * (dr, df) is one fully unrolled body. Each block of KC along K is summed on
+ * its own and then added to the total, as the rows path sums: a long dot
+ * product then rounds like one of KC terms plus one of K / KC. */
 AK_INLINE void dot_block(real* out, int64_t N, const real* x, int64_t x_row, const real* w,
                          int64_t K, int64_t m0, int64_t n0, int dr, int df)
 {
@@ -51,35 +55,47 @@ AK_INLINE void dot_block(real* out, int64_t N, const real* x, int64_t x_row, con
     for (int i = 0; i < DR; i++) xr[i] = x + (m0 + (i < dr ? i : dr - 1)) * x_row;
 #pragma GCC unroll 4
     for (int j = 0; j < DF; j++) wr[j] = w + (n0 + (j < df ? j : df - 1)) * K;
+    vreal total[DR][DF];
 #pragma GCC unroll 4
     for (int i = 0; i < DR; i++)
 #pragma GCC unroll 4
-        for (int j = 0; j < DF; j++) acc[i][j] = v_set1(0);
-    int64_t k = 0;
-    for (; k + VLEN <= K; k += VLEN) {
-        vreal wv[DF];
+        for (int j = 0; j < DF; j++) total[i][j] = v_set1(0);
+    for (int64_t k = 0; k < K;) {
+        const int64_t k_end = min_i64(K, k + KC);
 #pragma GCC unroll 4
-        for (int j = 0; j < DF; j++) wv[j] = v_load(wr[j] + k);
+        for (int i = 0; i < DR; i++)
 #pragma GCC unroll 4
-        for (int i = 0; i < DR; i++) {
-            const vreal xv = v_load(xr[i] + k);
+            for (int j = 0; j < DF; j++) acc[i][j] = v_set1(0);
+        for (; k + VLEN <= k_end; k += VLEN) {
+            vreal wv[DF];
 #pragma GCC unroll 4
-            for (int j = 0; j < DF; j++) acc[i][j] = v_fma(xv, wv[j], acc[i][j]);
+            for (int j = 0; j < DF; j++) wv[j] = v_load(wr[j] + k);
+#pragma GCC unroll 4
+            for (int i = 0; i < DR; i++) {
+                const vreal xv = v_load(xr[i] + k);
+#pragma GCC unroll 4
+                for (int j = 0; j < DF; j++) acc[i][j] = v_fma(xv, wv[j], acc[i][j]);
+            }
         }
-    }
-    if (k < K) { /* the last K % VLEN, zero-filled */
-        vreal wv[DF];
+        if (k < k_end) { /* the last K % VLEN, zero-filled */
+            vreal wv[DF];
 #pragma GCC unroll 4
-        for (int j = 0; j < DF; j++) wv[j] = v_load_part(wr[j] + k, K - k, 0);
+            for (int j = 0; j < DF; j++) wv[j] = v_load_part(wr[j] + k, k_end - k, 0);
 #pragma GCC unroll 4
-        for (int i = 0; i < DR; i++) {
-            const vreal xv = v_load_part(xr[i] + k, K - k, 0);
+            for (int i = 0; i < DR; i++) {
+                const vreal xv = v_load_part(xr[i] + k, k_end - k, 0);
 #pragma GCC unroll 4
-            for (int j = 0; j < DF; j++) acc[i][j] = v_fma(xv, wv[j], acc[i][j]);
+                for (int j = 0; j < DF; j++) acc[i][j] = v_fma(xv, wv[j], acc[i][j]);
+            }
+            k = k_end;
         }
+#pragma GCC unroll 4
+        for (int i = 0; i < DR; i++)
+#pragma GCC unroll 4
+            for (int j = 0; j < DF; j++) total[i][j] = v_add(total[i][j], acc[i][j]);
     }
     for (int i = 0; i < dr; i++)
-        for (int j = 0; j < df; j++) out[(m0 + i) * N + n0 + j] = (real)v_reduce_add(acc[i][j]);
+        for (int j = 0; j < df; j++) out[(m0 + i) * N + n0 + j] = (real)v_reduce_add(total[i][j]);
 }
 
 /* features [n0, n1) of every row */
@@ -119,49 +135,53 @@ static void few_rows(real* out, const real* x, int64_t x_row, const real* w, con
 }
 
 /* ---------------------------------------------------------------------------
- * The rows path, BLIS's way round: C (MR rows, NR features) = xp (MR, K) @
- * wp (K, NR), with xp a micro-panel of the task's rows of x (MR of them,
- * interleaved along K) and wp NR of w's rows transposed, both packed into the
- * workspace by the task. A task is a group of up to RG rows against a chunk
- * of up to FCHUNK features: it packs its rows once, then each panel of w,
- * KC of K at a time (KC * NR reals, 32 KB, stay in L1), which every
- * micro-panel of rows then meets. Per task RG*K + FCHUNK*K reals are packed
- * for RG*FCHUNK*K multiply-adds. The blocks of K are summed in order, so the
- * order of every sum is fixed by the shape.
+ * The rows path: tiles of out^T, C (MR features, NR rows) = w (MR, K) @
+ * xt (K, NR). The micro-kernel broadcasts w's elements from its rows in place
+ * (nothing of w is packed: reading it costs what packing it would) and takes
+ * xt, NR of the task's rows of x transposed, from the workspace.
+ *
+ * A task is a group of up to RG rows against a chunk of up to FCHUNK
+ * features, KC of K at a time: it transposes its rows' KC columns into xt
+ * (RG x KC, in L2), then walks w's rows MR at a time (MR x KC, in L1 while
+ * every panel of the rows meets them). The sums build up in ct (features
+ * down, rows across), each block of K added in order, so the order of every
+ * sum is fixed by the shape; the epilogue turns ct's columns into out's rows.
+ * Per task: RG*K reals transposed and RG*FCHUNK turned back, for
+ * RG*FCHUNK*K multiply-adds.
  */
-enum { FCHUNK = 16 * NR, RG = 32 * MR, KC = 8192 / NR, LDC = FCHUNK + 64 / (int)sizeof(real) };
+enum { FCHUNK = 40 * MR, RG = 12 * NR, LDT = RG + 64 / (int)sizeof(real) };
 
 typedef struct {
-    real* xp; /* (RG/MR, KC, MR): KC columns of the task's rows, MR rows at a time */
-    real* wp; /* (KC, NR): KC columns of NR of w's rows, transposed; features past N are 0 */
-    real* ct; /* (RG, LDC): the task's sums, FCHUNK wide, a cache line of padding   */
+    real* xt;  /* (RG/NR, KC, NR): KC columns of the task's rows, NR rows a panel   */
+    real* ct;  /* (FCHUNK, LDT): the task's sums, out^T, a cache line of padding    */
+    real* row; /* (FCHUNK): one row of out before the epilogue                     */
     void* block;
 } workspace;
 
 static int workspace_alloc(workspace* ws)
 {
-    const int64_t xp_bytes = round_up(RG * KC * (int64_t)sizeof(real), 64);
-    const int64_t wp_bytes = round_up(KC * NR * (int64_t)sizeof(real), 64);
-    const int64_t ct_bytes = round_up(RG * LDC * (int64_t)sizeof(real), 64);
-    if (posix_memalign(&ws->block, 64, (size_t)(xp_bytes + wp_bytes + ct_bytes)) != 0) return -1;
-    ws->xp = (real*)ws->block;
-    ws->wp = (real*)((char*)ws->block + xp_bytes);
-    ws->ct = (real*)((char*)ws->block + xp_bytes + wp_bytes);
+    const int64_t xt_bytes = round_up(RG * KC * (int64_t)sizeof(real), 64);
+    const int64_t ct_bytes = round_up(FCHUNK * LDT * (int64_t)sizeof(real), 64);
+    const int64_t row_bytes = round_up(FCHUNK * (int64_t)sizeof(real), 64);
+    if (posix_memalign(&ws->block, 64, (size_t)(xt_bytes + ct_bytes + row_bytes)) != 0) return -1;
+    ws->xt = (real*)ws->block;
+    ws->ct = (real*)((char*)ws->block + xt_bytes);
+    ws->row = (real*)((char*)ws->block + xt_bytes + ct_bytes);
     return 0;
 }
 
-/* dst (K, width) = K columns of rows [first, first + count) of src (rows at
+/* dst (K, NR) = K columns of rows [first, first + count) of src (rows at
  * src_row), transposed; columns past count are 0. Each source row is read
  * straight through; the writes go down a column. */
-static void pack_transposed(real* dst, int64_t width, const real* src, int64_t src_row, int64_t K,
-                            int64_t first, int64_t count)
+static void transpose_panel(real* dst, const real* src, int64_t src_row, int64_t K, int64_t first,
+                            int64_t count)
 {
-    for (int64_t j = 0; j < width; j++) {
+    for (int64_t j = 0; j < NR; j++) {
         if (j < count) {
             const real* row = src + (first + j) * src_row;
-            for (int64_t k = 0; k < K; k++) dst[k * width + j] = row[k];
+            for (int64_t k = 0; k < K; k++) dst[k * NR + j] = row[k];
         } else {
-            for (int64_t k = 0; k < K; k++) dst[k * width + j] = 0;
+            for (int64_t k = 0; k < K; k++) dst[k * NR + j] = 0;
         }
     }
 }
@@ -170,29 +190,27 @@ static void pack_transposed(real* dst, int64_t width, const real* src, int64_t s
 static const real ONES[12] = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
 _Static_assert(MR <= 12, "ONES needs MR ones");
 
-/* features [n0, n1) of rows [m0, m1), KC of K at a time: the block of
- * rows (RG x KC) is packed once into L2 and each panel of w (KC x NR) into
- * L1, where every micro-panel of the rows meets it. The sums build up in
- * ct, whose rows are LDC apart: out's rows may be a multiple of 4 KB apart,
- * and MR rows of C there would all fall in one set of L1. The epilogue
- * writes out from ct. */
+/* features [n0, n1) of rows [m0, m1) */
 static void rows_task(const workspace* ws, real* out, const real* x, int64_t x_row, const real* w,
                       const real* bias, int64_t N, int64_t K, int kind, int64_t n0, int64_t n1,
                       int64_t m0, int64_t m1)
 {
+    const int64_t panels = (m1 - m0 + NR - 1) / NR;
     for (int64_t k0 = 0; k0 < K; k0 += KC) {
         const int64_t kc = min_i64(KC, K - k0);
-        for (int64_t r = m0; r < m1; r += MR)
-            pack_transposed(ws->xp + (r - m0) * kc, MR, x + k0, x_row, kc, r, min_i64(MR, m1 - r));
-        for (int64_t n = n0; n < n1; n += NR) {
-            pack_transposed(ws->wp, NR, w + k0, K, kc, n, min_i64(NR, n1 - n));
-            for (int64_t r = m0; r < m1; r += MR)
-                micro_kernel(ws->ct + (r - m0) * LDC + (n - n0), LDC, ws->xp + (r - m0) * kc, 1, MR,
-                             ws->wp, NR, kc, min_i64(MR, m1 - r), k0 ? ONES : NULL);
-        }
+        for (int64_t p = 0; p < panels; p++)
+            transpose_panel(ws->xt + p * kc * NR, x + k0, x_row, kc, m0 + p * NR,
+                            min_i64(NR, m1 - m0 - p * NR));
+        for (int64_t n = n0; n < n1; n += MR)
+            for (int64_t p = 0; p < panels; p++)
+                micro_kernel(ws->ct + (n - n0) * LDT + p * NR, LDT, w + n * K + k0, K, 1,
+                             ws->xt + p * kc * NR, NR, kc, min_i64(MR, n1 - n), k0 ? ONES : NULL);
     }
-    for (int64_t m = m0; m < m1; m++)
-        KERNEL(activation_run)(out + m * N + n0, ws->ct + (m - m0) * LDC, bias ? bias + n0 : NULL, n1 - n0, kind);
+    for (int64_t m = m0; m < m1; m++) {
+        const real* column = ws->ct + (m - m0);
+        for (int64_t i = 0; i < n1 - n0; i++) ws->row[i] = column[i * LDT];
+        KERNEL(activation_run)(out + m * N + n0, ws->row, bias ? bias + n0 : NULL, n1 - n0, kind);
+    }
 }
 
 static int rows_path(real* out, const real* x, int64_t x_row, const real* w, const real* bias,
