@@ -26,11 +26,12 @@ Needs: pip install torch==2.13.0 sentence-transformers tokenizers safetensors
 """
 import argparse
 import importlib.metadata
-import json
 import os
 import statistics
 import subprocess
 import sys
+
+from worker import run_worker
 
 CASES = [(1, 16), (32, 128)]  # (sentences per batch, tokens per sentence)
 
@@ -80,12 +81,7 @@ print(json.dumps(statistics.median(timeit.repeat(call, number=n, repeat=5)) / n)
 
 
 def measure(contender, threads, batch, tokens):
-    env = dict(os.environ, OPENBLAS_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
-    args = [sys.executable, "-c", WORKER, contender, str(threads), str(batch), str(tokens)]
-    out = subprocess.run(args, env=env, capture_output=True, text=True)
-    if out.returncode:
-        sys.exit(f"the {contender} worker failed:\n{out.stderr}")
-    return json.loads(out.stdout)
+    return run_worker(WORKER, threads, contender, threads, batch, tokens)
 
 
 def throughput_table(threads, rounds, numpy_first=False, cases=CASES):

@@ -14,11 +14,9 @@ median over rounds of each process's median time per call and the ratios
 (above 1: attnkit is faster).
 """
 import argparse
-import json
-import os
 import statistics
-import subprocess
-import sys
+
+from worker import run_worker
 
 ROWS = [1, 16, 128, 4096]
 SHAPES = [(384, 1152), (384, 1536), (1536, 384), (768, 3072)]       # (K, N)
@@ -51,10 +49,7 @@ print(json.dumps(statistics.median(timeit.repeat(call, number=n, repeat=7)) / n)
 
 
 def measure(contender, threads, M, K, N):
-    env = dict(os.environ, OPENBLAS_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
-    args = [sys.executable, "-c", WORKER, contender, str(threads), str(M), str(K), str(N)]
-    out = subprocess.run(args, env=env, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout)
+    return run_worker(WORKER, threads, contender, threads, M, K, N)
 
 
 def main(argv=None):

@@ -19,11 +19,10 @@ median over rounds of each process's median time per call, and the ratio
 attnkit / torch (below 1: attnkit is faster).
 """
 import argparse
-import json
-import os
 import statistics
-import subprocess
 import sys
+
+from worker import run_worker
 
 GROUPS = [(1, 128, 384, 12), (8, 128, 768, 12), (1, 1024, 512, 8)]  # (B, L, E, H)
 
@@ -59,10 +58,7 @@ print(json.dumps(statistics.median(timeit.repeat(call, number=n, repeat=7)) / n)
 
 
 def measure(contender, threads, group, need):
-    env = dict(os.environ, OPENBLAS_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
-    args = [sys.executable, "-c", WORKER, contender, str(threads), *map(str, group), "1" if need else "0"]
-    out = subprocess.run(args, env=env, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout)
+    return run_worker(WORKER, threads, contender, threads, *group, "1" if need else "0")
 
 
 def main(argv=None):
