@@ -14,8 +14,11 @@ from accuracy import assert_accurate, assert_nonfinite_match, torch_or_skip
 
 DTYPES = [np.float32, np.float64]
 # up to 24 rows take the few-rows path, more the rows path (csrc/gemm.c)
-ROWS = [1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 24, 25, 33, 47, 100, 257, 400, 800]
-SHAPES = [(1, 1), (7, 13), (16, 16), (59, 113), (384, 97), (1031, 40)]   # (K, N)
+ROWS = [1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 24, 25, 33, 47, 100, 257]
+# (K, N): K past one block of 256 (1031: four and a tail); N past one MR or
+# NR panel and not a multiple of either. Kept small: the suite also runs
+# under the sanitizers with AVX-512 emulated, a hundred times slower.
+SHAPES = [(1, 1), (7, 13), (16, 16), (59, 113), (384, 29), (1031, 9)]
 ACTIVATIONS = [None, "relu", "gelu", "gelu_tanh", "silu"]
 
 
@@ -78,9 +81,10 @@ def test_activation_in_the_epilogue(simd, dtype, activation, M, bias, rng):
     np.testing.assert_array_equal(y, unfused)
 
 
-@pytest.mark.parametrize("M", [1, 5, 24, 25, 100, 500])
+@pytest.mark.parametrize("M", [1, 5, 24, 25, 100, 400])
 def test_bitwise_identical_at_any_thread_count(simd, M, rng):
-    x, w, b = operands(rng, M, 200, 700, np.float32)
+    # N 500: two chunks of features; M 400: two groups of rows (csrc/gemm.c)
+    x, w, b = operands(rng, M, 40, 500, np.float32)
     results = []
     for threads in (1, 2, 3):
         with thread_count(threads):
@@ -155,11 +159,11 @@ def test_a_weight_edited_in_place_is_seen_by_the_next_call(rng):
 def test_threads_follow_set_num_threads(rng):
     """The product runs on attnkit's threads: with one thread, the process's
     CPU time stays near its wall time."""
-    x, w, b = operands(rng, 512, 384, 1152, np.float32)
+    x, w, b = operands(rng, 256, 384, 384, np.float32)
     with thread_count(1):
         F.linear(x, w, b)
         wall, cpu = time.perf_counter(), time.process_time()
-        for _ in range(5):
+        for _ in range(20):
             F.linear(x, w, b)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     assert cpu < 1.5 * wall + 0.01, (cpu, wall)
