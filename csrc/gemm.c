@@ -8,15 +8,14 @@
  * attnkit.h; simd.h says which ISA and precision.
  *
  * w is read in place, in PyTorch's (out_features, in_features) layout, and
- * never cached: a weight edited in place (lin.weight[:] = w, an optimiser's
- * step) is what the next call sees, with no packed copy to go stale. The
- * rows path packs what it needs of w into each task's workspace as it goes.
+ * never cached or packed: a weight edited in place (lin.weight[:] = w, an
+ * optimiser's step) is what the next call sees, with no copy to go stale.
  *
  * Two paths, chosen by M alone, so that no result depends on the number of
  * threads (each output element is summed by one thread, in one order):
  *
- *  rows path (M > FEW_ROWS): the micro-kernel (tiles.h) on packed panels of
- *    x and w, as BLIS does (below).
+ *  rows path (M > FEW_ROWS): the micro-kernel (tiles.h) on tiles of out^T,
+ *    w's rows broadcast in place and x's rows transposed per task (below).
  *  few rows (decoding, a sentence of a few tokens): dot products along K,
  *    DR rows by DF features at a time in DR*DF vector accumulators, each
  *    reduced once; w is read once, at memory speed.
