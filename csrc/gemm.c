@@ -148,20 +148,25 @@ static void few_rows(real* out, const real* x, int64_t x_row, const real* w, con
  * Per task: RG*K reals transposed and RG*FCHUNK turned back, for
  * RG*FCHUNK*K multiply-adds.
  */
-enum { FCHUNK = 40 * MR, RG = 12 * NR, LDT = RG + 64 / (int)sizeof(real) };
+enum { FCHUNK = 40 * MR, RG = 12 * NR };
 
 typedef struct {
     real* xt;  /* (RG/NR, KC, NR): KC columns of the task's rows, NR rows a panel   */
-    real* ct;  /* (FCHUNK, LDT): the task's sums, out^T, a cache line of padding    */
+    real* ct;  /* (fc, ldt): the task's sums, out^T; ldt = rg and a cache line  */
     real* row; /* (FCHUNK): one row of out before the epilogue                     */
+    int64_t ldt;
     void* block;
 } workspace;
 
-static int workspace_alloc(workspace* ws)
+/* Sized for the call, as attention's workspace is: rg rows (at most RG) by
+ * fc features (at most FCHUNK), so a call of a few dozen rows does not
+ * fault in a megabyte it never touches. */
+static int workspace_alloc(workspace* ws, int64_t rg, int64_t fc)
 {
-    const int64_t xt_bytes = round_up(RG * KC * (int64_t)sizeof(real), 64);
-    const int64_t ct_bytes = round_up(FCHUNK * LDT * (int64_t)sizeof(real), 64);
-    const int64_t row_bytes = round_up(FCHUNK * (int64_t)sizeof(real), 64);
+    ws->ldt = rg + 64 / (int64_t)sizeof(real);
+    const int64_t xt_bytes = round_up(rg * KC * (int64_t)sizeof(real), 64);
+    const int64_t ct_bytes = round_up(fc * ws->ldt * (int64_t)sizeof(real), 64);
+    const int64_t row_bytes = round_up(fc * (int64_t)sizeof(real), 64);
     if (posix_memalign(&ws->block, 64, (size_t)(xt_bytes + ct_bytes + row_bytes)) != 0) return -1;
     ws->xt = (real*)ws->block;
     ws->ct = (real*)((char*)ws->block + xt_bytes);
@@ -202,12 +207,12 @@ static void rows_task(const workspace* ws, real* out, const real* x, int64_t x_r
                             min_i64(NR, m1 - m0 - p * NR));
         for (int64_t n = n0; n < n1; n += MR)
             for (int64_t p = 0; p < panels; p++)
-                micro_kernel(ws->ct + (n - n0) * LDT + p * NR, LDT, w + n * K + k0, K, 1,
+                micro_kernel(ws->ct + (n - n0) * ws->ldt + p * NR, ws->ldt, w + n * K + k0, K, 1,
                              ws->xt + p * kc * NR, NR, kc, min_i64(MR, n1 - n), k0 ? ONES : NULL);
     }
     for (int64_t m = m0; m < m1; m++) {
         const real* column = ws->ct + (m - m0);
-        for (int64_t i = 0; i < n1 - n0; i++) ws->row[i] = column[i * LDT];
+        for (int64_t i = 0; i < n1 - n0; i++) ws->row[i] = column[i * ws->ldt];
         KERNEL(activation_run)(out + m * N + n0, ws->row, bias ? bias + n0 : NULL, n1 - n0, kind);
     }
 }
@@ -222,7 +227,7 @@ static int rows_path(real* out, const real* x, int64_t x_row, const real* w, con
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
         workspace ws;
-        const int ok = workspace_alloc(&ws) == 0;
+        const int ok = workspace_alloc(&ws, min_i64(RG, round_up(M, NR)), min_i64(FCHUNK, round_up(N, MR))) == 0;
         if (!ok) {
 #pragma omp atomic write
             failed = 1;
