@@ -201,19 +201,32 @@ void attnkit_bias_activation_f64(double* out, const double* x, const double* bia
                                  int64_t cols, int kind);
 
 /* ---------------------------------------------------------------------------
- * A linear layer, torch.nn.functional.linear with its tail fused:
+ * A linear layer, torch.nn.functional.linear with its tail fused, and its
+ * backward (llm.c's matmul_forward / matmul_backward):
  *   out (M, N) = f(x (M, K) @ w (N, K)^T + bias (N))
- *   x's rows at x_row (each contiguous), w (N, K) and out (M, N) contiguous,
- *   bias (N) or NULL, f an ATTNKIT_* kind as above. w is read in place (no
- *   packed copy to go stale). Each element is summed by one thread in an
- *   order fixed by (M, N, K), so results do not depend on the thread count.
- *   Returns 0, or -1 when a thread's workspace (K * NR reals) cannot be
- *   allocated.
+ *   dx (M, K) = dy (M, N) @ w;  dw (N, K) += dy^T @ x;  dbias (N) += sum of dy's rows
+ * x's rows at x_row (each contiguous); out, dx and dy contiguous; bias and
+ * dbias (N) or NULL; f an ATTNKIT_* kind as above. w's element (n, k) is
+ * w[n*w_n + k*w_k] with w_k == 1 (PyTorch's layout, rows w_n >= K apart) or
+ * else w_n == 1 (stored transposed, as attnkit.nn keeps a Linear's weight:
+ * w^T's rows w_k >= N apart); dw's layout likewise by dw_n, dw_k. Weights
+ * are read in place, never cached, so an edit in place is what the next call
+ * sees. Backward computes what is not NULL of dx, dw, dbias; dw and dbias
+ * accumulate, as gradients do over micro-batches. Each element is summed by
+ * one thread in an order fixed by the shapes, so results do not depend on
+ * the thread count. Return 0, or -1 when a thread's workspace cannot be
+ * allocated.
  * ------------------------------------------------------------------------- */
 int attnkit_linear_f32(float* out, const float* x, const float* w, const float* bias, int64_t M,
-                       int64_t N, int64_t K, int64_t x_row, int kind);
+                       int64_t N, int64_t K, int64_t x_row, int64_t w_n, int64_t w_k, int kind);
 int attnkit_linear_f64(double* out, const double* x, const double* w, const double* bias, int64_t M,
-                       int64_t N, int64_t K, int64_t x_row, int kind);
+                       int64_t N, int64_t K, int64_t x_row, int64_t w_n, int64_t w_k, int kind);
+int attnkit_linear_backward_f32(float* dx, float* dw, float* dbias, const float* dy, const float* x,
+                                const float* w, int64_t M, int64_t N, int64_t K, int64_t x_row,
+                                int64_t w_n, int64_t w_k, int64_t dw_n, int64_t dw_k);
+int attnkit_linear_backward_f64(double* dx, double* dw, double* dbias, const double* dy,
+                                const double* x, const double* w, int64_t M, int64_t N, int64_t K,
+                                int64_t x_row, int64_t w_n, int64_t w_k, int64_t dw_n, int64_t dw_k);
 
 /* ---------------------------------------------------------------------------
  * Instruction sets. Each kernel is built three times from one source; the

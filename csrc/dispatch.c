@@ -49,9 +49,15 @@
     void attnkit_bias_activation_f64_##isa(double*, const double*, const double*, int64_t,     \
                                            int64_t, int);                                      \
     int attnkit_linear_f32_##isa(float*, const float*, const float*, const float*, int64_t,    \
-                                 int64_t, int64_t, int64_t, int);                              \
+                                 int64_t, int64_t, int64_t, int64_t, int64_t, int);            \
     int attnkit_linear_f64_##isa(double*, const double*, const double*, const double*, int64_t, \
-                                 int64_t, int64_t, int64_t, int);
+                                 int64_t, int64_t, int64_t, int64_t, int64_t, int);            \
+    int attnkit_linear_backward_f32_##isa(float*, float*, float*, const float*, const float*,  \
+                                          const float*, int64_t, int64_t, int64_t, int64_t,    \
+                                          int64_t, int64_t, int64_t, int64_t);                 \
+    int attnkit_linear_backward_f64_##isa(double*, double*, double*, const double*,            \
+                                          const double*, const double*, int64_t, int64_t,      \
+                                          int64_t, int64_t, int64_t, int64_t, int64_t, int64_t);
 DECLARE_KERNELS(scalar)
 DECLARE_KERNELS(avx2)
 DECLARE_KERNELS(avx512)
@@ -75,9 +81,14 @@ typedef struct {
     void (*bias_activation_f32)(float*, const float*, const float*, int64_t, int64_t, int);
     void (*bias_activation_f64)(double*, const double*, const double*, int64_t, int64_t, int);
     int (*linear_f32)(float*, const float*, const float*, const float*, int64_t, int64_t, int64_t,
-                      int64_t, int);
+                      int64_t, int64_t, int64_t, int);
     int (*linear_f64)(double*, const double*, const double*, const double*, int64_t, int64_t,
-                      int64_t, int64_t, int);
+                      int64_t, int64_t, int64_t, int64_t, int);
+    int (*linear_backward_f32)(float*, float*, float*, const float*, const float*, const float*,
+                               int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t);
+    int (*linear_backward_f64)(double*, double*, double*, const double*, const double*,
+                               const double*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+                               int64_t, int64_t);
 } kernel_table;
 
 #define KERNEL_ROW(isa)                                                                        \
@@ -93,7 +104,9 @@ typedef struct {
      attnkit_bias_activation_f32_##isa,                                                        \
      attnkit_bias_activation_f64_##isa,                                                        \
      attnkit_linear_f32_##isa,                                                                 \
-     attnkit_linear_f64_##isa}
+     attnkit_linear_f64_##isa,                                                                 \
+     attnkit_linear_backward_f32_##isa,                                                        \
+     attnkit_linear_backward_f64_##isa}
 
 static const kernel_table tables[ATTNKIT_ISA_COUNT] = {
     KERNEL_ROW(scalar),
@@ -195,14 +208,26 @@ void attnkit_bias_activation_f64(double* out, const double* x, const double* bia
 }
 
 int attnkit_linear_f32(float* out, const float* x, const float* w, const float* bias, int64_t M,
-                       int64_t N, int64_t K, int64_t x_row, int kind)
+                       int64_t N, int64_t K, int64_t x_row, int64_t w_n, int64_t w_k, int kind)
 {
-    return active->linear_f32(out, x, w, bias, M, N, K, x_row, kind);
+    return active->linear_f32(out, x, w, bias, M, N, K, x_row, w_n, w_k, kind);
 }
 int attnkit_linear_f64(double* out, const double* x, const double* w, const double* bias, int64_t M,
-                       int64_t N, int64_t K, int64_t x_row, int kind)
+                       int64_t N, int64_t K, int64_t x_row, int64_t w_n, int64_t w_k, int kind)
 {
-    return active->linear_f64(out, x, w, bias, M, N, K, x_row, kind);
+    return active->linear_f64(out, x, w, bias, M, N, K, x_row, w_n, w_k, kind);
+}
+int attnkit_linear_backward_f32(float* dx, float* dw, float* dbias, const float* dy, const float* x,
+                                const float* w, int64_t M, int64_t N, int64_t K, int64_t x_row,
+                                int64_t w_n, int64_t w_k, int64_t dw_n, int64_t dw_k)
+{
+    return active->linear_backward_f32(dx, dw, dbias, dy, x, w, M, N, K, x_row, w_n, w_k, dw_n, dw_k);
+}
+int attnkit_linear_backward_f64(double* dx, double* dw, double* dbias, const double* dy,
+                                const double* x, const double* w, int64_t M, int64_t N, int64_t K,
+                                int64_t x_row, int64_t w_n, int64_t w_k, int64_t dw_n, int64_t dw_k)
+{
+    return active->linear_backward_f64(dx, dw, dbias, dy, x, w, M, N, K, x_row, w_n, w_k, dw_n, dw_k);
 }
 
 /* ---------------------------------------------------------------------------
@@ -227,14 +252,26 @@ static void on_fork_in_child(void)
     if (team_started) forked_after_team = 1;
 }
 
-void attnkit_set_num_threads(int n) { num_threads = n < 1 ? 1 : n; }
-int attnkit_get_num_threads(void) { return num_threads; }
+/* The count is attnkit's own (so that it holds in every Python thread) and
+ * is also set as OpenMP's for the calling thread, where threadpoolctl reads
+ * and limits it: a kernel uses the smaller of the two. */
+void attnkit_set_num_threads(int n)
+{
+    num_threads = n < 1 ? 1 : n;
+    if (!forked_after_team) omp_set_num_threads(num_threads);
+}
+int attnkit_get_num_threads(void)
+{
+    if (forked_after_team) return num_threads;
+    const int omp = omp_get_max_threads();
+    return omp < num_threads ? omp : num_threads;
+}
 int attnkit_in_forked_child(void) { return forked_after_team; }
 
 int attnkit_plan_threads(int64_t tasks, int64_t work_per_task)
 {
     if (forked_after_team || num_threads <= 1 || tasks <= 1) return 1;
-    int64_t want = num_threads;
+    int64_t want = attnkit_get_num_threads();
     if (work_per_task < 1) work_per_task = 1;
     const int64_t by_work = tasks > INT64_MAX / work_per_task
                                 ? want

@@ -45,7 +45,7 @@ enum { KC = 256 };
  * its own and then added to the total, as the rows path sums: a long dot
  * product then rounds like one of KC terms plus one of K / KC. */
 AK_INLINE void dot_block(real* out, int64_t N, const real* x, int64_t x_row, const real* w,
-                         int64_t K, int64_t m0, int64_t n0, int dr, int df)
+                         int64_t w_row, int64_t K, int64_t m0, int64_t n0, int dr, int df)
 {
     vreal acc[DR][DF];
     const real* xr[DR];
@@ -53,7 +53,7 @@ AK_INLINE void dot_block(real* out, int64_t N, const real* x, int64_t x_row, con
 #pragma GCC unroll 4
     for (int i = 0; i < DR; i++) xr[i] = x + (m0 + (i < dr ? i : dr - 1)) * x_row;
 #pragma GCC unroll 4
-    for (int j = 0; j < DF; j++) wr[j] = w + (n0 + (j < df ? j : df - 1)) * K;
+    for (int j = 0; j < DF; j++) wr[j] = w + (n0 + (j < df ? j : df - 1)) * w_row;
     vreal total[DR][DF];
 #pragma GCC unroll 4
     for (int i = 0; i < DR; i++)
@@ -98,19 +98,19 @@ AK_INLINE void dot_block(real* out, int64_t N, const real* x, int64_t x_row, con
 }
 
 /* features [n0, n1) of every row */
-static void few_rows_task(real* out, const real* x, int64_t x_row, const real* w, const real* bias,
-                          int64_t M, int64_t N, int64_t K, int kind, int64_t n0, int64_t n1)
+static void few_rows_task(real* out, const real* x, int64_t x_row, const real* w, int64_t w_row,
+                          const real* bias, int64_t M, int64_t N, int64_t K, int kind, int64_t n0, int64_t n1)
 {
     for (int64_t n = n0; n < n1; n += DF) {
         const int df = (int)min_i64(DF, n1 - n);
         for (int64_t m = 0; m < M; m += DR) {
             const int dr = (int)min_i64(DR, M - m);
             /* constant (dr, df) in the common cases, so the body unrolls */
-            if (dr == DR && df == DF) dot_block(out, N, x, x_row, w, K, m, n, DR, DF);
-            else if (dr == 1 && df == DF) dot_block(out, N, x, x_row, w, K, m, n, 1, DF);
-            else if (dr == 2 && df == DF) dot_block(out, N, x, x_row, w, K, m, n, 2, DF);
-            else if (dr == 3 && df == DF) dot_block(out, N, x, x_row, w, K, m, n, 3, DF);
-            else dot_block(out, N, x, x_row, w, K, m, n, dr, df);
+            if (dr == DR && df == DF) dot_block(out, N, x, x_row, w, w_row, K, m, n, DR, DF);
+            else if (dr == 1 && df == DF) dot_block(out, N, x, x_row, w, w_row, K, m, n, 1, DF);
+            else if (dr == 2 && df == DF) dot_block(out, N, x, x_row, w, w_row, K, m, n, 2, DF);
+            else if (dr == 3 && df == DF) dot_block(out, N, x, x_row, w, w_row, K, m, n, 3, DF);
+            else dot_block(out, N, x, x_row, w, w_row, K, m, n, dr, df);
         }
     }
     if (bias || kind != ATTNKIT_IDENTITY)
@@ -118,18 +118,18 @@ static void few_rows_task(real* out, const real* x, int64_t x_row, const real* w
             KERNEL(activation_run)(out + m * N + n0, out + m * N + n0, bias ? bias + n0 : NULL, n1 - n0, kind);
 }
 
-static void few_rows(real* out, const real* x, int64_t x_row, const real* w, const real* bias,
-                     int64_t M, int64_t N, int64_t K, int kind)
+static void few_rows(real* out, const real* x, int64_t x_row, const real* w, int64_t w_row,
+                     const real* bias, int64_t M, int64_t N, int64_t K, int kind)
 {
     const int64_t tasks = (N + FEW_FEATURES - 1) / FEW_FEATURES;
     const int threads = attnkit_plan_threads(tasks, FEW_FEATURES * M * K);
     if (threads <= 1) {
-        few_rows_task(out, x, x_row, w, bias, M, N, K, kind, 0, N);
+        few_rows_task(out, x, x_row, w, w_row, bias, M, N, K, kind, 0, N);
         return;
     }
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
     for (int64_t t = 0; t < tasks; t++)
-        few_rows_task(out, x, x_row, w, bias, M, N, K, kind, t * FEW_FEATURES,
+        few_rows_task(out, x, x_row, w, w_row, bias, M, N, K, kind, t * FEW_FEATURES,
                       min_i64(N, (t + 1) * FEW_FEATURES));
 }
 
@@ -196,7 +196,7 @@ _Static_assert(MR <= 12, "ONES needs MR ones");
 
 /* features [n0, n1) of rows [m0, m1) */
 static void rows_task(const workspace* ws, real* out, const real* x, int64_t x_row, const real* w,
-                      const real* bias, int64_t N, int64_t K, int kind, int64_t n0, int64_t n1,
+                      int64_t w_row, const real* bias, int64_t N, int64_t K, int kind, int64_t n0, int64_t n1,
                       int64_t m0, int64_t m1)
 {
     const int64_t panels = (m1 - m0 + NR - 1) / NR;
@@ -207,7 +207,7 @@ static void rows_task(const workspace* ws, real* out, const real* x, int64_t x_r
                             min_i64(NR, m1 - m0 - p * NR));
         for (int64_t n = n0; n < n1; n += MR)
             for (int64_t p = 0; p < panels; p++)
-                micro_kernel(ws->ct + (n - n0) * ws->ldt + p * NR, ws->ldt, w + n * K + k0, K, 1,
+                micro_kernel(ws->ct + (n - n0) * ws->ldt + p * NR, ws->ldt, w + n * w_row + k0, w_row, 1,
                              ws->xt + p * kc * NR, NR, kc, min_i64(MR, n1 - n), k0 ? ONES : NULL);
     }
     for (int64_t m = m0; m < m1; m++) {
@@ -217,7 +217,7 @@ static void rows_task(const workspace* ws, real* out, const real* x, int64_t x_r
     }
 }
 
-static int rows_path(real* out, const real* x, int64_t x_row, const real* w, const real* bias,
+static int rows_path(real* out, const real* x, int64_t x_row, const real* w, int64_t w_row, const real* bias,
                      int64_t M, int64_t N, int64_t K, int kind)
 {
     const int64_t groups = (M + RG - 1) / RG, chunks = (N + FCHUNK - 1) / FCHUNK;
@@ -236,7 +236,7 @@ static int rows_path(real* out, const real* x, int64_t x_row, const real* w, con
         for (int64_t t = 0; t < tasks; t++) {
             if (!ok) continue;
             const int64_t g = t / chunks, c = t % chunks;
-            rows_task(&ws, out, x, x_row, w, bias, N, K, kind, c * FCHUNK, min_i64(N, (c + 1) * FCHUNK),
+            rows_task(&ws, out, x, x_row, w, w_row, bias, N, K, kind, c * FCHUNK, min_i64(N, (c + 1) * FCHUNK),
                       g * RG, min_i64(M, (g + 1) * RG));
         }
         if (ok) free(ws.block);
@@ -244,20 +244,194 @@ static int rows_path(real* out, const real* x, int64_t x_row, const real* w, con
     return failed ? -1 : 0;
 }
 
-int KERNEL(linear)(real* out, const real* x, const real* w, const real* bias, int64_t M, int64_t N,
-                   int64_t K, int64_t x_row, int kind)
+/* ---------------------------------------------------------------------------
+ * The product: C (M, N) = A (M, K) @ B (K, N), or C += A @ B, then
+ * C's rows = f(C's rows + bias) when a bias or an activation is asked for.
+ * A's element (m, k) is a[m*a_row + k*a_k], any strides (x, dy, or dy^T
+ * read in place); B's row k is b + k*ldb, contiguous; C's row m is
+ * c + m*ldc. The linear layer with its weight stored transposed (w^T is
+ * B) and both products of its backward are this.
+ *
+ * BLIS's loop order, without a pass over A: a task (rows [m0, m1) x
+ * features [n0, n1)) copies B's KC x NR micro-panels into its workspace
+ * (contiguous, so that a panel stays in L1: B's rows read in place, 2^k
+ * bytes apart, would all fall into a few cache sets), then runs the
+ * micro-kernel down its rows for each panel, A broadcast in place. C is
+ * written where it lies; each block of K is added in order, so the order
+ * of every sum is fixed by the shape. A task of a single tile of rows reads
+ * B in place: it meets each panel once, and a copy would cost as much.
+ * ------------------------------------------------------------------------- */
+enum { PG = 8 * MR, PCHUNK = 4 * NR };
+
+typedef struct {
+    real* panels; /* (PCHUNK/NR, KC, NR): B's micro-panels for one block of K */
+    real* tail;   /* (PG, NR): C's last, partial panel of features            */
+    real* a;      /* (PG/MR, KC, MR): A's rows for one block of K, MR a panel  */
+    void* block;
+} product_workspace;
+
+static int product_workspace_alloc(product_workspace* ws, int64_t chunk)
+{
+    const int64_t panel_bytes = chunk * KC * (int64_t)sizeof(real);
+    const int64_t tail_bytes = (int64_t)PG * NR * (int64_t)sizeof(real);
+    const int64_t a_bytes = (int64_t)PG * KC * (int64_t)sizeof(real);
+    if (posix_memalign(&ws->block, 64, (size_t)(panel_bytes + tail_bytes + a_bytes)) != 0) return -1;
+    ws->panels = (real*)ws->block;
+    ws->tail = (real*)((char*)ws->block + panel_bytes);
+    ws->a = (real*)((char*)ws->block + panel_bytes + tail_bytes);
+    return 0;
+}
+
+/* dst (kc, NR) = kc rows of b, width <= NR columns, zero-filled past width */
+static void pack_panel(real* dst, const real* b, int64_t ldb, int64_t kc, int64_t width)
+{
+    for (int64_t k = 0; k < kc; k++)
+#pragma GCC unroll 4
+        for (int j = 0; j < NV; j++) {
+            const int64_t left = width - j * VLEN;
+            v_store(dst + k * NR + j * VLEN, left >= VLEN ? v_load(b + k * ldb + j * VLEN)
+                                             : v_load_part(b + k * ldb + j * VLEN, left > 0 ? left : 0, 0));
+        }
+}
+
+/* dst (rows, width) of a row stride ld_dst = src (rows, width) of ld_src */
+static void copy_block(real* dst, int64_t ld_dst, const real* src, int64_t ld_src, int64_t rows, int64_t width)
+{
+    for (int64_t m = 0; m < rows; m++)
+        for (int64_t j = 0; j < width; j++) dst[m * ld_dst + j] = src[m * ld_src + j];
+}
+
+static void product_task(const product_workspace* ws, real* c, int64_t ldc, const real* a, int64_t a_row,
+                         int64_t a_k, const real* b, int64_t ldb, int64_t K, int accumulate,
+                         const real* bias, int kind, int64_t m0, int64_t m1, int64_t n0, int64_t n1)
+{
+    const int64_t rows = m1 - m0, panels = (n1 - n0 + NR - 1) / NR;
+    const int64_t tail = (n1 - n0) % NR; /* the last panel's width, when it is partial */
+    const int in_place = rows <= MR;
+    real* c_tail = c + m0 * ldc + n0 + (panels - 1) * NR;
+    if (tail && accumulate) {
+        for (int64_t m = 0; m < rows; m++)
+            for (int64_t j = 0; j < NR; j++) ws->tail[m * NR + j] = j < tail ? c_tail[m * ldc + j] : 0;
+    }
+    for (int64_t k0 = 0; k0 < K; k0 += KC) {
+        const int64_t kc = min_i64(KC, K - k0);
+        const real* alpha = k0 > 0 || accumulate ? ONES : NULL;
+        if (!in_place)
+            for (int64_t m = 0; m < rows; m += MR) {
+                const int64_t mr = min_i64(MR, rows - m);
+                real* dst = ws->a + m * kc;
+                for (int64_t i = 0; i < MR; i++) {
+                    const real* src = a + (m0 + m + (i < mr ? i : mr - 1)) * a_row + k0 * a_k;
+                    for (int64_t kk = 0; kk < kc; kk++) dst[kk * MR + i] = src[kk * a_k];
+                }
+            }
+        for (int64_t p = 0; p < panels; p++) {
+            const int partial = tail && p == panels - 1;
+            const real* bp = b + k0 * ldb + n0 + p * NR;
+            int64_t ldbp = ldb;
+            if (partial || !in_place) {
+                pack_panel(ws->panels + p * KC * NR, bp, ldb, kc, partial ? tail : NR);
+                bp = ws->panels + p * KC * NR;
+                ldbp = NR;
+            }
+            real* cp = partial ? ws->tail : c + m0 * ldc + n0 + p * NR;
+            const int64_t ldcp = partial ? NR : ldc;
+            if (in_place)
+                micro_kernel(cp, ldcp, a + m0 * a_row + k0 * a_k, a_row, a_k, bp, ldbp, kc, rows, alpha);
+            else
+                for (int64_t m = 0; m < rows; m += MR)
+                    micro_kernel_packed(cp + m * ldcp, ldcp, ws->a + m * kc, bp, ldbp, kc, min_i64(MR, rows - m),
+                                        alpha);
+        }
+    }
+    if (tail) copy_block(c_tail, ldc, ws->tail, NR, rows, tail);
+    if (bias || kind != ATTNKIT_IDENTITY)
+        for (int64_t m = m0; m < m1; m++)
+            KERNEL(activation_run)(c + m * ldc + n0, c + m * ldc + n0, bias ? bias + n0 : NULL, n1 - n0, kind);
+}
+
+static int product(real* c, int64_t ldc, const real* a, int64_t a_row, int64_t a_k, const real* b,
+                   int64_t ldb, int64_t M, int64_t N, int64_t K, int accumulate, const real* bias, int kind)
 {
     if (M == 0 || N == 0) return 0;
-    if (K == 0) { /* an empty sum: f(bias) */
+    if (K == 0) { /* an empty sum */
         for (int64_t m = 0; m < M; m++) {
-            for (int64_t n = 0; n < N; n++) out[m * N + n] = 0;
-            KERNEL(activation_run)(out + m * N, out + m * N, bias, N, kind);
+            if (!accumulate)
+                for (int64_t n = 0; n < N; n++) c[m * ldc + n] = 0;
+            KERNEL(activation_run)(c + m * ldc, c + m * ldc, bias, N, kind);
         }
         return 0;
     }
+    /* A task packs its rows of A once for all its features: the more
+     * features, the less packing per multiply-add; fewer features only when
+     * there are too few groups of rows to share out. Fixed by the shape. */
+    const int64_t groups = (M + PG - 1) / PG;
+    const int64_t split = groups >= 8 ? 1 : (8 + groups - 1) / groups;
+    const int64_t chunk = min_i64(round_up(N, NR), max_i64(PCHUNK, round_up((N + split - 1) / split, NR)));
+    const int64_t chunks = (N + chunk - 1) / chunk;
+    const int64_t tasks = groups * chunks;
+    const int threads = attnkit_plan_threads(tasks, min_i64(PG, M) * chunk * K);
+    int failed = 0;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        product_workspace ws;
+        const int ok = product_workspace_alloc(&ws, chunk) == 0;
+        if (!ok) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t t = 0; t < tasks; t++) {
+            if (!ok) continue;
+            const int64_t g = t / chunks, ch = t % chunks;
+            product_task(&ws, c, ldc, a, a_row, a_k, b, ldb, K, accumulate, bias, kind, g * PG,
+                         min_i64(M, (g + 1) * PG), ch * chunk, min_i64(N, (ch + 1) * chunk));
+        }
+        if (ok) free(ws.block);
+    }
+    return failed ? -1 : 0;
+}
+
+int KERNEL(linear)(real* out, const real* x, const real* w, const real* bias, int64_t M, int64_t N,
+                   int64_t K, int64_t x_row, int64_t w_n, int64_t w_k, int kind)
+{
+    if (w_k != 1) /* w stored transposed: w^T (K, N) is the product's B */
+        return product(out, N, x, x_row, 1, w, w_k, M, N, K, 0, bias, kind);
+    if (M == 0 || N == 0) return 0;
+    if (K == 0) return product(out, N, x, x_row, 1, w, N, M, N, 0, 0, bias, kind);
     if (M <= FEW_ROWS) {
-        few_rows(out, x, x_row, w, bias, M, N, K, kind);
+        few_rows(out, x, x_row, w, w_n, bias, M, N, K, kind);
         return 0;
     }
-    return rows_path(out, x, x_row, w, bias, M, N, K, kind);
+    return rows_path(out, x, x_row, w, w_n, bias, M, N, K, kind);
+}
+
+int KERNEL(linear_backward)(real* dx, real* dw, real* dbias, const real* dy, const real* x, const real* w,
+                            int64_t M, int64_t N, int64_t K, int64_t x_row, int64_t w_n, int64_t w_k,
+                            int64_t dw_n, int64_t dw_k)
+{
+    if (dx) {
+        /* dx (M, K) = dy (M, N) @ w (N, K): w's rows are B when they lie along
+         * K; stored transposed, w^T is a weight in PyTorch's layout */
+        const int status = w_k == 1 ? product(dx, K, dy, N, 1, w, w_n, M, K, N, 0, NULL, ATTNKIT_IDENTITY)
+                                    : KERNEL(linear)(dx, dy, w, NULL, M, K, N, N, w_k, 1, ATTNKIT_IDENTITY);
+        if (status) return status;
+    }
+    if (dw) {
+        /* dw (N, K) += dy^T @ x, or, stored transposed, dw^T (K, N) += x^T @ dy */
+        const int status = dw_k == 1 ? product(dw, dw_n, dy, 1, N, x, x_row, N, K, M, 1, NULL, ATTNKIT_IDENTITY)
+                                     : product(dw, dw_k, x, 1, x_row, dy, N, K, N, M, 1, NULL, ATTNKIT_IDENTITY);
+        if (status) return status;
+    }
+    if (dbias) { /* dbias (N) += the sum of dy's rows, in row order */
+        const int64_t chunks = (N + FEW_FEATURES - 1) / FEW_FEATURES;
+        const int threads = attnkit_plan_threads(chunks, FEW_FEATURES * M);
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
+        for (int64_t t = 0; t < chunks; t++) {
+            const int64_t n0 = t * FEW_FEATURES, n1 = min_i64(N, n0 + FEW_FEATURES);
+            for (int64_t m = 0; m < M; m++)
+                for (int64_t n = n0; n < n1; n++) dbias[n] += dy[m * N + n];
+        }
+    }
+    return 0;
 }

@@ -35,6 +35,7 @@
 #define AK_INLINE static inline __attribute__((always_inline))
 
 static inline int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
+static inline int64_t max_i64(int64_t a, int64_t b) { return a > b ? a : b; }
 static inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
 #if ATTNKIT_REAL_BITS == 32

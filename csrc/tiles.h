@@ -15,10 +15,6 @@ enum { MR = 6, NV = 2 };
 #else
 enum { MR = 4, NV = 4 };
 
-/* A product's epilogue: out (n) = f(x (n) + bias (n)), f an ATTNKIT_* kind
- * of attnkit_bias_activation (activation.c); bias may be NULL, out may be x. */
-void KERNEL(activation_run)(real* out, const real* x, const real* bias, int64_t n, int kind);
-
 #endif
 enum { NR = NV * VLEN };
 
@@ -50,6 +46,37 @@ AK_INLINE void micro_kernel(real* c, int64_t ldc, const real* a, int64_t a_row, 
 #pragma GCC unroll 16
         for (int i = 0; i < MR; i++) {
             const vreal av = v_set1(arow[i][ak]);
+#pragma GCC unroll 4
+            for (int j = 0; j < NV; j++) acc[i][j] = v_fma(av, bv[j], acc[i][j]);
+        }
+    }
+    for (int i = 0; i < mr; i++) {
+#pragma GCC unroll 4
+        for (int j = 0; j < NV; j++) {
+            real* cp = c + i * ldc + j * VLEN;
+            v_store(cp, alpha ? v_fma(v_set1(alpha[i]), v_load(cp), acc[i][j]) : acc[i][j]);
+        }
+    }
+}
+
+
+/* The micro-kernel on a packed A: a (K, MR), row kk of it the MR elements
+ * that are broadcast at step kk (BLIS's packed micro-panel: one stream). */
+AK_INLINE void micro_kernel_packed(real* c, int64_t ldc, const real* a, const real* b, int64_t ldb,
+                                   int64_t K, int64_t mr, const real* alpha)
+{
+    vreal acc[MR][NV];
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; i++)
+#pragma GCC unroll 4
+        for (int j = 0; j < NV; j++) acc[i][j] = v_set1(0);
+    for (int64_t kk = 0; kk < K; kk++) {
+        vreal bv[NV];
+#pragma GCC unroll 4
+        for (int j = 0; j < NV; j++) bv[j] = v_load(b + kk * ldb + j * VLEN);
+#pragma GCC unroll 16
+        for (int i = 0; i < MR; i++) {
+            const vreal av = v_set1(a[kk * MR + i]);
 #pragma GCC unroll 4
             for (int j = 0; j < NV; j++) acc[i][j] = v_fma(av, bv[j], acc[i][j]);
         }

@@ -81,9 +81,19 @@ cdef extern from "attnkit.h" nogil:
     void attnkit_bias_activation_f64(double* out, const double* x, const double* bias, int64_t rows,
                                      int64_t cols, int kind) noexcept
     int attnkit_linear_f32(float* out, const float* x, const float* w, const float* bias, int64_t M,
-                           int64_t N, int64_t K, int64_t x_row, int kind) noexcept
+                           int64_t N, int64_t K, int64_t x_row, int64_t w_n, int64_t w_k,
+                           int kind) noexcept
     int attnkit_linear_f64(double* out, const double* x, const double* w, const double* bias,
-                           int64_t M, int64_t N, int64_t K, int64_t x_row, int kind) noexcept
+                           int64_t M, int64_t N, int64_t K, int64_t x_row, int64_t w_n, int64_t w_k,
+                           int kind) noexcept
+    int attnkit_linear_backward_f32(float* dx, float* dw, float* dbias, const float* dy,
+                                    const float* x, const float* w, int64_t M, int64_t N, int64_t K,
+                                    int64_t x_row, int64_t w_n, int64_t w_k, int64_t dw_n,
+                                    int64_t dw_k) noexcept
+    int attnkit_linear_backward_f64(double* dx, double* dw, double* dbias, const double* dy,
+                                    const double* x, const double* w, int64_t M, int64_t N,
+                                    int64_t K, int64_t x_row, int64_t w_n, int64_t w_k, int64_t dw_n,
+                                    int64_t dw_k) noexcept
 
     enum:
         ATTNKIT_ISA_COUNT
@@ -472,29 +482,78 @@ def bias_activation(cnp.ndarray out, cnp.ndarray x, object bias, str name):
 # ---------------------------------------------------------------------------
 # Linear
 
+cdef bint weight_layout(cnp.ndarray w, int64_t* w_n, int64_t* w_k) except -1:
+    """w (N, K)'s element (n, k) is at n*w_n + k*w_k elements: rows along K
+    (w_k = 1, w_n >= K, PyTorch's layout) or stored transposed (w_n = 1,
+    w_k >= N). Returns False for any other layout."""
+    cdef int64_t N = w.shape[0], K = w.shape[1]
+    cdef int64_t size = cnp.PyArray_ITEMSIZE(w)
+    cdef int64_t s0 = cnp.PyArray_STRIDE(w, 0), s1 = cnp.PyArray_STRIDE(w, 1)
+    if N == 0 or K == 0:           # nothing is read
+        w_n[0], w_k[0] = max(K, 1), 1
+        return True
+    if s0 % size or s1 % size:
+        return False
+    s0 //= size
+    s1 //= size
+    if K <= 1:
+        s1 = 1                     # a stride along an axis of one element is never used
+    if N <= 1:
+        s0 = max(K, 1)
+    if s1 == 1 and s0 >= K:
+        w_n[0], w_k[0] = s0, 1
+        return True
+    if s0 == 1 and s1 >= N:
+        w_n[0], w_k[0] = 1, s1
+        return True
+    return False
+
+
+def has_weight_layout(cnp.ndarray w):
+    """Whether the linear kernels read w (N, K) in place: rows along K, or
+    stored transposed (w.T's rows contiguous)."""
+    cdef int64_t w_n, w_k
+    return cnp.PyArray_NDIM(w) == 2 and cnp.PyArray_ISALIGNED(w) and weight_layout(w, &w_n, &w_k)
+
+
+cdef check_weight(cnp.ndarray w, int type_num, str what, bint writable, int64_t* w_n, int64_t* w_k):
+    check_float_operand(w, 2, type_num, what, writable)
+    if not weight_layout(w, w_n, w_k):
+        raise ValueError(f"{what}: neither its rows nor its columns are contiguous "
+                         f"(shape {shape_of(w)}, strides {(<object>w).strides})")
+
+
+cdef int64_t rows_stride(cnp.ndarray x, str what) except -1:
+    """The element stride between x (M, K)'s rows, whose elements must be contiguous."""
+    cdef int64_t M = x.shape[0], K = x.shape[1]
+    if K > 1 and M > 0 and cnp.PyArray_STRIDE(x, 1) != cnp.PyArray_ITEMSIZE(x):
+        raise ValueError(f"{what}: the rows must be contiguous (strides {(<object>x).strides})")
+    return element_stride(x, 0, what) if M > 1 else K
+
+
 def linear(cnp.ndarray out, cnp.ndarray x, cnp.ndarray w, object bias, str name):
     """out (M, N) = f(x (M, K) @ w (N, K).T + bias (N)), f one of ACTIVATIONS.
-    x's rows may be apart but each is contiguous; w and out are C-contiguous;
-    out must be a fresh array (it may not overlap x, w or bias)."""
+    x's rows may be apart but each is contiguous; w's rows or its columns are
+    contiguous (has_weight_layout); out is C-contiguous and a fresh array (it
+    may not overlap x, w or bias)."""
     cdef int kind = ACTIVATIONS[name]
     cdef int type_num = cnp.PyArray_TYPE(x)
     check_float_operand(x, 2, type_num, "linear input", False)
     if not is_native_float(x):
         raise TypeError(f"linear input: expected native float32 or float64, got {x.dtype}")
-    check_float_operand(w, 2, type_num, "linear weight", False)
+    cdef int64_t w_n, w_k
+    check_weight(w, type_num, "linear weight", False, &w_n, &w_k)
     check_float_operand(out, 2, type_num, "linear output", True)
     cdef int64_t M = x.shape[0], K = x.shape[1], N = w.shape[0]
     if w.shape[1] != K or out.shape[0] != M or out.shape[1] != N:
         raise ValueError(f"linear: shapes do not fit: input {shape_of(x)}, weight {shape_of(w)}, "
                          f"output {shape_of(out)}")
-    if not (cnp.PyArray_IS_C_CONTIGUOUS(w) and cnp.PyArray_IS_C_CONTIGUOUS(out)):
-        raise ValueError("linear: weight and output must be C-contiguous")
-    if K > 1 and M > 0 and cnp.PyArray_STRIDE(x, 1) != cnp.PyArray_ITEMSIZE(x):
-        raise ValueError(f"linear: the input's rows must be contiguous (strides {(<object>x).strides})")
+    if not cnp.PyArray_IS_C_CONTIGUOUS(out):
+        raise ValueError("linear: the output must be C-contiguous")
+    cdef int64_t x_row = rows_stride(x, "linear input")
     cdef const void* pb = optional_vector(bias, N, type_num, "linear bias", False)
     if M == 0 or N == 0:
         return out
-    cdef int64_t x_row = element_stride(x, 0, "linear input") if M > 1 else K
     cdef void* po = cnp.PyArray_DATA(out)
     cdef const void* px = cnp.PyArray_DATA(x)
     cdef const void* pw = cnp.PyArray_DATA(w)
@@ -502,13 +561,72 @@ def linear(cnp.ndarray out, cnp.ndarray x, cnp.ndarray w, object bias, str name)
     with nogil:
         if type_num == cnp.NPY_FLOAT:
             status = attnkit_linear_f32(<float*>po, <const float*>px, <const float*>pw,
-                                        <const float*>pb, M, N, K, x_row, kind)
+                                        <const float*>pb, M, N, K, x_row, w_n, w_k, kind)
         else:
             status = attnkit_linear_f64(<double*>po, <const double*>px, <const double*>pw,
-                                        <const double*>pb, M, N, K, x_row, kind)
+                                        <const double*>pb, M, N, K, x_row, w_n, w_k, kind)
     if status != 0:
         raise MemoryError(f"linear: could not allocate the workspace for in_features = {K}")
     return out
+
+
+def linear_backward(object dx, object dw, object dbias, cnp.ndarray dy, cnp.ndarray x, cnp.ndarray w):
+    """The gradients of out = x @ w.T + bias, given dy = dLoss/dout (M, N):
+    dx (M, K) = dy @ w (overwritten); dw (N, K) += dy.T @ x and dbias (N) +=
+    dy's column sums (accumulated). Any of dx, dw, dbias may be None. dy and
+    dx are C-contiguous, x's rows contiguous, w and dw in has_weight_layout's
+    layouts; the outputs may not overlap each other or the inputs."""
+    cdef int type_num = cnp.PyArray_TYPE(dy)
+    check_float_operand(dy, 2, type_num, "linear_backward grad_output", False)
+    if not is_native_float(dy):
+        raise TypeError(f"linear_backward grad_output: expected native float32 or float64, got {dy.dtype}")
+    check_float_operand(x, 2, type_num, "linear_backward input", False)
+    cdef int64_t w_n, w_k, dw_n = 0, dw_k = 0
+    check_weight(w, type_num, "linear_backward weight", False, &w_n, &w_k)
+    cdef int64_t M = dy.shape[0], N = dy.shape[1], K = w.shape[1]
+    if x.shape[0] != M or x.shape[1] != K or w.shape[0] != N:
+        raise ValueError(f"linear_backward: shapes do not fit: grad_output {shape_of(dy)}, "
+                         f"input {shape_of(x)}, weight {shape_of(w)}")
+    if not cnp.PyArray_IS_C_CONTIGUOUS(dy):
+        raise ValueError("linear_backward: grad_output must be C-contiguous")
+    cdef int64_t x_row = rows_stride(x, "linear_backward input")
+    cdef cnp.ndarray a
+    cdef void* pdx = NULL
+    cdef void* pdw = NULL
+    if dx is not None:
+        a = <cnp.ndarray?>dx
+        check_float_operand(a, 2, type_num, "linear_backward grad_input", True)
+        if a.shape[0] != M or a.shape[1] != K or not cnp.PyArray_IS_C_CONTIGUOUS(a):
+            raise ValueError(f"linear_backward grad_input: expected a C-contiguous ({M}, {K}), "
+                             f"got {shape_of(a)}")
+        pdx = cnp.PyArray_DATA(a)
+    if dw is not None:
+        a = <cnp.ndarray?>dw
+        check_weight(a, type_num, "linear_backward grad_weight", True, &dw_n, &dw_k)
+        if a.shape[0] != N or a.shape[1] != K:
+            raise ValueError(f"linear_backward grad_weight: expected ({N}, {K}), got {shape_of(a)}")
+        pdw = cnp.PyArray_DATA(a)
+    cdef void* pdb = optional_vector(dbias, N, type_num, "linear_backward grad_bias", True)
+    if M == 0 or N == 0 or K == 0 and dbias is None:
+        if dx is not None and K > 0:
+            (<cnp.ndarray>dx).fill(0)
+        return
+    cdef const void* pdy = cnp.PyArray_DATA(dy)
+    cdef const void* px = cnp.PyArray_DATA(x)
+    cdef const void* pw = cnp.PyArray_DATA(w)
+    cdef int status
+    with nogil:
+        if type_num == cnp.NPY_FLOAT:
+            status = attnkit_linear_backward_f32(<float*>pdx, <float*>pdw, <float*>pdb, <const float*>pdy,
+                                                 <const float*>px, <const float*>pw, M, N, K, x_row,
+                                                 w_n, w_k, dw_n, dw_k)
+        else:
+            status = attnkit_linear_backward_f64(<double*>pdx, <double*>pdw, <double*>pdb,
+                                                 <const double*>pdy, <const double*>px,
+                                                 <const double*>pw, M, N, K, x_row, w_n, w_k,
+                                                 dw_n, dw_k)
+    if status != 0:
+        raise MemoryError(f"linear_backward: could not allocate the workspace")
 
 
 # ---------------------------------------------------------------------------

@@ -118,7 +118,6 @@ def show_config(mode="stdout"):
             "num_threads": get_num_threads(),
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
             "single_threaded_after_fork": _kernels.in_forked_child(),
-            "blas_thread_timeout": _blas_thread_timeout(),
         },
         "build": _kernels.build_info(),
     }
@@ -135,7 +134,6 @@ def show_config(mode="stdout"):
         f"  this CPU supports:    {', '.join(simd['supported_by_cpu'])}",
         f"  threads:              {threads['num_threads']} (OpenMP; OMP_NUM_THREADS="
         f"{threads['OMP_NUM_THREADS'] or 'unset'})",
-        f"  NumPy's BLAS spin:    {threads['blas_thread_timeout']}",
         f"  compiler:             {build['compiler']}",
         f"  flags:                {build['flags']}",
     ]
@@ -150,8 +148,3 @@ def show_config(mode="stdout"):
     print("\n".join(lines))
     return None
 
-
-def _blas_thread_timeout():
-    """How long NumPy's OpenBLAS threads spin after a product (see __init__)."""
-    import attnkit
-    return attnkit._blas_thread_timeout
