@@ -21,7 +21,7 @@ from numpy.lib.array_utils import normalize_axis_index, normalize_axis_tuple
 from . import _kernels
 
 __all__ = ["softmax", "log_softmax", "layer_norm", "rms_norm", "batch_norm",
-           "scaled_dot_product_attention", "linear", "relu", "gelu", "silu", "sigmoid", "dropout"]
+           "scaled_dot_product_attention", "linear", "linear_backward", "relu", "gelu", "silu", "sigmoid", "dropout"]
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))  # native byte order
 _MACHINE_EPSILON = {"f": float(np.finfo(np.float32).eps), "d": float(np.finfo(np.float64).eps)}
@@ -598,8 +598,88 @@ def _linear_rows(rows, weight, bias, activation=None):
     attnkit's GEMM, for arguments already checked: rows with a contiguous last
     axis (rows may be apart), weight and bias of rows' dtype."""
     out = np.empty((rows.shape[0], weight.shape[0]), rows.dtype)
-    return _kernels.linear(out, rows, _contiguous(weight), None if bias is None else _contiguous(bias),
+    return _kernels.linear(out, rows, _weight_operand(weight), None if bias is None else _contiguous(bias),
                            activation or "identity")
+
+
+def _weight_operand(weight):
+    """weight as the GEMM reads it in place: rows contiguous (PyTorch's
+    layout), or columns contiguous (a weight stored transposed, such as
+    `w.T` of a C-contiguous w); any other layout is copied."""
+    return weight if _kernels.has_weight_layout(weight) else _contiguous(weight)
+
+
+def linear_backward(grad_output, x, weight, *, input_grad=True, weight_grad=None, bias_grad=None):
+    """The gradients of y = x @ weight.T + bias (linear's backward).
+
+    grad_output (..., out_features) is dLoss/dy; x (..., in_features) the
+    forward's input, with the same leading dimensions; weight (out_features,
+    in_features). Returns (d_input, d_weight, d_bias):
+
+      d_input  (..., in_features)          = grad_output @ weight
+      d_weight (out_features, in_features) = sum over rows of grad_output^T x
+      d_bias   (out_features,)             = sum over rows of grad_output
+
+    input_grad=False skips d_input (None is returned). weight_grad and
+    bias_grad: None computes a new array; False skips it (a frozen
+    parameter); an array accumulates into it in place (+=), as gradients
+    add up over micro-batches, and is returned. All on attnkit's threads,
+    each element summed in an order fixed by the shapes, so results are
+    bitwise the same at any thread count.
+    """
+    func = "linear_backward"
+    dy = _as_float_array(grad_output, func, "grad_output")
+    x = _as_float_array(x, func, "input")
+    weight = _as_float_array(weight, func, "weight")
+    if weight.ndim != 2:
+        raise ValueError(f"{func}: weight must be (out_features, in_features), got {weight.shape}")
+    N, K = weight.shape
+    if dy.ndim == 0 or x.ndim != dy.ndim or dy.shape[-1] != N or x.shape[-1] != K \
+            or dy.shape[:-1] != x.shape[:-1]:
+        raise ValueError(f"{func}: expected grad_output (..., {N}) and input (..., {K}) with the same "
+                         f"leading dimensions for weight {weight.shape}, got grad_output {dy.shape} "
+                         f"and input {x.shape}")
+    if x.dtype != dy.dtype or weight.dtype != dy.dtype:
+        raise TypeError(f"{func}: grad_output, input and weight must share a dtype, got "
+                        f"{dy.dtype}, {x.dtype} and {weight.dtype}")
+    accumulators = []
+    for name, given, shape in (("weight_grad", weight_grad, (N, K)), ("bias_grad", bias_grad, (N,))):
+        if given is None:
+            given = np.zeros(shape, dy.dtype, order="F" if name == "weight_grad" and not
+                             weight.flags.c_contiguous and weight.flags.f_contiguous else "C")
+        elif given is False:
+            given = None
+        elif not isinstance(given, np.ndarray):
+            raise TypeError(f"{func}: {name} must be None, False or an ndarray, got {type(given).__name__}")
+        else:
+            if given.shape != shape or given.dtype != dy.dtype:
+                raise ValueError(f"{func}: {name} must be {shape} of {dy.dtype}, got {given.shape} "
+                                 f"of {given.dtype}")
+            if not given.flags.writeable:
+                raise ValueError(f"{func}: {name} is read-only")
+            for other_name, other in (("grad_output", dy), ("input", x), ("weight", weight)):
+                if np.shares_memory(given, other):
+                    raise ValueError(f"{func}: {name} overlaps {other_name}")
+        accumulators.append(given)
+    if accumulators[0] is not None and accumulators[1] is not None \
+            and np.shares_memory(accumulators[0], accumulators[1]):
+        raise ValueError(f"{func}: weight_grad and bias_grad overlap")
+    dw, db = accumulators
+    M = math.prod(dy.shape[:-1])
+    rows = _contiguous(dy.reshape(M, N))
+    x_rows = x.reshape(M, K)
+    if K > 1 and x_rows.strides[1] != x.itemsize or not x_rows.flags.aligned:
+        x_rows = np.ascontiguousarray(x_rows)
+    dx = np.empty(x_rows.shape, dy.dtype) if input_grad else None
+    # accumulators the kernel cannot write in place go through a copy
+    dw_kernel = dw if dw is None or _kernels.has_weight_layout(dw) else np.zeros((N, K), dy.dtype)
+    db_kernel = db if db is None or (db.flags.c_contiguous and db.flags.aligned) else np.zeros(N, dy.dtype)
+    _kernels.linear_backward(dx, dw_kernel, db_kernel, rows, x_rows, _weight_operand(weight))
+    if dw_kernel is not dw:
+        dw += dw_kernel
+    if db_kernel is not db:
+        db += db_kernel
+    return (None if dx is None else dx.reshape(x.shape)), dw, db
 
 
 def relu(x, *, out=None):
