@@ -203,10 +203,10 @@ void attnkit_bias_activation_f64(double* out, const double* x, const double* bia
 /* ---------------------------------------------------------------------------
  * A linear layer, torch.nn.functional.linear with its tail fused, and its
  * backward (llm.c's matmul_forward / matmul_backward):
- *   out (M, N) = f(x (M, K) @ w (N, K)^T + bias (N))
+ *   out (M, N) = f(x (M, K) @ w (N, K)^T + bias (N)) + residual (M, N)
  *   dx (M, K) = dy (M, N) @ w;  dw (N, K) += dy^T @ x;  dbias (N) += sum of dy's rows
- * x's rows at x_row (each contiguous); out, dx and dy contiguous; bias and
- * dbias (N) or NULL; f an ATTNKIT_* kind as above. w's element (n, k) is
+ * x's rows at x_row (each contiguous); out, residual, dx and dy contiguous;
+ * bias, dbias (N) and residual or NULL (residual may not overlap out); f an ATTNKIT_* kind as above. w's element (n, k) is
  * w[n*w_n + k*w_k] with w_k == 1 (PyTorch's layout, rows w_n >= K apart) or
  * else w_n == 1 (stored transposed, as attnkit.nn keeps a Linear's weight:
  * w^T's rows w_k >= N apart); dw's layout likewise by dw_n, dw_k. Weights
@@ -217,10 +217,12 @@ void attnkit_bias_activation_f64(double* out, const double* x, const double* bia
  * the thread count. Return 0, or -1 when a thread's workspace cannot be
  * allocated.
  * ------------------------------------------------------------------------- */
-int attnkit_linear_f32(float* out, const float* x, const float* w, const float* bias, int64_t M,
-                       int64_t N, int64_t K, int64_t x_row, int64_t w_n, int64_t w_k, int kind);
-int attnkit_linear_f64(double* out, const double* x, const double* w, const double* bias, int64_t M,
-                       int64_t N, int64_t K, int64_t x_row, int64_t w_n, int64_t w_k, int kind);
+int attnkit_linear_f32(float* out, const float* x, const float* w, const float* bias,
+                       const float* residual, int64_t M, int64_t N, int64_t K, int64_t x_row,
+                       int64_t w_n, int64_t w_k, int kind);
+int attnkit_linear_f64(double* out, const double* x, const double* w, const double* bias,
+                       const double* residual, int64_t M, int64_t N, int64_t K, int64_t x_row,
+                       int64_t w_n, int64_t w_k, int kind);
 int attnkit_linear_backward_f32(float* dx, float* dw, float* dbias, const float* dy, const float* x,
                                 const float* w, int64_t M, int64_t N, int64_t K, int64_t x_row,
                                 int64_t w_n, int64_t w_k, int64_t dw_n, int64_t dw_k);

@@ -48,10 +48,12 @@
                                            int64_t, int);                                      \
     void attnkit_bias_activation_f64_##isa(double*, const double*, const double*, int64_t,     \
                                            int64_t, int);                                      \
-    int attnkit_linear_f32_##isa(float*, const float*, const float*, const float*, int64_t,    \
-                                 int64_t, int64_t, int64_t, int64_t, int64_t, int);            \
-    int attnkit_linear_f64_##isa(double*, const double*, const double*, const double*, int64_t, \
-                                 int64_t, int64_t, int64_t, int64_t, int64_t, int);            \
+    int attnkit_linear_f32_##isa(float*, const float*, const float*, const float*,             \
+                                 const float*, int64_t, int64_t, int64_t, int64_t, int64_t,    \
+                                 int64_t, int);                                                \
+    int attnkit_linear_f64_##isa(double*, const double*, const double*, const double*,         \
+                                 const double*, int64_t, int64_t, int64_t, int64_t, int64_t,   \
+                                 int64_t, int);                                                \
     int attnkit_linear_backward_f32_##isa(float*, float*, float*, const float*, const float*,  \
                                           const float*, int64_t, int64_t, int64_t, int64_t,    \
                                           int64_t, int64_t, int64_t, int64_t);                 \
@@ -80,10 +82,10 @@ typedef struct {
                          const void*, const attnkit_attention_args*);
     void (*bias_activation_f32)(float*, const float*, const float*, int64_t, int64_t, int);
     void (*bias_activation_f64)(double*, const double*, const double*, int64_t, int64_t, int);
-    int (*linear_f32)(float*, const float*, const float*, const float*, int64_t, int64_t, int64_t,
-                      int64_t, int64_t, int64_t, int);
-    int (*linear_f64)(double*, const double*, const double*, const double*, int64_t, int64_t,
-                      int64_t, int64_t, int64_t, int64_t, int);
+    int (*linear_f32)(float*, const float*, const float*, const float*, const float*, int64_t,
+                      int64_t, int64_t, int64_t, int64_t, int64_t, int);
+    int (*linear_f64)(double*, const double*, const double*, const double*, const double*, int64_t,
+                      int64_t, int64_t, int64_t, int64_t, int64_t, int);
     int (*linear_backward_f32)(float*, float*, float*, const float*, const float*, const float*,
                                int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t);
     int (*linear_backward_f64)(double*, double*, double*, const double*, const double*,
@@ -207,15 +209,17 @@ void attnkit_bias_activation_f64(double* out, const double* x, const double* bia
     active->bias_activation_f64(out, x, bias, rows, cols, kind);
 }
 
-int attnkit_linear_f32(float* out, const float* x, const float* w, const float* bias, int64_t M,
-                       int64_t N, int64_t K, int64_t x_row, int64_t w_n, int64_t w_k, int kind)
+int attnkit_linear_f32(float* out, const float* x, const float* w, const float* bias,
+                       const float* residual, int64_t M, int64_t N, int64_t K, int64_t x_row,
+                       int64_t w_n, int64_t w_k, int kind)
 {
-    return active->linear_f32(out, x, w, bias, M, N, K, x_row, w_n, w_k, kind);
+    return active->linear_f32(out, x, w, bias, residual, M, N, K, x_row, w_n, w_k, kind);
 }
-int attnkit_linear_f64(double* out, const double* x, const double* w, const double* bias, int64_t M,
-                       int64_t N, int64_t K, int64_t x_row, int64_t w_n, int64_t w_k, int kind)
+int attnkit_linear_f64(double* out, const double* x, const double* w, const double* bias,
+                       const double* residual, int64_t M, int64_t N, int64_t K, int64_t x_row,
+                       int64_t w_n, int64_t w_k, int kind)
 {
-    return active->linear_f64(out, x, w, bias, M, N, K, x_row, w_n, w_k, kind);
+    return active->linear_f64(out, x, w, bias, residual, M, N, K, x_row, w_n, w_k, kind);
 }
 int attnkit_linear_backward_f32(float* dx, float* dw, float* dbias, const float* dy, const float* x,
                                 const float* w, int64_t M, int64_t N, int64_t K, int64_t x_row,

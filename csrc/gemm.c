@@ -31,9 +31,21 @@
 enum { FEW_ROWS = 24 };
 /* the few-rows path's register block, and the features a task takes */
 enum { DR = 4, DF = 4, FEW_FEATURES = 64 };
+/* how far ahead along a row of w the few-rows path asks for it, in reals */
+enum { PREFETCH_AHEAD = 1024 / (int)sizeof(real) };
 /* both paths sum K in blocks of KC (a multiple of every VLEN); the rows
  * path's panel of x, KC x NR, stays in L1 */
 enum { KC = 256 };
+
+/* A row's epilogue: out (n) = f(x (n) + bias (n)) + residual (n); bias and
+ * residual may be NULL, out may be x. The residual (a transformer's skip
+ * connection) is added while the row is in cache, not in a pass of its own. */
+static void epilogue(real* out, const real* x, const real* bias, const real* residual, int64_t n, int kind)
+{
+    if (bias || kind != ATTNKIT_IDENTITY || x != out) KERNEL(activation_run)(out, x, bias, n, kind);
+    if (residual)
+        for (int64_t j = 0; j < n; j++) out[j] += residual[j];
+}
 
 /* ---------------------------------------------------------------------------
  * The few-rows path
@@ -68,7 +80,10 @@ AK_INLINE void dot_block(real* out, int64_t N, const real* x, int64_t x_row, con
         for (; k + VLEN <= k_end; k += VLEN) {
             vreal wv[DF];
 #pragma GCC unroll 4
-            for (int j = 0; j < DF; j++) wv[j] = v_load(wr[j] + k);
+            for (int j = 0; j < DF; j++) {
+                __builtin_prefetch(wr[j] + k + PREFETCH_AHEAD);
+                wv[j] = v_load(wr[j] + k);
+            }
 #pragma GCC unroll 4
             for (int i = 0; i < DR; i++) {
                 const vreal xv = v_load(xr[i] + k);
@@ -99,7 +114,8 @@ AK_INLINE void dot_block(real* out, int64_t N, const real* x, int64_t x_row, con
 
 /* features [n0, n1) of every row */
 static void few_rows_task(real* out, const real* x, int64_t x_row, const real* w, int64_t w_row,
-                          const real* bias, int64_t M, int64_t N, int64_t K, int kind, int64_t n0, int64_t n1)
+                          const real* bias, const real* residual, int64_t M, int64_t N, int64_t K, int kind,
+                          int64_t n0, int64_t n1)
 {
     for (int64_t n = n0; n < n1; n += DF) {
         const int df = (int)min_i64(DF, n1 - n);
@@ -113,23 +129,24 @@ static void few_rows_task(real* out, const real* x, int64_t x_row, const real* w
             else dot_block(out, N, x, x_row, w, w_row, K, m, n, dr, df);
         }
     }
-    if (bias || kind != ATTNKIT_IDENTITY)
+    if (bias || kind != ATTNKIT_IDENTITY || residual)
         for (int64_t m = 0; m < M; m++)
-            KERNEL(activation_run)(out + m * N + n0, out + m * N + n0, bias ? bias + n0 : NULL, n1 - n0, kind);
+            epilogue(out + m * N + n0, out + m * N + n0, bias ? bias + n0 : NULL,
+                     residual ? residual + m * N + n0 : NULL, n1 - n0, kind);
 }
 
 static void few_rows(real* out, const real* x, int64_t x_row, const real* w, int64_t w_row,
-                     const real* bias, int64_t M, int64_t N, int64_t K, int kind)
+                     const real* bias, const real* residual, int64_t M, int64_t N, int64_t K, int kind)
 {
     const int64_t tasks = (N + FEW_FEATURES - 1) / FEW_FEATURES;
     const int threads = attnkit_plan_threads(tasks, FEW_FEATURES * M * K);
     if (threads <= 1) {
-        few_rows_task(out, x, x_row, w, w_row, bias, M, N, K, kind, 0, N);
+        few_rows_task(out, x, x_row, w, w_row, bias, residual, M, N, K, kind, 0, N);
         return;
     }
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
     for (int64_t t = 0; t < tasks; t++)
-        few_rows_task(out, x, x_row, w, w_row, bias, M, N, K, kind, t * FEW_FEATURES,
+        few_rows_task(out, x, x_row, w, w_row, bias, residual, M, N, K, kind, t * FEW_FEATURES,
                       min_i64(N, (t + 1) * FEW_FEATURES));
 }
 
@@ -196,7 +213,7 @@ _Static_assert(MR <= 12, "ONES needs MR ones");
 
 /* features [n0, n1) of rows [m0, m1) */
 static void rows_task(const workspace* ws, real* out, const real* x, int64_t x_row, const real* w,
-                      int64_t w_row, const real* bias, int64_t N, int64_t K, int kind, int64_t n0, int64_t n1,
+                      int64_t w_row, const real* bias, const real* residual, int64_t N, int64_t K, int kind, int64_t n0, int64_t n1,
                       int64_t m0, int64_t m1)
 {
     const int64_t panels = (m1 - m0 + NR - 1) / NR;
@@ -213,11 +230,13 @@ static void rows_task(const workspace* ws, real* out, const real* x, int64_t x_r
     for (int64_t m = m0; m < m1; m++) {
         const real* column = ws->ct + (m - m0);
         for (int64_t i = 0; i < n1 - n0; i++) ws->row[i] = column[i * ws->ldt];
-        KERNEL(activation_run)(out + m * N + n0, ws->row, bias ? bias + n0 : NULL, n1 - n0, kind);
+        epilogue(out + m * N + n0, ws->row, bias ? bias + n0 : NULL, residual ? residual + m * N + n0 : NULL,
+                 n1 - n0, kind);
     }
 }
 
 static int rows_path(real* out, const real* x, int64_t x_row, const real* w, int64_t w_row, const real* bias,
+                     const real* residual,
                      int64_t M, int64_t N, int64_t K, int kind)
 {
     const int64_t groups = (M + RG - 1) / RG, chunks = (N + FCHUNK - 1) / FCHUNK;
@@ -236,7 +255,7 @@ static int rows_path(real* out, const real* x, int64_t x_row, const real* w, int
         for (int64_t t = 0; t < tasks; t++) {
             if (!ok) continue;
             const int64_t g = t / chunks, c = t % chunks;
-            rows_task(&ws, out, x, x_row, w, w_row, bias, N, K, kind, c * FCHUNK, min_i64(N, (c + 1) * FCHUNK),
+            rows_task(&ws, out, x, x_row, w, w_row, bias, residual, N, K, kind, c * FCHUNK, min_i64(N, (c + 1) * FCHUNK),
                       g * RG, min_i64(M, (g + 1) * RG));
         }
         if (ok) free(ws.block);
@@ -303,7 +322,8 @@ static void copy_block(real* dst, int64_t ld_dst, const real* src, int64_t ld_sr
 
 static void product_task(const product_workspace* ws, real* c, int64_t ldc, const real* a, int64_t a_row,
                          int64_t a_k, const real* b, int64_t ldb, int64_t K, int accumulate,
-                         const real* bias, int kind, int64_t m0, int64_t m1, int64_t n0, int64_t n1)
+                         const real* bias, const real* residual, int kind, int64_t m0, int64_t m1, int64_t n0,
+                         int64_t n1)
 {
     const int64_t rows = m1 - m0, panels = (n1 - n0 + NR - 1) / NR;
     const int64_t tail = (n1 - n0) % NR; /* the last panel's width, when it is partial */
@@ -345,20 +365,22 @@ static void product_task(const product_workspace* ws, real* c, int64_t ldc, cons
         }
     }
     if (tail) copy_block(c_tail, ldc, ws->tail, NR, rows, tail);
-    if (bias || kind != ATTNKIT_IDENTITY)
+    if (bias || kind != ATTNKIT_IDENTITY || residual)
         for (int64_t m = m0; m < m1; m++)
-            KERNEL(activation_run)(c + m * ldc + n0, c + m * ldc + n0, bias ? bias + n0 : NULL, n1 - n0, kind);
+            epilogue(c + m * ldc + n0, c + m * ldc + n0, bias ? bias + n0 : NULL,
+                     residual ? residual + m * ldc + n0 : NULL, n1 - n0, kind);
 }
 
 static int product(real* c, int64_t ldc, const real* a, int64_t a_row, int64_t a_k, const real* b,
-                   int64_t ldb, int64_t M, int64_t N, int64_t K, int accumulate, const real* bias, int kind)
+                   int64_t ldb, int64_t M, int64_t N, int64_t K, int accumulate, const real* bias,
+                   const real* residual, int kind)
 {
     if (M == 0 || N == 0) return 0;
     if (K == 0) { /* an empty sum */
         for (int64_t m = 0; m < M; m++) {
             if (!accumulate)
                 for (int64_t n = 0; n < N; n++) c[m * ldc + n] = 0;
-            KERNEL(activation_run)(c + m * ldc, c + m * ldc, bias, N, kind);
+            epilogue(c + m * ldc, c + m * ldc, bias, residual ? residual + m * ldc : NULL, N, kind);
         }
         return 0;
     }
@@ -384,7 +406,7 @@ static int product(real* c, int64_t ldc, const real* a, int64_t a_row, int64_t a
         for (int64_t t = 0; t < tasks; t++) {
             if (!ok) continue;
             const int64_t g = t / chunks, ch = t % chunks;
-            product_task(&ws, c, ldc, a, a_row, a_k, b, ldb, K, accumulate, bias, kind, g * PG,
+            product_task(&ws, c, ldc, a, a_row, a_k, b, ldb, K, accumulate, bias, residual, kind, g * PG,
                          min_i64(M, (g + 1) * PG), ch * chunk, min_i64(N, (ch + 1) * chunk));
         }
         if (ok) free(ws.block);
@@ -392,18 +414,129 @@ static int product(real* c, int64_t ldc, const real* a, int64_t a_row, int64_t a
     return failed ? -1 : 0;
 }
 
-int KERNEL(linear)(real* out, const real* x, const real* w, const real* bias, int64_t M, int64_t N,
-                   int64_t K, int64_t x_row, int64_t w_n, int64_t w_k, int kind)
+/* ---------------------------------------------------------------------------
+ * A few rows against a weight stored transposed (decoding; a sentence of a
+ * few tokens): out (rows, W*VLEN) tiles = x (rows, K) @ w^T (K, W*VLEN),
+ * x's elements broadcast, w^T's rows read in place, once, straight
+ * through: no horizontal sums, no copies, the tile in registers over all of
+ * K. TR rows by TW vectors of accumulators, as many as the registers hold.
+ */
+#if defined(ATTNKIT_ISA_avx512)
+enum { TR = 8, TW = 3 };
+#elif defined(ATTNKIT_ISA_avx2)
+enum { TR = 6, TW = 2 };
+#else
+enum { TR = 4, TW = 4 };
+#endif
+enum { TWIDTH = TW * VLEN, T_PANELS = 4 }; /* a task: T_PANELS panels of TWIDTH features */
+_Static_assert(TR <= 8, "axpy_rows has cases for up to 8 rows");
+
+/* one block of K, [k0, k1), added to out unless it is the first */
+AK_INLINE void axpy_block(real* out, int64_t ldo, const real* x, int64_t x_row, const real* wt, int64_t ldw,
+                          int64_t k0, int64_t k1, int64_t width, const int R, const int masked)
 {
-    if (w_k != 1) /* w stored transposed: w^T (K, N) is the product's B */
-        return product(out, N, x, x_row, 1, w, w_k, M, N, K, 0, bias, kind);
+    vreal acc[TR][TW];
+#pragma GCC unroll 8
+    for (int i = 0; i < R; i++)
+#pragma GCC unroll 4
+        for (int j = 0; j < TW; j++) acc[i][j] = v_set1(0);
+    for (int64_t k = k0; k < k1; k++) {
+        vreal bv[TW];
+#pragma GCC unroll 4
+        for (int j = 0; j < TW; j++)
+            bv[j] = masked ? v_load_part(wt + k * ldw + j * VLEN, min_i64(VLEN, max_i64(0, width - j * VLEN)), 0)
+                           : v_load(wt + k * ldw + j * VLEN);
+#pragma GCC unroll 8
+        for (int i = 0; i < R; i++) {
+            const vreal av = v_set1(x[i * x_row + k]);
+#pragma GCC unroll 4
+            for (int j = 0; j < TW; j++) acc[i][j] = v_fma(av, bv[j], acc[i][j]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < R; i++)
+#pragma GCC unroll 4
+        for (int j = 0; j < TW; j++) {
+            real* o = out + i * ldo + j * VLEN;
+            const int64_t lanes = min_i64(VLEN, max_i64(0, width - j * VLEN));
+            if (k0 > 0) acc[i][j] = v_add(masked ? v_load_part(o, lanes, 0) : v_load(o), acc[i][j]);
+            if (masked) v_store_part(o, acc[i][j], lanes);
+            else v_store(o, acc[i][j]);
+        }
+}
+
+/* R rows (a constant) from x by width <= TWIDTH features from wt; masked
+ * (a constant) when width < TWIDTH. K is summed in blocks of KC, as the
+ * other paths sum it. */
+AK_INLINE void axpy_tile(real* out, int64_t ldo, const real* x, int64_t x_row, const real* wt, int64_t ldw,
+                         int64_t K, int64_t width, const int R, const int masked)
+{
+    for (int64_t k0 = 0; k0 < K; k0 += KC)
+        axpy_block(out, ldo, x, x_row, wt, ldw, k0, min_i64(K, k0 + KC), width, R, masked);
+}
+
+#define AXPY_TILE_CASE(r)                                                                       \
+    case r:                                                                                     \
+        if (width == TWIDTH) axpy_tile(out, ldo, x, x_row, wt, ldw, K, width, r, 0);            \
+        else axpy_tile(out, ldo, x, x_row, wt, ldw, K, width, r, 1);                            \
+        break;
+
+static void axpy_rows(real* out, int64_t ldo, const real* x, int64_t x_row, const real* wt, int64_t ldw,
+                      int64_t K, int64_t width, int rows)
+{
+    switch (rows) {
+        AXPY_TILE_CASE(1)
+        AXPY_TILE_CASE(2)
+        AXPY_TILE_CASE(3)
+        AXPY_TILE_CASE(4)
+#if defined(ATTNKIT_ISA_avx512) || defined(ATTNKIT_ISA_avx2) /* TR is 8 or 6 */
+        AXPY_TILE_CASE(5)
+        AXPY_TILE_CASE(6)
+#endif
+#if defined(ATTNKIT_ISA_avx512)
+        AXPY_TILE_CASE(7)
+        AXPY_TILE_CASE(8)
+#endif
+    }
+}
+
+static void few_rows_transposed(real* out, const real* x, int64_t x_row, const real* wt, int64_t ldw,
+                                const real* bias, const real* residual, int64_t M, int64_t N, int64_t K,
+                                int kind)
+{
+    const int64_t chunk = T_PANELS * TWIDTH, tasks = (N + chunk - 1) / chunk;
+    const int threads = attnkit_plan_threads(tasks, chunk * M * K);
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(dynamic, 1)
+    for (int64_t t = 0; t < tasks; t++) {
+        const int64_t n0 = t * chunk, n1 = min_i64(N, n0 + chunk);
+        for (int64_t n = n0; n < n1; n += TWIDTH)
+            for (int64_t m = 0; m < M; m += TR)
+                axpy_rows(out + m * N + n, N, x + m * x_row, x_row, wt + n, ldw, K, min_i64(TWIDTH, n1 - n),
+                          (int)min_i64(TR, M - m));
+        if (bias || kind != ATTNKIT_IDENTITY || residual)
+            for (int64_t m = 0; m < M; m++)
+                epilogue(out + m * N + n0, out + m * N + n0, bias ? bias + n0 : NULL,
+                         residual ? residual + m * N + n0 : NULL, n1 - n0, kind);
+    }
+}
+
+int KERNEL(linear)(real* out, const real* x, const real* w, const real* bias, const real* residual,
+                   int64_t M, int64_t N, int64_t K, int64_t x_row, int64_t w_n, int64_t w_k, int kind)
+{
+    if (w_k != 1) { /* w stored transposed: w^T (K, N) is the product's B */
+        if (M <= FEW_ROWS && K > 0 && N > 0) {
+            few_rows_transposed(out, x, x_row, w, w_k, bias, residual, M, N, K, kind);
+            return 0;
+        }
+        return product(out, N, x, x_row, 1, w, w_k, M, N, K, 0, bias, residual, kind);
+    }
     if (M == 0 || N == 0) return 0;
-    if (K == 0) return product(out, N, x, x_row, 1, w, N, M, N, 0, 0, bias, kind);
+    if (K == 0) return product(out, N, x, x_row, 1, w, N, M, N, 0, 0, bias, residual, kind);
     if (M <= FEW_ROWS) {
-        few_rows(out, x, x_row, w, w_n, bias, M, N, K, kind);
+        few_rows(out, x, x_row, w, w_n, bias, residual, M, N, K, kind);
         return 0;
     }
-    return rows_path(out, x, x_row, w, w_n, bias, M, N, K, kind);
+    return rows_path(out, x, x_row, w, w_n, bias, residual, M, N, K, kind);
 }
 
 int KERNEL(linear_backward)(real* dx, real* dw, real* dbias, const real* dy, const real* x, const real* w,
@@ -413,14 +546,14 @@ int KERNEL(linear_backward)(real* dx, real* dw, real* dbias, const real* dy, con
     if (dx) {
         /* dx (M, K) = dy (M, N) @ w (N, K): w's rows are B when they lie along
          * K; stored transposed, w^T is a weight in PyTorch's layout */
-        const int status = w_k == 1 ? product(dx, K, dy, N, 1, w, w_n, M, K, N, 0, NULL, ATTNKIT_IDENTITY)
-                                    : KERNEL(linear)(dx, dy, w, NULL, M, K, N, N, w_k, 1, ATTNKIT_IDENTITY);
+        const int status = w_k == 1 ? product(dx, K, dy, N, 1, w, w_n, M, K, N, 0, NULL, NULL, ATTNKIT_IDENTITY)
+                                    : KERNEL(linear)(dx, dy, w, NULL, NULL, M, K, N, N, w_k, 1, ATTNKIT_IDENTITY);
         if (status) return status;
     }
     if (dw) {
         /* dw (N, K) += dy^T @ x, or, stored transposed, dw^T (K, N) += x^T @ dy */
-        const int status = dw_k == 1 ? product(dw, dw_n, dy, 1, N, x, x_row, N, K, M, 1, NULL, ATTNKIT_IDENTITY)
-                                     : product(dw, dw_k, x, 1, x_row, dy, N, K, N, M, 1, NULL, ATTNKIT_IDENTITY);
+        const int status = dw_k == 1 ? product(dw, dw_n, dy, 1, N, x, x_row, N, K, M, 1, NULL, NULL, ATTNKIT_IDENTITY)
+                                     : product(dw, dw_k, x, 1, x_row, dy, N, K, N, M, 1, NULL, NULL, ATTNKIT_IDENTITY);
         if (status) return status;
     }
     if (dbias) { /* dbias (N) += the sum of dy's rows, in row order */

@@ -77,6 +77,37 @@ def test_a_weight_stored_transposed_is_read_in_place(simd, dtype, M, K, N, rng):
         assert_accurate(y, lambda dt: composed(x, w, b, activation, dt), dtype)
 
 
+@pytest.mark.parametrize("M", [1, 24, 100])               # the few-rows path, the rows path
+@pytest.mark.parametrize("layout", ["rows", "transposed"])
+@pytest.mark.parametrize("activation", [None, "gelu"])
+def test_residual_is_added_in_the_same_pass(simd, M, layout, activation, rng):
+    """f(x @ w.T + b) + residual, bitwise what adding it afterwards gives."""
+    x, w, b = operands(rng, M, 40, 70, np.float32)
+    if layout == "transposed":
+        w = np.asfortranarray(w)
+    residual = rng.standard_normal((M, 70)).astype(np.float32)
+    kept = residual.copy()
+    expected = F.linear(x, w, b, activation=activation) + residual
+    np.testing.assert_array_equal(F.linear(x, w, b, activation=activation, residual=residual), expected)
+    np.testing.assert_array_equal(F.linear(x, w, None, residual=residual), F.linear(x, w) + residual)
+    np.testing.assert_array_equal(residual, kept)
+    layer = nn.Linear(40, 70)
+    layer.weight[:], layer.bias[:] = w, b
+    x3, r3 = x.reshape(1, M, 40), residual.reshape(1, M, 70)
+    np.testing.assert_array_equal(layer(x3, residual=r3), layer(x3) + r3)
+    np.testing.assert_array_equal(F.linear(x3, layer.weight, b, residual=np.asfortranarray(r3)), layer(x3) + r3)
+
+
+def test_residual_must_match_the_output(rng):
+    x, w, b = operands(rng, 4, 6, 3, np.float32)
+    with pytest.raises(ValueError, match=r"residual must be the output's shape \(4, 3\) and dtype float32, "
+                                         r"got \(4, 2\) float32"):
+        F.linear(x, w, b, residual=np.zeros((4, 2), np.float32))
+    with pytest.raises(ValueError, match=r"got \(4, 3\) float64"):
+        F.linear(x, w, b, residual=np.zeros((4, 3)))
+    assert F.linear(x[:0], w, b, residual=np.zeros((0, 3), np.float32)).shape == (0, 3)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("M", [3, 60])

@@ -80,12 +80,12 @@ cdef extern from "attnkit.h" nogil:
                                      int64_t cols, int kind) noexcept
     void attnkit_bias_activation_f64(double* out, const double* x, const double* bias, int64_t rows,
                                      int64_t cols, int kind) noexcept
-    int attnkit_linear_f32(float* out, const float* x, const float* w, const float* bias, int64_t M,
-                           int64_t N, int64_t K, int64_t x_row, int64_t w_n, int64_t w_k,
-                           int kind) noexcept
+    int attnkit_linear_f32(float* out, const float* x, const float* w, const float* bias,
+                           const float* residual, int64_t M, int64_t N, int64_t K, int64_t x_row,
+                           int64_t w_n, int64_t w_k, int kind) noexcept
     int attnkit_linear_f64(double* out, const double* x, const double* w, const double* bias,
-                           int64_t M, int64_t N, int64_t K, int64_t x_row, int64_t w_n, int64_t w_k,
-                           int kind) noexcept
+                           const double* residual, int64_t M, int64_t N, int64_t K, int64_t x_row,
+                           int64_t w_n, int64_t w_k, int kind) noexcept
     int attnkit_linear_backward_f32(float* dx, float* dw, float* dbias, const float* dy,
                                     const float* x, const float* w, int64_t M, int64_t N, int64_t K,
                                     int64_t x_row, int64_t w_n, int64_t w_k, int64_t dw_n,
@@ -531,11 +531,12 @@ cdef int64_t rows_stride(cnp.ndarray x, str what) except -1:
     return element_stride(x, 0, what) if M > 1 else K
 
 
-def linear(cnp.ndarray out, cnp.ndarray x, cnp.ndarray w, object bias, str name):
-    """out (M, N) = f(x (M, K) @ w (N, K).T + bias (N)), f one of ACTIVATIONS.
-    x's rows may be apart but each is contiguous; w's rows or its columns are
-    contiguous (has_weight_layout); out is C-contiguous and a fresh array (it
-    may not overlap x, w or bias)."""
+def linear(cnp.ndarray out, cnp.ndarray x, cnp.ndarray w, object bias, str name, object residual=None):
+    """out (M, N) = f(x (M, K) @ w (N, K).T + bias (N)) + residual (M, N), f
+    one of ACTIVATIONS; bias and residual may be None. x's rows may be apart
+    but each is contiguous; w's rows or its columns are contiguous
+    (has_weight_layout); out and residual are C-contiguous; out is a fresh
+    array (it may not overlap x, w, bias or residual)."""
     cdef int kind = ACTIVATIONS[name]
     cdef int type_num = cnp.PyArray_TYPE(x)
     check_float_operand(x, 2, type_num, "linear input", False)
@@ -552,6 +553,14 @@ def linear(cnp.ndarray out, cnp.ndarray x, cnp.ndarray w, object bias, str name)
         raise ValueError("linear: the output must be C-contiguous")
     cdef int64_t x_row = rows_stride(x, "linear input")
     cdef const void* pb = optional_vector(bias, N, type_num, "linear bias", False)
+    cdef const void* pr = NULL
+    cdef cnp.ndarray r
+    if residual is not None:
+        r = <cnp.ndarray?>residual
+        check_float_operand(r, 2, type_num, "linear residual", False)
+        if r.shape[0] != M or r.shape[1] != N or not cnp.PyArray_IS_C_CONTIGUOUS(r):
+            raise ValueError(f"linear residual: expected a C-contiguous ({M}, {N}), got {shape_of(r)}")
+        pr = cnp.PyArray_DATA(r)
     if M == 0 or N == 0:
         return out
     cdef void* po = cnp.PyArray_DATA(out)
@@ -561,10 +570,12 @@ def linear(cnp.ndarray out, cnp.ndarray x, cnp.ndarray w, object bias, str name)
     with nogil:
         if type_num == cnp.NPY_FLOAT:
             status = attnkit_linear_f32(<float*>po, <const float*>px, <const float*>pw,
-                                        <const float*>pb, M, N, K, x_row, w_n, w_k, kind)
+                                        <const float*>pb, <const float*>pr, M, N, K, x_row, w_n, w_k,
+                                        kind)
         else:
             status = attnkit_linear_f64(<double*>po, <const double*>px, <const double*>pw,
-                                        <const double*>pb, M, N, K, x_row, w_n, w_k, kind)
+                                        <const double*>pb, <const double*>pr, M, N, K, x_row, w_n,
+                                        w_k, kind)
     if status != 0:
         raise MemoryError(f"linear: could not allocate the workspace for in_features = {K}")
     return out

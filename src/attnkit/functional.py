@@ -557,7 +557,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 _LINEAR_ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu")
 
 
-def linear(x, weight, bias=None, *, activation=None):
+def linear(x, weight, bias=None, *, activation=None, residual=None):
     """x @ weight.T + bias, as torch.nn.functional.linear.
 
     x (..., in_features), weight (out_features, in_features), bias
@@ -570,6 +570,11 @@ def linear(x, weight, bias=None, *, activation=None):
     or "relu" to return activation(x @ weight.T + bias) with the bias add
     and the activation done in one pass over the product, as a feed-forward
     block's first layer wants.
+
+    residual (an attnkit extension): None, or an array of the output's shape
+    (..., out_features) and dtype, added to the result in the same pass:
+    activation(x @ weight.T + bias) + residual, a transformer's skip
+    connection without a pass of its own.
     """
     func = "linear"
     if activation is not None and activation not in _LINEAR_ACTIVATIONS:
@@ -589,17 +594,25 @@ def linear(x, weight, bias=None, *, activation=None):
         if bias.shape != (weight.shape[0],) or bias.dtype != x.dtype:
             raise ValueError(f"{func}: bias must be ({weight.shape[0]},) of {x.dtype}, got "
                              f"{bias.shape} {bias.dtype}")
+    out_shape = x.shape[:-1] + (weight.shape[0],)
+    if residual is not None:
+        residual = _as_float_array(residual, func, "residual")
+        if residual.shape != out_shape or residual.dtype != x.dtype:
+            raise ValueError(f"{func}: residual must be the output's shape {out_shape} and dtype {x.dtype}, "
+                             f"got {residual.shape} {residual.dtype}")
+        residual = residual.reshape(-1, weight.shape[0]) if residual.size else None
     rows = _readable_as(x, (math.prod(x.shape[:-1]), x.shape[-1]), 1)
-    return _linear_rows(rows, weight, bias, activation).reshape(x.shape[:-1] + (weight.shape[0],))
+    return _linear_rows(rows, weight, bias, activation, residual).reshape(out_shape)
 
 
-def _linear_rows(rows, weight, bias, activation=None):
-    """f(rows (M, K) @ weight (N, K).T + bias) as a new (M, N) array, by
-    attnkit's GEMM, for arguments already checked: rows with a contiguous last
-    axis (rows may be apart), weight and bias of rows' dtype."""
+def _linear_rows(rows, weight, bias, activation=None, residual=None):
+    """f(rows (M, K) @ weight (N, K).T + bias) + residual (M, N) as a new
+    (M, N) array, by attnkit's GEMM, for arguments already checked: rows with
+    a contiguous last axis (rows may be apart), weight, bias and residual of
+    rows' dtype."""
     out = np.empty((rows.shape[0], weight.shape[0]), rows.dtype)
     return _kernels.linear(out, rows, _weight_operand(weight), None if bias is None else _contiguous(bias),
-                           activation or "identity")
+                           activation or "identity", None if residual is None else _contiguous(residual))
 
 
 def _weight_operand(weight):

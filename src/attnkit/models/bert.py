@@ -126,9 +126,7 @@ class BertOutputBlock(Module):
         self.LayerNorm = LayerNorm(c.hidden_size, eps=c.layer_norm_eps, dtype=dtype)
 
     def forward(self, x, residual):
-        y = self.dense(x)
-        y += residual
-        return self.LayerNorm(y)
+        return self.LayerNorm(self.dense(x, residual=residual))       # the residual added in the GEMM's pass
 
 
 class BertLayer(Module):

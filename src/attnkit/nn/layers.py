@@ -34,7 +34,8 @@ def _input(layer, x):
     """x as a float array; when the layer has parameters, of their dtype
     (another float dtype is an error, as in PyTorch)."""
     x = F._as_float_array(x, type(layer).__name__, "input")
-    if any(True for _ in layer.named_parameters()) and x.dtype != layer.dtype:
+    dtype = layer._parameter_dtype()
+    if dtype is not None and x.dtype != dtype:
         raise TypeError(f"{type(layer).__name__}: input has dtype {x.dtype} but the layer's "
                         f"parameters are {layer.dtype}; convert one of them (layer.astype(...))")
     return x
@@ -66,8 +67,11 @@ class Linear(Module):
             b = init.uniform_(np.empty(self.out_features, dtype), -bound, bound, rng=rng)
         self.register_parameter("bias", b)
 
-    def forward(self, x):
-        return F.linear(_input(self, x), self.weight, self.bias)
+    def forward(self, x, residual=None):
+        """x (..., in_features) -> (..., out_features). residual (an attnkit
+        extension): an array of the output's shape added in the same pass
+        (F.linear's residual), for a skip connection."""
+        return F.linear(_input(self, x), self.weight, self.bias, residual=residual)
 
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

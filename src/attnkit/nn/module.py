@@ -171,12 +171,20 @@ class Module:
                         object.__setattr__(module, name, converted)
         return self
 
+    def _parameter_dtype(self):
+        """The dtype of the first parameter, or None when there is none."""
+        for value in self._parameters.values():
+            if value is not None:
+                return value.dtype
+        for _, value in self.named_parameters():
+            return value.dtype
+        return None
+
     @property
     def dtype(self):
         """The parameters' dtype; for a module without any, the one it was made with."""
-        for _, value in self.named_parameters():
-            return value.dtype
-        return self.__dict__.get("_dtype", np.dtype(np.float32))
+        dtype = self._parameter_dtype()
+        return dtype if dtype is not None else self.__dict__.get("_dtype", np.dtype(np.float32))
 
     # -- state dicts -----------------------------------------------------------
     def state_dict(self):
