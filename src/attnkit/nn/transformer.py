@@ -26,7 +26,7 @@ __all__ = ["TransformerEncoderLayer", "TransformerDecoderLayer", "TransformerEnc
 
 
 class _FeedForward:
-    """linear2(dropout(activation(linear1(x)))), shared by both layers."""
+    """linear2(dropout(activation(linear1(x)))) and its residual, shared by both layers."""
 
     def _build_feed_forward(self, d_model, dim_feedforward, dropout, activation, bias, dtype, rng):
         self.linear1 = Linear(d_model, dim_feedforward, bias=bias, dtype=dtype, rng=rng)
@@ -34,7 +34,8 @@ class _FeedForward:
         self.linear2 = Linear(dim_feedforward, d_model, bias=bias, dtype=dtype, rng=rng)
         self.activation = get_activation(activation)
 
-    def _feed_forward(self, x):
+    def _feed_forward_hidden(self, x):
+        """dropout(activation(linear1(x))): linear2's input."""
         try:
             name = LINEAR_ACTIVATION_NAMES.get(self.activation)
         except TypeError:                                   # an unhashable callable
@@ -43,7 +44,18 @@ class _FeedForward:
             h = self.activation(self.linear1(x))
         else:                                               # bias and activation in one pass
             h = F.linear(x, self.linear1.weight, self.linear1.bias, activation=name)
-        return self.linear2(self.dropout(h))
+        return self.dropout(h)
+
+    def _feed_forward(self, x):
+        return self.linear2(self._feed_forward_hidden(x))
+
+    def _feed_forward_residual(self, x, residual, dropout):
+        """residual + dropout(feed_forward(x)): when that dropout is idle
+        (eval mode, or p = 0) the residual is added in linear2's own pass."""
+        h = self._feed_forward_hidden(x)
+        if not dropout.training or dropout.p == 0.0:
+            return self.linear2(h, residual=residual)
+        return residual + dropout(self.linear2(h))
 
 
 class TransformerEncoderLayer(Module, _FeedForward):
@@ -73,9 +85,9 @@ class TransformerEncoderLayer(Module, _FeedForward):
         x = src
         if self.norm_first:
             x = x + self._self_attention(self.norm1(x), src_mask, src_key_padding_mask, is_causal)
-            return x + self.dropout2(self._feed_forward(self.norm2(x)))
+            return self._feed_forward_residual(self.norm2(x), x, self.dropout2)
         x = self.norm1(x + self._self_attention(x, src_mask, src_key_padding_mask, is_causal))
-        return self.norm2(x + self.dropout2(self._feed_forward(x)))
+        return self.norm2(self._feed_forward_residual(x, x, self.dropout2))
 
 
 class TransformerDecoderLayer(Module, _FeedForward):
@@ -119,11 +131,11 @@ class TransformerDecoderLayer(Module, _FeedForward):
             x = x + self._self_attention(self.norm1(x), tgt_mask, tgt_key_padding_mask, tgt_is_causal)
             x = x + self._cross_attention(self.norm2(x), memory, memory_mask,
                                           memory_key_padding_mask, memory_is_causal)
-            return x + self.dropout3(self._feed_forward(self.norm3(x)))
+            return self._feed_forward_residual(self.norm3(x), x, self.dropout3)
         x = self.norm1(x + self._self_attention(x, tgt_mask, tgt_key_padding_mask, tgt_is_causal))
         x = self.norm2(x + self._cross_attention(x, memory, memory_mask, memory_key_padding_mask,
                                                  memory_is_causal))
-        return self.norm3(x + self.dropout3(self._feed_forward(x)))
+        return self.norm3(self._feed_forward_residual(x, x, self.dropout3))
 
 
 def _clones(layer, num_layers):
