@@ -259,3 +259,26 @@ def test_cli_embed_prints_cosine_similarities():
     assert matrix[0, 1] > 0.8 > 0.2 > matrix[0, 2]                  # paraphrase vs unrelated
     for i, sentence in enumerate(sentences):
         assert f"[{i}] {sentence}" in lines
+
+
+@needs_checkpoint
+def test_one_thread_keeps_encode_on_one_core():
+    """With set_num_threads(1) (NumPy imported first, as users do), encode()
+    keeps one core busy and no more: no other pool's threads spin beside it.
+    The process's CPU time over its wall time; a noisy machine only makes
+    the wall time longer, so the bound holds there too."""
+    code = (
+        "import numpy, time, attnkit\n"
+        "from attnkit.models import SentenceEncoder, find_checkpoint\n"
+        "attnkit.set_num_threads(1)\n"
+        "encoder = SentenceEncoder.from_pretrained(find_checkpoint())\n"
+        "texts = ['a sentence of a few words, number %d' % i for i in range(16)]\n"
+        "encoder.encode(texts)\n"
+        "cpu, wall = time.process_time(), time.perf_counter()\n"
+        "for _ in range(3):\n"
+        "    encoder.encode(texts, batch_size=8)\n"
+        "print((time.process_time() - cpu) / (time.perf_counter() - wall))\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr
+    assert float(result.stdout) <= 1.1
