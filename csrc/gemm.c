@@ -170,7 +170,7 @@ enum { FCHUNK = 40 * MR, RG = 12 * NR };
 typedef struct {
     real* xt;  /* (RG/NR, KC, NR): KC columns of the task's rows, NR rows a panel   */
     real* ct;  /* (fc, ldt): the task's sums, out^T; ldt = rg and a cache line  */
-    real* row; /* (FCHUNK): one row of out before the epilogue                     */
+    real* row; /* (VLEN, fc): VLEN rows of out before the epilogue                 */
     int64_t ldt;
     void* block;
 } workspace;
@@ -183,7 +183,7 @@ static int workspace_alloc(workspace* ws, int64_t rg, int64_t fc)
     ws->ldt = rg + 64 / (int64_t)sizeof(real);
     const int64_t xt_bytes = round_up(rg * KC * (int64_t)sizeof(real), 64);
     const int64_t ct_bytes = round_up(fc * ws->ldt * (int64_t)sizeof(real), 64);
-    const int64_t row_bytes = round_up(fc * (int64_t)sizeof(real), 64);
+    const int64_t row_bytes = round_up(VLEN * fc * (int64_t)sizeof(real), 64);
     if (posix_memalign(&ws->block, 64, (size_t)(xt_bytes + ct_bytes + row_bytes)) != 0) return -1;
     ws->xt = (real*)ws->block;
     ws->ct = (real*)((char*)ws->block + xt_bytes);
@@ -192,19 +192,50 @@ static int workspace_alloc(workspace* ws, int64_t rg, int64_t fc)
 }
 
 /* dst (K, NR) = K columns of rows [first, first + count) of src (rows at
- * src_row), transposed; columns past count are 0. Each source row is read
- * straight through; the writes go down a column. */
+ * src_row), transposed; columns past count are 0. A full panel goes
+ * VLEN x VLEN blocks at a time through the registers (v_transpose). */
 static void transpose_panel(real* dst, const real* src, int64_t src_row, int64_t K, int64_t first,
                             int64_t count)
 {
+    int64_t k0 = 0;
+    if (count == NR) {
+        for (; k0 + VLEN <= K; k0 += VLEN)
+#pragma GCC unroll 4
+            for (int h = 0; h < NV; h++) {
+                vreal r[VLEN];
+#pragma GCC unroll 16
+                for (int t = 0; t < VLEN; t++) r[t] = v_load(src + (first + h * VLEN + t) * src_row + k0);
+                v_transpose(r);
+#pragma GCC unroll 16
+                for (int t = 0; t < VLEN; t++) v_store(dst + (k0 + t) * NR + h * VLEN, r[t]);
+            }
+    }
     for (int64_t j = 0; j < NR; j++) {
         if (j < count) {
             const real* row = src + (first + j) * src_row;
-            for (int64_t k = 0; k < K; k++) dst[k * NR + j] = row[k];
+            for (int64_t k = k0; k < K; k++) dst[k * NR + j] = row[k];
         } else {
-            for (int64_t k = 0; k < K; k++) dst[k * NR + j] = 0;
+            for (int64_t k = k0; k < K; k++) dst[k * NR + j] = 0;
         }
     }
+}
+
+/* rows (VLEN, ld_rows) = the columns [m, m + VLEN) of ct (fc, ldt): VLEN of
+ * the task's rows of out, turned back from ct's layout, VLEN x VLEN blocks
+ * at a time through the registers */
+static void turn_back(real* rows, int64_t ld_rows, const real* ct, int64_t ldt, int64_t m, int64_t fc)
+{
+    int64_t i = 0;
+    for (; i + VLEN <= fc; i += VLEN) {
+        vreal r[VLEN];
+#pragma GCC unroll 16
+        for (int t = 0; t < VLEN; t++) r[t] = v_load(ct + (i + t) * ldt + m);
+        v_transpose(r);
+#pragma GCC unroll 16
+        for (int t = 0; t < VLEN; t++) v_store(rows + t * ld_rows + i, r[t]);
+    }
+    for (; i < fc; i++)
+        for (int t = 0; t < VLEN; t++) rows[t * ld_rows + i] = ct[i * ldt + m + t];
 }
 
 /* alpha for the micro-kernel: C = 1 * C + A @ B adds a block of K to C */
@@ -227,11 +258,19 @@ static void rows_task(const workspace* ws, real* out, const real* x, int64_t x_r
                 micro_kernel(ws->ct + (n - n0) * ws->ldt + p * NR, ws->ldt, w + n * w_row + k0, w_row, 1,
                              ws->xt + p * kc * NR, NR, kc, min_i64(MR, n1 - n), k0 ? ONES : NULL);
     }
-    for (int64_t m = m0; m < m1; m++) {
+    const int64_t fc = n1 - n0;
+    int64_t m = m0;
+    for (; m + VLEN <= m1; m += VLEN) {
+        turn_back(ws->row, fc, ws->ct, ws->ldt, m - m0, fc);
+        for (int t = 0; t < VLEN; t++)
+            epilogue(out + (m + t) * N + n0, ws->row + t * fc, bias ? bias + n0 : NULL,
+                     residual ? residual + (m + t) * N + n0 : NULL, fc, kind);
+    }
+    for (; m < m1; m++) {
         const real* column = ws->ct + (m - m0);
-        for (int64_t i = 0; i < n1 - n0; i++) ws->row[i] = column[i * ws->ldt];
+        for (int64_t i = 0; i < fc; i++) ws->row[i] = column[i * ws->ldt];
         epilogue(out + m * N + n0, ws->row, bias ? bias + n0 : NULL, residual ? residual + m * N + n0 : NULL,
-                 n1 - n0, kind);
+                 fc, kind);
     }
 }
 
@@ -568,3 +607,4 @@ int KERNEL(linear_backward)(real* dx, real* dw, real* dbias, const real* dy, con
     }
     return 0;
 }
+

@@ -89,6 +89,8 @@ AK_INLINE vreal v_div(vreal a, vreal b) { return a / b; }
 AK_INLINE double v_reduce_add(vreal v) { return (double)v; }
 AK_INLINE real v_reduce_max(vreal v) { return v; }
 AK_INLINE void v_lanes(real* dst, vreal v) { *dst = v; }
+/* r[i] lane j <-> r[j] lane i: a VLEN x VLEN block transposed in registers */
+AK_INLINE void v_transpose(vreal r[VLEN]) { (void)r; }
 /* Never called with VLEN == 1 (0 < n < VLEN is empty), defined for symmetry. */
 AK_INLINE vreal v_load_part(const real* p, int64_t n, real fill) { return n > 0 ? *p : fill; }
 AK_INLINE void v_store_part(real* p, vreal v, int64_t n) { if (n > 0) *p = v; }
@@ -138,6 +140,23 @@ AK_INLINE real v_reduce_max(vreal v) {
     return _mm_cvtss_f32(m);
 }
 AK_INLINE void v_lanes(real* dst, vreal v) { _mm256_storeu_ps(dst, v); }
+AK_INLINE void v_transpose(vreal r[VLEN]) {
+    __m256 t[8], u[8];
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {
+        u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+        u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+        u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+        u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+    }
+    for (int i = 0; i < 4; i++) {
+        r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+        r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+    }
+}
 AK_INLINE __m256i lanes_below_(int64_t n) {
     return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
@@ -179,6 +198,14 @@ AK_INLINE real v_reduce_max(vreal v) {
     return _mm_cvtsd_f64(m);
 }
 AK_INLINE void v_lanes(real* dst, vreal v) { _mm256_storeu_pd(dst, v); }
+AK_INLINE void v_transpose(vreal r[VLEN]) {
+    const __m256d t0 = _mm256_unpacklo_pd(r[0], r[1]), t1 = _mm256_unpackhi_pd(r[0], r[1]);
+    const __m256d t2 = _mm256_unpacklo_pd(r[2], r[3]), t3 = _mm256_unpackhi_pd(r[2], r[3]);
+    r[0] = _mm256_permute2f128_pd(t0, t2, 0x20);
+    r[1] = _mm256_permute2f128_pd(t1, t3, 0x20);
+    r[2] = _mm256_permute2f128_pd(t0, t2, 0x31);
+    r[3] = _mm256_permute2f128_pd(t1, t3, 0x31);
+}
 AK_INLINE __m256i lanes_below_(int64_t n) {
     return _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3));
 }
@@ -256,6 +283,28 @@ AK_INLINE real v_reduce_max(vreal v) {
     return _mm_cvtss_f32(m);
 }
 AK_INLINE void v_lanes(real* dst, vreal v) { _mm512_storeu_ps(dst, v); }
+/* block-swap transpose: at each scale b, rows i and i + b exchange their
+ * off-diagonal b-lane blocks (lane l of a permutex2var index: bit 4 picks
+ * the second operand) */
+AK_INLINE void v_transpose(vreal r[VLEN]) {
+#pragma GCC unroll 4
+    for (int b = 8; b >= 1; b /= 2) {
+        int32_t lo[16], hi[16];
+#pragma GCC unroll 16
+        for (int l = 0; l < 16; l++) {
+            lo[l] = (l & b) ? 16 + l - b : l;
+            hi[l] = (l & b) ? 16 + l : l + b;
+        }
+        const __m512i ilo = _mm512_loadu_si512(lo), ihi = _mm512_loadu_si512(hi);
+#pragma GCC unroll 16
+        for (int i = 0; i < 16; i++) {
+            if (i & b) continue;
+            const __m512 a = r[i], c = r[i + b];
+            r[i] = _mm512_permutex2var_ps(a, ilo, c);
+            r[i + b] = _mm512_permutex2var_ps(a, ihi, c);
+        }
+    }
+}
 AK_INLINE vmask lanes_below_(int64_t n) { return (vmask)((1u << n) - 1u); }
 AK_INLINE vreal v_load_part(const real* p, int64_t n, real fill) {
     return _mm512_mask_loadu_ps(_mm512_set1_ps(fill), lanes_below_(n), p);
@@ -291,6 +340,25 @@ AK_INLINE real v_reduce_max(vreal v) {
     return _mm_cvtsd_f64(m);
 }
 AK_INLINE void v_lanes(real* dst, vreal v) { _mm512_storeu_pd(dst, v); }
+AK_INLINE void v_transpose(vreal r[VLEN]) { /* as the float one, 8 lanes */
+#pragma GCC unroll 3
+    for (int b = 4; b >= 1; b /= 2) {
+        int64_t lo[8], hi[8];
+#pragma GCC unroll 8
+        for (int l = 0; l < 8; l++) {
+            lo[l] = (l & b) ? 8 + l - b : l;
+            hi[l] = (l & b) ? 8 + l : l + b;
+        }
+        const __m512i ilo = _mm512_loadu_si512(lo), ihi = _mm512_loadu_si512(hi);
+#pragma GCC unroll 8
+        for (int i = 0; i < 8; i++) {
+            if (i & b) continue;
+            const __m512d a = r[i], c = r[i + b];
+            r[i] = _mm512_permutex2var_pd(a, ilo, c);
+            r[i + b] = _mm512_permutex2var_pd(a, ihi, c);
+        }
+    }
+}
 AK_INLINE vmask lanes_below_(int64_t n) { return (vmask)((1u << n) - 1u); }
 AK_INLINE vreal v_load_part(const real* p, int64_t n, real fill) {
     return _mm512_mask_loadu_pd(_mm512_set1_pd(fill), lanes_below_(n), p);
