@@ -18,6 +18,18 @@ enum { MR = 4, NV = 4 };
 #endif
 enum { NR = NV * VLEN };
 
+/* C's first mr rows = acc, or alpha[i] * C + acc */
+AK_INLINE void store_tile(real* c, int64_t ldc, vreal acc[MR][NV], int64_t mr, const real* alpha)
+{
+    for (int i = 0; i < mr; i++) {
+#pragma GCC unroll 4
+        for (int j = 0; j < NV; j++) {
+            real* cp = c + i * ldc + j * VLEN;
+            v_store(cp, alpha ? v_fma(v_set1(alpha[i]), v_load(cp), acc[i][j]) : acc[i][j]);
+        }
+    }
+}
+
 /* ---------------------------------------------------------------------------
  * The micro-kernel: attention's two products and the linear layer's GEMM.
  *
@@ -50,13 +62,7 @@ AK_INLINE void micro_kernel(real* c, int64_t ldc, const real* a, int64_t a_row, 
             for (int j = 0; j < NV; j++) acc[i][j] = v_fma(av, bv[j], acc[i][j]);
         }
     }
-    for (int i = 0; i < mr; i++) {
-#pragma GCC unroll 4
-        for (int j = 0; j < NV; j++) {
-            real* cp = c + i * ldc + j * VLEN;
-            v_store(cp, alpha ? v_fma(v_set1(alpha[i]), v_load(cp), acc[i][j]) : acc[i][j]);
-        }
-    }
+    store_tile(c, ldc, acc, mr, alpha);
 }
 
 
@@ -81,13 +87,7 @@ AK_INLINE void micro_kernel_packed(real* c, int64_t ldc, const real* a, const re
             for (int j = 0; j < NV; j++) acc[i][j] = v_fma(av, bv[j], acc[i][j]);
         }
     }
-    for (int i = 0; i < mr; i++) {
-#pragma GCC unroll 4
-        for (int j = 0; j < NV; j++) {
-            real* cp = c + i * ldc + j * VLEN;
-            v_store(cp, alpha ? v_fma(v_set1(alpha[i]), v_load(cp), acc[i][j]) : acc[i][j]);
-        }
-    }
+    store_tile(c, ldc, acc, mr, alpha);
 }
 
 

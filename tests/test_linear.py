@@ -1,15 +1,14 @@
 """attnkit's GEMM (F.linear, csrc/gemm.c) against attnkit.reference, on every
 SIMD path: both of its paths (few rows, many rows), every activation in its
 epilogue, odd shapes, layouts, thread counts, and edits to the weight."""
-import contextlib
 import time
 
 import numpy as np
 import pytest
 
-import attnkit
 from attnkit import nn, reference
 from attnkit import functional as F
+from threads import thread_count
 from accuracy import assert_accurate, assert_nonfinite_match, torch_or_skip
 
 DTYPES = [np.float32, np.float64]
@@ -20,16 +19,6 @@ ROWS = [1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 24, 25, 33, 47, 100, 257]
 # under the sanitizers with AVX-512 emulated, a hundred times slower.
 SHAPES = [(1, 1), (7, 13), (16, 16), (59, 113), (384, 29), (1031, 9)]
 ACTIVATIONS = [None, "relu", "gelu", "gelu_tanh", "silu"]
-
-
-@contextlib.contextmanager
-def thread_count(n):
-    before = attnkit.get_num_threads()
-    attnkit.set_num_threads(n)
-    try:
-        yield
-    finally:
-        attnkit.set_num_threads(before)
 
 
 def composed(x, w, b, activation, dtype):

@@ -3,13 +3,12 @@ product): dx = dy @ W, dW += dy^T x, db += column sums of dy, against a
 higher-precision reference on every SIMD path, for both weight layouts
 (PyTorch's rows, and stored transposed), accumulation, thread counts,
 PyTorch's autograd, and bad input."""
-import contextlib
 
 import numpy as np
 import pytest
 
-import attnkit
 from attnkit import functional as F
+from threads import thread_count
 from accuracy import assert_accurate, torch_or_skip
 
 DTYPES = [np.float32, np.float64]
@@ -17,16 +16,6 @@ DTYPES = [np.float32, np.float64]
 # enough for the sanitized, AVX-512-emulated run
 ROWS = [1, 3, 13, 97, 300]
 SHAPES = [(1, 1), (7, 13), (40, 33), (129, 70)]        # (K, N)
-
-
-@contextlib.contextmanager
-def thread_count(n):
-    before = attnkit.get_num_threads()
-    attnkit.set_num_threads(n)
-    try:
-        yield
-    finally:
-        attnkit.set_num_threads(before)
 
 
 def operands(rng, M, K, N, dtype):
