@@ -31,6 +31,7 @@
 enum { FEW_ROWS = 24 };
 /* the few-rows path's register block, and the features a task takes */
 enum { DR = 4, DF = 4, FEW_FEATURES = 64 };
+_Static_assert((DR * DF) % VLEN == 0, "the lane sums go VLEN accumulators at a time");
 /* how far ahead along a row of w the few-rows path asks for it, in reals */
 enum { PREFETCH_AHEAD = 1024 / (int)sizeof(real) };
 /* both paths sum K in blocks of KC (a multiple of every VLEN); the rows
@@ -108,8 +109,24 @@ AK_INLINE void dot_block(real* out, int64_t N, const real* x, int64_t x_row, con
 #pragma GCC unroll 4
             for (int j = 0; j < DF; j++) total[i][j] = v_add(total[i][j], acc[i][j]);
     }
+    /* each accumulator's lanes summed, VLEN accumulators at a time: once
+     * transposed, adding the rows (a tree) gives their VLEN sums in one
+     * vector, a few shuffles each instead of a reduction each */
+    real sums[DR * DF];
+#pragma GCC unroll 16
+    for (int g = 0; g < DR * DF; g += VLEN) {
+        vreal r[VLEN];
+#pragma GCC unroll 16
+        for (int t = 0; t < VLEN; t++) r[t] = total[(g + t) / DF][(g + t) % DF];
+        v_transpose(r);
+#pragma GCC unroll 4
+        for (int step = 1; step < VLEN; step *= 2)
+#pragma GCC unroll 8
+            for (int t = 0; t + step < VLEN; t += 2 * step) r[t] = v_add(r[t], r[t + step]);
+        v_lanes(sums + g, r[0]);
+    }
     for (int i = 0; i < dr; i++)
-        for (int j = 0; j < df; j++) out[(m0 + i) * N + n0 + j] = (real)v_reduce_add(total[i][j]);
+        for (int j = 0; j < df; j++) out[(m0 + i) * N + n0 + j] = sums[i * DF + j];
 }
 
 /* features [n0, n1) of every row */
