@@ -1,24 +1,32 @@
 /*
- * gemm.c: a linear layer's product on attnkit's threads,
+ * gemm.c: a linear layer's products on attnkit's threads,
  *
- *   out (M, N) = f(x (M, K) @ w (N, K)^T + bias (N))
+ *   out (M, N) = f(x (M, K) @ w (N, K)^T + bias (N)) + residual (M, N)
+ *   dx (M, K) = dy (M, N) @ w;  dw (N, K) += dy^T @ x;  dbias (N) += sum of dy's rows
  *
- * with f one of attnkit_bias_activation's kinds, applied as each task's
- * last step while its rows are still in cache. The contract is in
- * attnkit.h; simd.h says which ISA and precision.
+ * with f one of attnkit_bias_activation's kinds, applied (and the residual
+ * added) as each task's last step while its rows are still in cache. The
+ * contract is in attnkit.h; simd.h says which ISA and precision.
  *
- * w is read in place, in PyTorch's (out_features, in_features) layout, and
- * never cached or packed: a weight edited in place (lin.weight[:] = w, an
- * optimiser's step) is what the next call sees, with no copy to go stale.
+ * w is read in place, in PyTorch's (out_features, in_features) layout or
+ * stored transposed, and never cached or packed beyond a task: a weight
+ * edited in place (lin.weight[:] = w, an optimiser's step) is what the next
+ * call sees, with no copy to go stale.
  *
- * Two paths, chosen by M alone, so that no result depends on the number of
- * threads (each output element is summed by one thread, in one order):
+ * The paths, chosen by the shapes alone, so that no result depends on the
+ * number of threads (each output element is summed by one thread, in one
+ * order):
  *
- *  rows path (M > FEW_ROWS): the micro-kernel (tiles.h) on tiles of out^T,
- *    w's rows broadcast in place and x's rows transposed per task (below).
+ *  rows path (M > FEW_ROWS, w's rows along K): the micro-kernel (tiles.h)
+ *    on tiles of out^T, w's rows broadcast in place and x's rows transposed
+ *    per task, VLEN x VLEN blocks through the registers (below).
  *  few rows (decoding, a sentence of a few tokens): dot products along K,
- *    DR rows by DF features at a time in DR*DF vector accumulators, each
- *    reduced once; w is read once, at memory speed.
+ *    DR rows by DF features at a time in DR*DF vector accumulators, their
+ *    lanes summed together through one transpose; w is read once, at
+ *    memory speed, its rows prefetched ahead.
+ *  the product (w stored transposed, and both products of the backward):
+ *    C (+)= A @ B with A read at any strides, BLIS's loop order; few rows
+ *    against a transposed w go through axpy tiles instead.
  */
 #include <stdlib.h>
 
