@@ -56,6 +56,17 @@ static void epilogue(real* out, const real* x, const real* bias, const real* res
         for (int64_t j = 0; j < n; j++) out[j] += residual[j];
 }
 
+/* The epilogue in place on features [n0, n1) of rows [m0, m1) of c (rows at
+ * ldc; residual's rows at ldc too), when there is one to apply. */
+static void finish_rows(real* c, int64_t ldc, const real* bias, const real* residual, int kind, int64_t m0,
+                        int64_t m1, int64_t n0, int64_t n1)
+{
+    if (!bias && kind == ATTNKIT_IDENTITY && !residual) return;
+    for (int64_t m = m0; m < m1; m++)
+        epilogue(c + m * ldc + n0, c + m * ldc + n0, bias ? bias + n0 : NULL,
+                 residual ? residual + m * ldc + n0 : NULL, n1 - n0, kind);
+}
+
 /* ---------------------------------------------------------------------------
  * The few-rows path
  */
@@ -154,10 +165,7 @@ static void few_rows_task(real* out, const real* x, int64_t x_row, const real* w
             else dot_block(out, N, x, x_row, w, w_row, K, m, n, dr, df);
         }
     }
-    if (bias || kind != ATTNKIT_IDENTITY || residual)
-        for (int64_t m = 0; m < M; m++)
-            epilogue(out + m * N + n0, out + m * N + n0, bias ? bias + n0 : NULL,
-                     residual ? residual + m * N + n0 : NULL, n1 - n0, kind);
+    finish_rows(out, N, bias, residual, kind, 0, M, n0, n1);
 }
 
 static void few_rows(real* out, const real* x, int64_t x_row, const real* w, int64_t w_row,
@@ -329,20 +337,21 @@ static int rows_path(real* out, const real* x, int64_t x_row, const real* w, int
 
 /* ---------------------------------------------------------------------------
  * The product: C (M, N) = A (M, K) @ B (K, N), or C += A @ B, then
- * C's rows = f(C's rows + bias) when a bias or an activation is asked for.
+ * C's rows = f(C's rows + bias) + residual when there is an epilogue.
  * A's element (m, k) is a[m*a_row + k*a_k], any strides (x, dy, or dy^T
  * read in place); B's row k is b + k*ldb, contiguous; C's row m is
  * c + m*ldc. The linear layer with its weight stored transposed (w^T is
  * B) and both products of its backward are this.
  *
- * BLIS's loop order, without a pass over A: a task (rows [m0, m1) x
- * features [n0, n1)) copies B's KC x NR micro-panels into its workspace
- * (contiguous, so that a panel stays in L1: B's rows read in place, 2^k
- * bytes apart, would all fall into a few cache sets), then runs the
- * micro-kernel down its rows for each panel, A broadcast in place. C is
- * written where it lies; each block of K is added in order, so the order
- * of every sum is fixed by the shape. A task of a single tile of rows reads
- * B in place: it meets each panel once, and a copy would cost as much.
+ * BLIS's loop order: for each block of K, a task (rows [m0, m1) x
+ * features [n0, n1)) packs its rows of A into MR-wide micro-panels and
+ * copies B's KC x NR micro-panels into its workspace (contiguous, so that a
+ * panel stays in L1: B's rows read in place, 2^k bytes apart, would all
+ * fall into a few cache sets), then runs the packed micro-kernel down its
+ * rows for each panel. C is written where it lies; each block of K is added
+ * in order, so the order of every sum is fixed by the shape. A task of a
+ * single tile of rows reads A and B in place: it meets each panel once,
+ * and a copy would cost as much.
  * ------------------------------------------------------------------------- */
 enum { PG = 8 * MR, PCHUNK = 4 * NR };
 
@@ -429,10 +438,7 @@ static void product_task(const product_workspace* ws, real* c, int64_t ldc, cons
         }
     }
     if (tail) copy_block(c_tail, ldc, ws->tail, NR, rows, tail);
-    if (bias || kind != ATTNKIT_IDENTITY || residual)
-        for (int64_t m = m0; m < m1; m++)
-            epilogue(c + m * ldc + n0, c + m * ldc + n0, bias ? bias + n0 : NULL,
-                     residual ? residual + m * ldc + n0 : NULL, n1 - n0, kind);
+    finish_rows(c, ldc, bias, residual, kind, m0, m1, n0, n1);
 }
 
 static int product(real* c, int64_t ldc, const real* a, int64_t a_row, int64_t a_k, const real* b,
@@ -441,11 +447,10 @@ static int product(real* c, int64_t ldc, const real* a, int64_t a_row, int64_t a
 {
     if (M == 0 || N == 0) return 0;
     if (K == 0) { /* an empty sum */
-        for (int64_t m = 0; m < M; m++) {
-            if (!accumulate)
+        if (!accumulate)
+            for (int64_t m = 0; m < M; m++)
                 for (int64_t n = 0; n < N; n++) c[m * ldc + n] = 0;
-            epilogue(c + m * ldc, c + m * ldc, bias, residual ? residual + m * ldc : NULL, N, kind);
-        }
+        finish_rows(c, ldc, bias, residual, kind, 0, M, 0, N);
         return 0;
     }
     /* A task packs its rows of A once for all its features: the more
@@ -577,10 +582,7 @@ static void few_rows_transposed(real* out, const real* x, int64_t x_row, const r
             for (int64_t m = 0; m < M; m += TR)
                 axpy_rows(out + m * N + n, N, x + m * x_row, x_row, wt + n, ldw, K, min_i64(TWIDTH, n1 - n),
                           (int)min_i64(TR, M - m));
-        if (bias || kind != ATTNKIT_IDENTITY || residual)
-            for (int64_t m = 0; m < M; m++)
-                epilogue(out + m * N + n0, out + m * N + n0, bias ? bias + n0 : NULL,
-                         residual ? residual + m * N + n0 : NULL, n1 - n0, kind);
+        finish_rows(out, N, bias, residual, kind, 0, M, n0, n1);
     }
 }
 

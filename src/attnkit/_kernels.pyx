@@ -171,6 +171,18 @@ cdef check_rows(cnp.ndarray a, cnp.ndarray like, str what):
         raise ValueError(f"{what}: rows of shape {shape_of(a)} are not contiguous")
 
 
+cdef void* optional_matrix(object v, int64_t rows, int64_t cols, int type_num, str what,
+                           bint writable) except? NULL:
+    """Data pointer of a C-contiguous (rows, cols) array, or NULL for None."""
+    if v is None:
+        return NULL
+    cdef cnp.ndarray a = <cnp.ndarray?>v
+    check_float_operand(a, 2, type_num, what, writable)
+    if a.shape[0] != rows or a.shape[1] != cols or not cnp.PyArray_IS_C_CONTIGUOUS(a):
+        raise ValueError(f"{what}: expected a C-contiguous ({rows}, {cols}), got {shape_of(a)}")
+    return cnp.PyArray_DATA(a)
+
+
 cdef void* optional_vector(object v, int64_t length, int type_num, str what, bint writable) except? NULL:
     """Data pointer of a contiguous 1-D array of `length` elements, or NULL for None."""
     if v is None:
@@ -553,14 +565,7 @@ def linear(cnp.ndarray out, cnp.ndarray x, cnp.ndarray w, object bias, str name,
         raise ValueError("linear: the output must be C-contiguous")
     cdef int64_t x_row = rows_stride(x, "linear input")
     cdef const void* pb = optional_vector(bias, N, type_num, "linear bias", False)
-    cdef const void* pr = NULL
-    cdef cnp.ndarray r
-    if residual is not None:
-        r = <cnp.ndarray?>residual
-        check_float_operand(r, 2, type_num, "linear residual", False)
-        if r.shape[0] != M or r.shape[1] != N or not cnp.PyArray_IS_C_CONTIGUOUS(r):
-            raise ValueError(f"linear residual: expected a C-contiguous ({M}, {N}), got {shape_of(r)}")
-        pr = cnp.PyArray_DATA(r)
+    cdef const void* pr = optional_matrix(residual, M, N, type_num, "linear residual", False)
     if M == 0 or N == 0:
         return out
     cdef void* po = cnp.PyArray_DATA(out)
@@ -602,15 +607,8 @@ def linear_backward(object dx, object dw, object dbias, cnp.ndarray dy, cnp.ndar
         raise ValueError("linear_backward: grad_output must be C-contiguous")
     cdef int64_t x_row = rows_stride(x, "linear_backward input")
     cdef cnp.ndarray a
-    cdef void* pdx = NULL
+    cdef void* pdx = optional_matrix(dx, M, K, type_num, "linear_backward grad_input", True)
     cdef void* pdw = NULL
-    if dx is not None:
-        a = <cnp.ndarray?>dx
-        check_float_operand(a, 2, type_num, "linear_backward grad_input", True)
-        if a.shape[0] != M or a.shape[1] != K or not cnp.PyArray_IS_C_CONTIGUOUS(a):
-            raise ValueError(f"linear_backward grad_input: expected a C-contiguous ({M}, {K}), "
-                             f"got {shape_of(a)}")
-        pdx = cnp.PyArray_DATA(a)
     if dw is not None:
         a = <cnp.ndarray?>dw
         check_weight(a, type_num, "linear_backward grad_weight", True, &dw_n, &dw_k)

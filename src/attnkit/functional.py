@@ -680,9 +680,7 @@ def linear_backward(grad_output, x, weight, *, input_grad=True, weight_grad=None
     dw, db = accumulators
     M = math.prod(dy.shape[:-1])
     rows = _contiguous(dy.reshape(M, N))
-    x_rows = x.reshape(M, K)
-    if K > 1 and x_rows.strides[1] != x.itemsize or not x_rows.flags.aligned:
-        x_rows = np.ascontiguousarray(x_rows)
+    x_rows = _readable_as(x, (M, K), 1)
     dx = np.empty(x_rows.shape, dy.dtype) if input_grad else None
     # accumulators the kernel cannot write in place go through a copy
     dw_kernel = dw if dw is None or _kernels.has_weight_layout(dw) else np.zeros((N, K), dy.dtype)

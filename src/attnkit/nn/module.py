@@ -172,10 +172,8 @@ class Module:
         return self
 
     def _parameter_dtype(self):
-        """The dtype of the first parameter, or None when there is none."""
-        for value in self._parameters.values():
-            if value is not None:
-                return value.dtype
+        """The dtype of the first parameter (named_parameters gives the
+        module's own first, so this stops there), or None when there is none."""
         for _, value in self.named_parameters():
             return value.dtype
         return None
