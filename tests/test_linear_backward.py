@@ -141,6 +141,45 @@ def test_matches_pytorch_autograd(dtype, M, rng):
     np.testing.assert_allclose(db, tb.grad.numpy(), **tol)
 
 
+@pytest.mark.parametrize("layout", ["rows", "transposed"])
+def test_matches_float64_finite_differences(layout, rng):
+    """Central differences of loss = sum(dy * (x @ W.T + b)) in float64: the
+    loss is linear in each argument, so they are exact but for rounding."""
+    M, K, N = 5, 7, 6
+    x, w, dy = operands(rng, M, K, N, np.float64)
+    b = rng.standard_normal(N)
+    weight = layouts(w)[layout]
+    dx, dw, db = F.linear_backward(dy, x, weight)
+
+    def loss(x_, w_, b_):
+        return float(np.sum(dy * F.linear(x_, w_, b_)))
+
+    def numeric(array, bump):
+        grad = np.empty(array.shape)
+        for index in np.ndindex(array.shape):
+            up, down = array.copy(), array.copy()
+            up[index] += 1e-6
+            down[index] -= 1e-6
+            grad[index] = (bump(up) - bump(down)) / 2e-6
+        return grad
+
+    np.testing.assert_allclose(dx, numeric(x, lambda v: loss(v, weight, b)), rtol=1e-7, atol=1e-8)
+    np.testing.assert_allclose(dw, numeric(w, lambda v: loss(x, v, b)), rtol=1e-7, atol=1e-8)
+    np.testing.assert_allclose(db, numeric(b, lambda v: loss(x, weight, v)), rtol=1e-7, atol=1e-8)
+
+
+def test_a_weight_in_neither_layout_is_copied(rng):
+    """Neither rows nor columns contiguous: the functions read a copy, with
+    the result the contiguous weight gives."""
+    x, w, dy = operands(rng, 30, 9, 11, np.float32)
+    spread = np.zeros((22, 18), np.float32)
+    spread[::2, ::2] = w
+    weight = spread[::2, ::2]
+    for got, want in zip(F.linear_backward(dy, x, weight), F.linear_backward(dy, x, w)):
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(F.linear(x, weight), F.linear(x, w))
+
+
 def test_bad_input_raises_clear_errors(rng):
     x, w, dy = operands(rng, 4, 6, 3, np.float32)
     with pytest.raises(ValueError, match=r"grad_output \(\.\.\., 3\) and input \(\.\.\., 6\).*got grad_output "
