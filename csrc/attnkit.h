@@ -56,10 +56,6 @@ typedef struct {
     int log;                     /* 0: softmax, 1: log_softmax        */
 } attnkit_softmax_args;
 
-void attnkit_softmax_f32(float* out, const float* x, const uint8_t* where,
-                         const attnkit_softmax_args* args);
-void attnkit_softmax_f64(double* out, const double* x, const uint8_t* where,
-                         const attnkit_softmax_args* args);
 
 /* ---------------------------------------------------------------------------
  * Layer norm over rows: x (N, C), rows at x_row_stride, each row contiguous.
@@ -72,14 +68,6 @@ void attnkit_softmax_f64(double* out, const double* x, const uint8_t* where,
  *   and the mean is refined by a second pass, so a row like 1e4 + small noise
  *   loses nothing to cancellation.
  * ------------------------------------------------------------------------- */
-void attnkit_layer_norm_f32(float* out, float* mean, float* rstd,
-                            const float* x, const float* weight, const float* bias,
-                            int64_t N, int64_t C, int64_t out_row_stride,
-                            int64_t x_row_stride, double eps);
-void attnkit_layer_norm_f64(double* out, double* mean, double* rstd,
-                            const double* x, const double* weight, const double* bias,
-                            int64_t N, int64_t C, int64_t out_row_stride,
-                            int64_t x_row_stride, double eps);
 
 /* ---------------------------------------------------------------------------
  * RMS norm over rows: x (N, C) as for layer norm.
@@ -87,12 +75,6 @@ void attnkit_layer_norm_f64(double* out, double* mean, double* rstd,
  *   rrms = 1 / sqrt(sum(x^2) / C + eps)   (N)  may be NULL
  *   out  = x * rrms * weight              (N, C); weight (C) may be NULL
  * ------------------------------------------------------------------------- */
-void attnkit_rms_norm_f32(float* out, float* rrms, const float* x, const float* weight,
-                          int64_t N, int64_t C, int64_t out_row_stride,
-                          int64_t x_row_stride, double eps);
-void attnkit_rms_norm_f64(double* out, double* rrms, const double* x, const double* weight,
-                          int64_t N, int64_t C, int64_t out_row_stride,
-                          int64_t x_row_stride, double eps);
 
 /* ---------------------------------------------------------------------------
  * Scaled dot-product attention, fused in the FlashAttention manner: the
@@ -153,12 +135,6 @@ typedef struct {
  * `weights` (B, H, L, S) must be given too and is used as scratch.
  * Returns 0, or -1 when its workspace (a few hundred KB a thread) cannot be
  * allocated. */
-int attnkit_attention_f32(float* out, float* lse, float* weights, const float* q,
-                          const float* k, const float* v, const void* mask,
-                          const attnkit_attention_args* args);
-int attnkit_attention_f64(double* out, double* lse, double* weights, const double* q,
-                          const double* k, const double* v, const void* mask,
-                          const attnkit_attention_args* args);
 
 /* Dropout's keep decision for element (bh = b*H + h, i, j): 1 to keep.
  * A counter-based hash of (seed, bh, i, j), so the same seed drops the same
@@ -195,10 +171,6 @@ static inline int attnkit_dropout_keep(uint32_t row_key, uint32_t j, uint32_t th
  *   ATTNKIT_RELU       max(x, 0); NaN stays NaN
  * ------------------------------------------------------------------------- */
 enum { ATTNKIT_GELU_ERF = 0, ATTNKIT_GELU_TANH = 1, ATTNKIT_SILU = 2, ATTNKIT_IDENTITY = 3, ATTNKIT_RELU = 4 };
-void attnkit_bias_activation_f32(float* out, const float* x, const float* bias, int64_t rows, int64_t cols,
-                                 int kind);
-void attnkit_bias_activation_f64(double* out, const double* x, const double* bias, int64_t rows,
-                                 int64_t cols, int kind);
 
 /* ---------------------------------------------------------------------------
  * A linear layer, torch.nn.functional.linear with its tail fused, and its
@@ -217,18 +189,21 @@ void attnkit_bias_activation_f64(double* out, const double* x, const double* bia
  * the thread count. Return 0, or -1 when a thread's workspace cannot be
  * allocated.
  * ------------------------------------------------------------------------- */
-int attnkit_linear_f32(float* out, const float* x, const float* w, const float* bias,
-                       const float* residual, int64_t M, int64_t N, int64_t K, int64_t x_row,
-                       int64_t w_n, int64_t w_k, int kind);
-int attnkit_linear_f64(double* out, const double* x, const double* w, const double* bias,
-                       const double* residual, int64_t M, int64_t N, int64_t K, int64_t x_row,
-                       int64_t w_n, int64_t w_k, int kind);
-int attnkit_linear_backward_f32(float* dx, float* dw, float* dbias, const float* dy, const float* x,
-                                const float* w, int64_t M, int64_t N, int64_t K, int64_t x_row,
-                                int64_t w_n, int64_t w_k, int64_t dw_n, int64_t dw_k);
-int attnkit_linear_backward_f64(double* dx, double* dw, double* dbias, const double* dy,
-                                const double* x, const double* w, int64_t M, int64_t N, int64_t K,
-                                int64_t x_row, int64_t w_n, int64_t w_k, int64_t dw_n, int64_t dw_k);
+
+/* ---------------------------------------------------------------------------
+ * The entry points, declared from the one list of kernels (kernels.def):
+ * attnkit_<name>_f32 with REAL = float and attnkit_<name>_f64 with double.
+ * ------------------------------------------------------------------------- */
+#define REAL float
+#define ATTNKIT_KERNEL(returns, name, params, args) returns attnkit_##name##_f32 params;
+#include "kernels.def"
+#undef ATTNKIT_KERNEL
+#undef REAL
+#define REAL double
+#define ATTNKIT_KERNEL(returns, name, params, args) returns attnkit_##name##_f64 params;
+#include "kernels.def"
+#undef ATTNKIT_KERNEL
+#undef REAL
 
 /* ---------------------------------------------------------------------------
  * Instruction sets. Each kernel is built three times from one source; the

@@ -26,95 +26,61 @@
 /* ---------------------------------------------------------------------------
  * The kernel table, one row per instruction set.
  */
-#define DECLARE_KERNELS(isa)                                                                    \
-    void attnkit_softmax_f32_##isa(float*, const float*, const uint8_t*,                       \
-                                   const attnkit_softmax_args*);                               \
-    void attnkit_softmax_f64_##isa(double*, const double*, const uint8_t*,                     \
-                                   const attnkit_softmax_args*);                               \
-    void attnkit_layer_norm_f32_##isa(float*, float*, float*, const float*, const float*,      \
-                                      const float*, int64_t, int64_t, int64_t, int64_t, double); \
-    void attnkit_layer_norm_f64_##isa(double*, double*, double*, const double*, const double*, \
-                                      const double*, int64_t, int64_t, int64_t, int64_t,       \
-                                      double);                                                 \
-    void attnkit_rms_norm_f32_##isa(float*, float*, const float*, const float*, int64_t,       \
-                                    int64_t, int64_t, int64_t, double);                        \
-    void attnkit_rms_norm_f64_##isa(double*, double*, const double*, const double*, int64_t,   \
-                                    int64_t, int64_t, int64_t, double);                        \
-    int attnkit_attention_f32_##isa(float*, float*, float*, const float*, const float*,        \
-                                    const float*, const void*, const attnkit_attention_args*); \
-    int attnkit_attention_f64_##isa(double*, double*, double*, const double*, const double*,   \
-                                    const double*, const void*, const attnkit_attention_args*); \
-    void attnkit_bias_activation_f32_##isa(float*, const float*, const float*, int64_t,        \
-                                           int64_t, int);                                      \
-    void attnkit_bias_activation_f64_##isa(double*, const double*, const double*, int64_t,     \
-                                           int64_t, int);                                      \
-    int attnkit_linear_f32_##isa(float*, const float*, const float*, const float*,             \
-                                 const float*, int64_t, int64_t, int64_t, int64_t, int64_t,    \
-                                 int64_t, int);                                                \
-    int attnkit_linear_f64_##isa(double*, const double*, const double*, const double*,         \
-                                 const double*, int64_t, int64_t, int64_t, int64_t, int64_t,   \
-                                 int64_t, int);                                                \
-    int attnkit_linear_backward_f32_##isa(float*, float*, float*, const float*, const float*,  \
-                                          const float*, int64_t, int64_t, int64_t, int64_t,    \
-                                          int64_t, int64_t, int64_t, int64_t);                 \
-    int attnkit_linear_backward_f64_##isa(double*, double*, double*, const double*,            \
-                                          const double*, const double*, int64_t, int64_t,      \
-                                          int64_t, int64_t, int64_t, int64_t, int64_t, int64_t);
-DECLARE_KERNELS(scalar)
-DECLARE_KERNELS(avx2)
-DECLARE_KERNELS(avx512)
+/* Every ISA's copies, declared from the list (kernels.def). */
+#define REAL float
+#define ATTNKIT_KERNEL(returns, name, params, args)                                          \
+    returns attnkit_##name##_f32_scalar params;                                               \
+    returns attnkit_##name##_f32_avx2 params;                                                 \
+    returns attnkit_##name##_f32_avx512 params;
+#include "kernels.def"
+#undef ATTNKIT_KERNEL
+#undef REAL
+#define REAL double
+#define ATTNKIT_KERNEL(returns, name, params, args)                                          \
+    returns attnkit_##name##_f64_scalar params;                                               \
+    returns attnkit_##name##_f64_avx2 params;                                                 \
+    returns attnkit_##name##_f64_avx512 params;
+#include "kernels.def"
+#undef ATTNKIT_KERNEL
+#undef REAL
 
+/* One row of function pointers per ISA. */
 typedef struct {
     const char* name;
-    void (*softmax_f32)(float*, const float*, const uint8_t*, const attnkit_softmax_args*);
-    void (*softmax_f64)(double*, const double*, const uint8_t*, const attnkit_softmax_args*);
-    void (*layer_norm_f32)(float*, float*, float*, const float*, const float*, const float*,
-                           int64_t, int64_t, int64_t, int64_t, double);
-    void (*layer_norm_f64)(double*, double*, double*, const double*, const double*,
-                           const double*, int64_t, int64_t, int64_t, int64_t, double);
-    void (*rms_norm_f32)(float*, float*, const float*, const float*, int64_t, int64_t, int64_t,
-                         int64_t, double);
-    void (*rms_norm_f64)(double*, double*, const double*, const double*, int64_t, int64_t,
-                         int64_t, int64_t, double);
-    int (*attention_f32)(float*, float*, float*, const float*, const float*, const float*,
-                         const void*, const attnkit_attention_args*);
-    int (*attention_f64)(double*, double*, double*, const double*, const double*, const double*,
-                         const void*, const attnkit_attention_args*);
-    void (*bias_activation_f32)(float*, const float*, const float*, int64_t, int64_t, int);
-    void (*bias_activation_f64)(double*, const double*, const double*, int64_t, int64_t, int);
-    int (*linear_f32)(float*, const float*, const float*, const float*, const float*, int64_t,
-                      int64_t, int64_t, int64_t, int64_t, int64_t, int);
-    int (*linear_f64)(double*, const double*, const double*, const double*, const double*, int64_t,
-                      int64_t, int64_t, int64_t, int64_t, int64_t, int);
-    int (*linear_backward_f32)(float*, float*, float*, const float*, const float*, const float*,
-                               int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t);
-    int (*linear_backward_f64)(double*, double*, double*, const double*, const double*,
-                               const double*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
-                               int64_t, int64_t);
+#define REAL float
+#define ATTNKIT_KERNEL(returns, name, params, args) returns(*name##_f32) params;
+#include "kernels.def"
+#undef ATTNKIT_KERNEL
+#undef REAL
+#define REAL double
+#define ATTNKIT_KERNEL(returns, name, params, args) returns(*name##_f64) params;
+#include "kernels.def"
+#undef ATTNKIT_KERNEL
+#undef REAL
 } kernel_table;
 
-#define KERNEL_ROW(isa)                                                                        \
-    {#isa,                                                                                     \
-     attnkit_softmax_f32_##isa,                                                                \
-     attnkit_softmax_f64_##isa,                                                                \
-     attnkit_layer_norm_f32_##isa,                                                             \
-     attnkit_layer_norm_f64_##isa,                                                             \
-     attnkit_rms_norm_f32_##isa,                                                               \
-     attnkit_rms_norm_f64_##isa,                                                               \
-     attnkit_attention_f32_##isa,                                                              \
-     attnkit_attention_f64_##isa,                                                              \
-     attnkit_bias_activation_f32_##isa,                                                        \
-     attnkit_bias_activation_f64_##isa,                                                        \
-     attnkit_linear_f32_##isa,                                                                 \
-     attnkit_linear_f64_##isa,                                                                 \
-     attnkit_linear_backward_f32_##isa,                                                        \
-     attnkit_linear_backward_f64_##isa}
-
+#define ATTNKIT_KERNEL(returns, name, params, args) \
+    .name##_f32 = ATTNKIT_COPY(name, f32, ISA), .name##_f64 = ATTNKIT_COPY(name, f64, ISA),
+#define ATTNKIT_COPY_(name, bits, isa) attnkit_##name##_##bits##_##isa
+#define ATTNKIT_COPY(name, bits, isa) ATTNKIT_COPY_(name, bits, isa)
 static const kernel_table tables[ATTNKIT_ISA_COUNT] = {
-    KERNEL_ROW(scalar),
-    KERNEL_ROW(avx2),
-    KERNEL_ROW(avx512),
+#define ISA scalar
+    {.name = "scalar",
+#include "kernels.def"
+    },
+#undef ISA
+#define ISA avx2
+    {.name = "avx2",
+#include "kernels.def"
+    },
+#undef ISA
+#define ISA avx512
+    {.name = "avx512",
+#include "kernels.def"
+    },
+#undef ISA
 };
+#undef ATTNKIT_KERNEL
 static const kernel_table* active = &tables[ATTNKIT_ISA_SCALAR];
 
 const char* attnkit_isa_name(int isa)
@@ -150,89 +116,21 @@ int attnkit_set_isa(int isa)
     return 0;
 }
 
-/* The entry points of attnkit.h. */
-void attnkit_softmax_f32(float* out, const float* x, const uint8_t* where,
-                         const attnkit_softmax_args* args)
-{
-    active->softmax_f32(out, x, where, args);
-}
-void attnkit_softmax_f64(double* out, const double* x, const uint8_t* where,
-                         const attnkit_softmax_args* args)
-{
-    active->softmax_f64(out, x, where, args);
-}
-void attnkit_layer_norm_f32(float* out, float* mean, float* rstd, const float* x,
-                            const float* weight, const float* bias, int64_t N, int64_t C,
-                            int64_t out_row_stride, int64_t x_row_stride, double eps)
-{
-    active->layer_norm_f32(out, mean, rstd, x, weight, bias, N, C, out_row_stride, x_row_stride, eps);
-}
-void attnkit_layer_norm_f64(double* out, double* mean, double* rstd, const double* x,
-                            const double* weight, const double* bias, int64_t N, int64_t C,
-                            int64_t out_row_stride, int64_t x_row_stride, double eps)
-{
-    active->layer_norm_f64(out, mean, rstd, x, weight, bias, N, C, out_row_stride, x_row_stride, eps);
-}
-void attnkit_rms_norm_f32(float* out, float* rrms, const float* x, const float* weight, int64_t N,
-                          int64_t C, int64_t out_row_stride, int64_t x_row_stride, double eps)
-{
-    active->rms_norm_f32(out, rrms, x, weight, N, C, out_row_stride, x_row_stride, eps);
-}
-void attnkit_rms_norm_f64(double* out, double* rrms, const double* x, const double* weight,
-                          int64_t N, int64_t C, int64_t out_row_stride, int64_t x_row_stride,
-                          double eps)
-{
-    active->rms_norm_f64(out, rrms, x, weight, N, C, out_row_stride, x_row_stride, eps);
-}
-
-int attnkit_attention_f32(float* out, float* lse, float* weights, const float* q,
-                          const float* k, const float* v, const void* mask,
-                          const attnkit_attention_args* args)
-{
-    return active->attention_f32(out, lse, weights, q, k, v, mask, args);
-}
-int attnkit_attention_f64(double* out, double* lse, double* weights, const double* q,
-                          const double* k, const double* v, const void* mask,
-                          const attnkit_attention_args* args)
-{
-    return active->attention_f64(out, lse, weights, q, k, v, mask, args);
-}
-
-void attnkit_bias_activation_f32(float* out, const float* x, const float* bias, int64_t rows, int64_t cols,
-                                 int kind)
-{
-    active->bias_activation_f32(out, x, bias, rows, cols, kind);
-}
-void attnkit_bias_activation_f64(double* out, const double* x, const double* bias, int64_t rows,
-                                 int64_t cols, int kind)
-{
-    active->bias_activation_f64(out, x, bias, rows, cols, kind);
-}
-
-int attnkit_linear_f32(float* out, const float* x, const float* w, const float* bias,
-                       const float* residual, int64_t M, int64_t N, int64_t K, int64_t x_row,
-                       int64_t w_n, int64_t w_k, int kind)
-{
-    return active->linear_f32(out, x, w, bias, residual, M, N, K, x_row, w_n, w_k, kind);
-}
-int attnkit_linear_f64(double* out, const double* x, const double* w, const double* bias,
-                       const double* residual, int64_t M, int64_t N, int64_t K, int64_t x_row,
-                       int64_t w_n, int64_t w_k, int kind)
-{
-    return active->linear_f64(out, x, w, bias, residual, M, N, K, x_row, w_n, w_k, kind);
-}
-int attnkit_linear_backward_f32(float* dx, float* dw, float* dbias, const float* dy, const float* x,
-                                const float* w, int64_t M, int64_t N, int64_t K, int64_t x_row,
-                                int64_t w_n, int64_t w_k, int64_t dw_n, int64_t dw_k)
-{
-    return active->linear_backward_f32(dx, dw, dbias, dy, x, w, M, N, K, x_row, w_n, w_k, dw_n, dw_k);
-}
-int attnkit_linear_backward_f64(double* dx, double* dw, double* dbias, const double* dy,
-                                const double* x, const double* w, int64_t M, int64_t N, int64_t K,
-                                int64_t x_row, int64_t w_n, int64_t w_k, int64_t dw_n, int64_t dw_k)
-{
-    return active->linear_backward_f64(dx, dw, dbias, dy, x, w, M, N, K, x_row, w_n, w_k, dw_n, dw_k);
-}
+/* The entry points of attnkit.h: each forwards to the active ISA's copy. */
+#define RETURN_void
+#define RETURN_int return
+#define REAL float
+#define ATTNKIT_KERNEL(returns, name, params, args) \
+    returns attnkit_##name##_f32 params { RETURN_##returns active->name##_f32 args; }
+#include "kernels.def"
+#undef ATTNKIT_KERNEL
+#undef REAL
+#define REAL double
+#define ATTNKIT_KERNEL(returns, name, params, args) \
+    returns attnkit_##name##_f64 params { RETURN_##returns active->name##_f64 args; }
+#include "kernels.def"
+#undef ATTNKIT_KERNEL
+#undef REAL
 
 /* ---------------------------------------------------------------------------
  * Threads.

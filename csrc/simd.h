@@ -28,6 +28,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "attnkit.h"
+
 #if !defined(ATTNKIT_REAL_BITS)
 #error "compile with -DATTNKIT_REAL_BITS=32 or 64"
 #endif
@@ -61,6 +63,18 @@ typedef int64_t real_bits;
 #define AK_PASTE4_(a, b, c, d) a##b##_##c##_##d
 #define AK_PASTE4(a, b, c, d) AK_PASTE4_(a, b, c, d)
 #define KERNEL(name) AK_PASTE4(attnkit_, name, REAL_NAME, ISA_NAME)
+
+/* This build's copy of every kernel in the list, declared so that the
+ * compiler checks each definition against kernels.def. */
+#if ATTNKIT_REAL_BITS == 32
+#define REAL float
+#else
+#define REAL double
+#endif
+#define ATTNKIT_KERNEL(returns, name, params, args) returns KERNEL(name) params;
+#include "kernels.def"
+#undef ATTNKIT_KERNEL
+#undef REAL
 
 /* ======================================================================== */
 #if defined(ATTNKIT_ISA_scalar)

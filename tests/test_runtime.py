@@ -277,3 +277,15 @@ def test_threadpoolctl_sees_and_limits_attnkits_threads():
             "print([i['num_threads'] for i in threadpoolctl.threadpool_info() if i['prefix'] == 'libgomp'][0])")
     out, _ = run_python(code)
     assert out.split() == ["1", "2", "1", "2", "1"]
+
+
+def test_cython_declarations_are_generated_from_the_kernel_list():
+    """_kernels.pxd's kernel block is what tools/generate_pxd.py makes of csrc/kernels.def."""
+    import pathlib
+    root = pathlib.Path(__file__).resolve().parent.parent
+    script = root / "tools" / "generate_pxd.py"
+    result = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    pxd = (root / "src" / "attnkit" / "_kernels.pxd").read_text()
+    for name in ("softmax", "layer_norm", "attention", "linear_backward"):
+        assert f"attnkit_{name}_f32(" in pxd and f"attnkit_{name}_f64(" in pxd
