@@ -32,6 +32,7 @@
 #include "attnkit.h"
 #include "simd.h"
 #include "tiles.h"
+#include "attention_tiles.h"
 
 /* Cache blocking: BL query rows (a multiple of MR and NR) meet BS keys (a
  * multiple of MR) at a time. A tile's scores (BS x BL) stay in L1; each key
@@ -114,9 +115,8 @@ typedef struct {
     const real* q; /* (rows, E) at q_row */
     const real* k; /* the head's keys, (S, E) at k_row */
     const real* v; /* the head's values, (S, Ev) at v_row */
-    const uint8_t* mask; /* the head's mask from row i0, or NULL */
-    int64_t i0, rows, j_begin, j_end;
-    uint32_t dropout_bh;
+    query_block blk; /* the rows, their mask and their dropout stream */
+    int64_t j_begin, j_end;
 } task;
 
 /* The task's keys in tiles of equal size (a multiple of MR, at most BS):
@@ -125,79 +125,6 @@ static int64_t tile_size(const task* t)
 {
     const int64_t span = t->j_end - t->j_begin, tiles = (span + BS - 1) / BS;
     return tiles == 0 ? BS : round_up((span + tiles - 1) / tiles, MR);
-}
-
-/* whether any query of the task sees any key of [j0, j0 + n) */
-static int tile_visible(const attnkit_attention_args* a, const task* t, int64_t j0, int64_t n)
-{
-    if (a->causal && j0 > t->i0 + t->rows - 1 + a->causal_offset) return 0;
-    if (a->mask_kind == ATTNKIT_MASK_NONE) return 1;
-    const int64_t cols = a->mask_col ? n : 1; /* a mask constant along S: one look */
-    /* a mask the same for every query: one look, at the last row, which sees
-     * the most keys when causal */
-    const int64_t first_row = a->mask_row ? 0 : t->rows - 1;
-    for (int64_t i = first_row; i < t->rows; i++) {
-        if (a->causal && t->i0 + i + a->causal_offset < j0) continue; /* this row sees none */
-        if (a->mask_kind == ATTNKIT_MASK_BOOL) {
-            const uint8_t* mrow = t->mask + i * a->mask_row + j0 * a->mask_col;
-            for (int64_t j = 0; j < cols; j++)
-                if (mrow[j * a->mask_col]) return 1;
-        } else {
-            const real* mrow = (const real*)t->mask + i * a->mask_row + j0 * a->mask_col;
-            for (int64_t j = 0; j < cols; j++)
-                if (mrow[j * a->mask_col] != -INFINITY) return 1;
-        }
-    }
-    return 0;
-}
-
-/* the mask and the causal limit, applied to score (i, j) for local query i
- * and key j0 + j; `score` is where that score lives (strides by the path) */
-static void mask_scores(real* st, int64_t key_step, int64_t query_step, const attnkit_attention_args* a,
-                        const task* t, int64_t i_begin, int64_t i_end, int64_t j0, int64_t n)
-{
-    for (int64_t j = 0; j < n; j++) {
-        real* col = st + j * key_step;
-        int64_t first = i_begin;
-        if (a->causal) { /* query i sees key j0 + j when j0 + j <= i0 + i + offset */
-            const int64_t first_seeing = j0 + j - a->causal_offset - t->i0;
-            for (; first < i_end && first < first_seeing; first++) col[first * query_step] = -INFINITY;
-        }
-        if (a->mask_kind == ATTNKIT_MASK_BOOL) {
-            const uint8_t* m = t->mask + (j0 + j) * a->mask_col;
-            if (a->mask_row == 0) { /* a key padding mask: one look per key */
-                if (!m[0])
-                    for (int64_t i = first; i < i_end; i++) col[i * query_step] = -INFINITY;
-                continue;
-            }
-            for (int64_t i = first; i < i_end; i++)
-                if (!m[i * a->mask_row]) col[i * query_step] = -INFINITY;
-        } else if (a->mask_kind == ATTNKIT_MASK_ADD) {
-            const real* m = (const real*)t->mask + (j0 + j) * a->mask_col;
-            if (a->mask_row == 0) { /* the same bias for every query */
-                const real bias = m[0];
-                if (bias != 0)
-                    for (int64_t i = first; i < i_end; i++) col[i * query_step] += bias;
-                continue;
-            }
-            for (int64_t i = first; i < i_end; i++) col[i * query_step] += m[i * a->mask_row];
-        }
-    }
-}
-
-/* dropout of p (i, j) for local query i, key j0 + j, as for mask_scores */
-static void drop_scores(real* st, int64_t key_step, int64_t query_step, const attnkit_attention_args* a,
-                        const task* t, int64_t i_begin, int64_t i_end, int64_t j0, int64_t n)
-{
-    const uint32_t threshold = (uint32_t)ceil(a->dropout_p * 16777216.0);
-    const real keep_scale = a->dropout_p < 1 ? (real)(1.0 / (1.0 - a->dropout_p)) : 0;
-    for (int64_t i = i_begin; i < i_end; i++) {
-        const uint32_t key = attnkit_dropout_row_key(a->dropout_seed, t->dropout_bh, (uint32_t)(t->i0 + i));
-        for (int64_t j = 0; j < n; j++) {
-            real* p = st + j * key_step + i * query_step;
-            *p = attnkit_dropout_keep(key, (uint32_t)(j0 + j), threshold) ? *p * keep_scale : 0;
-        }
-    }
 }
 
 /* a row of weights from the raw scores the tiles stored there (-inf for
@@ -225,9 +152,7 @@ static void finish_weights_row(real* wrow, const attnkit_attention_args* a, uint
                      v_exp_nonpositive(v_sub(v_sub(v_load_part(wrow + j, S - j, -INFINITY), vm), vlog)),
                      S - j);
     if (a->dropout_p > 0) {
-        task row = {0};
-        row.i0 = i;
-        row.dropout_bh = bh;
+        const query_block row = {NULL, i, 1, bh};
         drop_scores(wrow, 1, 0, a, &row, 0, 1, 0, S);
     }
 }
@@ -236,7 +161,7 @@ static void finish_weights_row(real* wrow, const attnkit_attention_args* a, uint
 static void skip_weights(const attnkit_attention_args* a, const task* t, int64_t j0, int64_t n)
 {
     if (!t->weights) return;
-    for (int64_t i = 0; i < t->rows; i++)
+    for (int64_t i = 0; i < t->blk.rows; i++)
         for (int64_t j = 0; j < n; j++) t->weights[i * a->S + j0 + j] = -INFINITY;
 }
 
@@ -244,7 +169,7 @@ static void skip_weights(const attnkit_attention_args* a, const task* t, int64_t
 static void finish_rows(workspace* w, const attnkit_attention_args* a, const task* t)
 {
     const int64_t Ev = a->Ev, Evp = padded_ev(a);
-    for (int64_t i = 0; i < t->rows; i++) {
+    for (int64_t i = 0; i < t->blk.rows; i++) {
         const double l = w->l[i];
         const real m_use = w->m[i] == -INFINITY ? 0 : w->m[i];
         const real* o = w->o + i * Evp;
@@ -285,7 +210,7 @@ static void start_rows(workspace* w, const attnkit_attention_args* a, int64_t ro
  */
 static void run_block(workspace* w, const attnkit_attention_args* a, const task* t)
 {
-    const int64_t E = a->E, Ev = a->Ev, Evp = padded_ev(a), rows = t->rows;
+    const int64_t E = a->E, Ev = a->Ev, Evp = padded_ev(a), rows = t->blk.rows;
     const int64_t panels = (rows + NR - 1) / NR, cols = round_up(rows, VLEN);
     const real scale = (real)a->scale;
     /* q^T, scaled, in panels of NR queries; queries past rows are 0 */
@@ -302,7 +227,7 @@ static void run_block(workspace* w, const attnkit_attention_args* a, const task*
     const int64_t tile = tile_size(t);
     for (int64_t j0 = t->j_begin; j0 < t->j_end; j0 += tile) {
         const int64_t n = min_i64(tile, t->j_end - j0);
-        if (!tile_visible(a, t, j0, n)) {
+        if (!tile_visible(a, &t->blk, j0, n)) {
             skip_weights(a, t, j0, n);
             continue;
         }
@@ -335,7 +260,7 @@ static void run_block(workspace* w, const attnkit_attention_args* a, const task*
             for (int64_t p = 0; p < panels; p++)
                 micro_kernel(w->st + j * BL + p * NR, BL, kt + j * k_row, k_row, 1,
                              w->q + p * E * NR, NR, E, min_i64(MR, n - j), NULL);
-        if (a->causal || a->mask_kind != ATTNKIT_MASK_NONE) mask_scores(w->st, BL, 1, a, t, 0, rows, j0, n);
+        if (a->causal || a->mask_kind != ATTNKIT_MASK_NONE) mask_scores(w->st, BL, 1, a, &t->blk, 0, rows, j0, n);
         if (t->weights)
             for (int64_t i = 0; i < rows; i++)
                 for (int64_t j = 0; j < n; j++) t->weights[i * a->S + j0 + j] = w->st[j * BL + i];
@@ -361,7 +286,7 @@ static void run_block(workspace* w, const attnkit_attention_args* a, const task*
             v_lanes(alphas, alpha);
             for (int k = 0; k < VLEN; k++) w->l[c + k] = w->l[c + k] * alphas[k] + sums[k];
         }
-        if (a->dropout_p > 0) drop_scores(w->st, BL, 1, a, t, 0, rows, j0, n);
+        if (a->dropout_p > 0) drop_scores(w->st, BL, 1, a, &t->blk, 0, rows, j0, n);
 
         /* o = alpha o + st^T @ v_tile, NR columns of v at a time */
         for (int64_t p = 0; p * NR < Evp; p++)
@@ -399,15 +324,15 @@ static void run_rows(workspace* w, const attnkit_attention_args* a, const task* 
     const int64_t E = a->E, Ev = a->Ev, Evp = padded_ev(a);
     const real scale = (real)a->scale;
     real* s = w->st;
-    start_rows(w, a, t->rows);
+    start_rows(w, a, t->blk.rows);
     const int64_t tile = tile_size(t);
     for (int64_t j0 = t->j_begin; j0 < t->j_end; j0 += tile) {
         const int64_t n = min_i64(tile, t->j_end - j0), index = (j0 - t->j_begin) / tile;
-        w->skipped[index] = !tile_visible(a, t, j0, n);
+        w->skipped[index] = !tile_visible(a, &t->blk, j0, n);
         if (w->skipped[index]) skip_weights(a, t, j0, n);
     }
 
-    for (int64_t i = 0; i < t->rows; i++) {
+    for (int64_t i = 0; i < t->blk.rows; i++) {
         const real* qrow = t->q + i * a->q_row;
         for (int64_t e = 0; e < E; e++) w->q[e] = qrow[e] * scale;
         real* o = w->o + i * Evp;
@@ -415,7 +340,7 @@ static void run_rows(workspace* w, const attnkit_attention_args* a, const task* 
             const int64_t n = min_i64(tile, t->j_end - j0);
             if (w->skipped[(j0 - t->j_begin) / tile]) continue;
             for (int64_t j = 0; j < n; j++) s[j] = dot(w->q, t->k + (j0 + j) * a->k_row, E);
-            if (a->causal || a->mask_kind != ATTNKIT_MASK_NONE) mask_scores(s, 1, 0, a, t, i, i + 1, j0, n);
+            if (a->causal || a->mask_kind != ATTNKIT_MASK_NONE) mask_scores(s, 1, 0, a, &t->blk, i, i + 1, j0, n);
             if (t->weights) memcpy(t->weights + i * a->S + j0, s, (size_t)n * sizeof(real));
 
             vreal mx = v_set1(-INFINITY);
@@ -440,7 +365,7 @@ static void run_rows(workspace* w, const attnkit_attention_args* a, const task* 
             const real alpha = m_old == -INFINITY ? 0 : (real)exp((double)m_old - (double)m_use);
             w->m[i] = m_new;
             w->l[i] = w->l[i] * alpha + v_reduce_add(sum);
-            if (a->dropout_p > 0) drop_scores(s, 1, 0, a, t, i, i + 1, j0, n);
+            if (a->dropout_p > 0) drop_scores(s, 1, 0, a, &t->blk, i, i + 1, j0, n);
 
             /* o = alpha o + sum_j p_j v_j */
             const vreal va = v_set1(alpha);
@@ -459,7 +384,7 @@ static void run_rows(workspace* w, const attnkit_attention_args* a, const task* 
 
 static void run_task(workspace* w, const attnkit_attention_args* a, const task* t)
 {
-    if (t->rows <= SMALL_ROWS) run_rows(w, a, t);
+    if (t->blk.rows <= SMALL_ROWS) run_rows(w, a, t);
     else run_block(w, a, t);
 }
 
@@ -532,33 +457,33 @@ static void make_task(task* t, const job* jb, int64_t index)
     const int64_t c = index % jb->chunks, qb = index / jb->chunks % jb->blocks;
     const int64_t bh = index / jb->chunks / jb->blocks, b = bh / a->H, h = bh % a->H;
     const int64_t hk = h / (a->H / a->Hkv);
-    t->i0 = qb * BL;
-    t->rows = min_i64(BL, a->L - t->i0);
+    t->blk.i0 = qb * BL;
+    t->blk.rows = min_i64(BL, a->L - t->blk.i0);
     t->j_begin = c * SPLIT_KEYS;
     t->j_end = jb->chunks == 1 ? a->S : min_i64(a->S, (c + 1) * SPLIT_KEYS);
-    t->q = jb->q + a->q_batch[b] + h * a->q_head + t->i0 * a->q_row;
+    t->q = jb->q + a->q_batch[b] + h * a->q_head + t->blk.i0 * a->q_row;
     t->k = jb->k + a->k_batch[b] + hk * a->k_head;
     t->v = jb->v + a->v_batch[b] + hk * a->v_head;
-    t->mask = NULL;
+    t->blk.mask = NULL;
     if (a->mask_kind != ATTNKIT_MASK_NONE) {
-        const int64_t off = a->mask_batch[b] + h * a->mask_head + t->i0 * a->mask_row;
-        t->mask = a->mask_kind == ATTNKIT_MASK_BOOL ? (const uint8_t*)jb->mask + off
+        const int64_t off = a->mask_batch[b] + h * a->mask_head + t->blk.i0 * a->mask_row;
+        t->blk.mask = a->mask_kind == ATTNKIT_MASK_BOOL ? (const uint8_t*)jb->mask + off
                                                     : (const uint8_t*)((const real*)jb->mask + off);
     }
-    t->dropout_bh = (uint32_t)bh;
+    t->blk.dropout_bh = (uint32_t)bh;
     if (jb->chunks == 1) {
-        t->out = jb->out + (bh * a->L + t->i0) * a->Ev;
-        t->lse = jb->lse ? jb->lse + bh * a->L + t->i0 : NULL;
-        t->weights = jb->weights ? jb->weights + (bh * a->L + t->i0) * a->S : NULL;
-        t->stat_m = jb->stat_m ? jb->stat_m + bh * a->L + t->i0 : NULL;
-        t->stat_l = jb->stat_l ? jb->stat_l + bh * a->L + t->i0 : NULL;
+        t->out = jb->out + (bh * a->L + t->blk.i0) * a->Ev;
+        t->lse = jb->lse ? jb->lse + bh * a->L + t->blk.i0 : NULL;
+        t->weights = jb->weights ? jb->weights + (bh * a->L + t->blk.i0) * a->S : NULL;
+        t->stat_m = jb->stat_m ? jb->stat_m + bh * a->L + t->blk.i0 : NULL;
+        t->stat_l = jb->stat_l ? jb->stat_l + bh * a->L + t->blk.i0 : NULL;
         t->part_m = NULL;
         t->part_l = NULL;
     } else {
-        const int64_t r = (bh * jb->chunks + c) * a->L + t->i0;
+        const int64_t r = (bh * jb->chunks + c) * a->L + t->blk.i0;
         t->out = jb->part.o + r * a->Ev;
         t->lse = NULL;
-        t->weights = jb->weights ? jb->weights + (bh * a->L + t->i0) * a->S : NULL;
+        t->weights = jb->weights ? jb->weights + (bh * a->L + t->blk.i0) * a->S : NULL;
         t->stat_m = NULL; /* the merge keeps the row's statistics */
         t->stat_l = NULL;
         t->part_m = jb->part.m + r;

@@ -271,10 +271,6 @@ static void turn_back(real* rows, int64_t ld_rows, const real* ct, int64_t ldt, 
         for (int t = 0; t < VLEN; t++) rows[t * ld_rows + i] = ct[i * ldt + m + t];
 }
 
-/* alpha for the micro-kernel: C = 1 * C + A @ B adds a block of K to C */
-static const real ONES[12] = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
-_Static_assert(MR <= 12, "ONES needs MR ones");
-
 /* features [n0, n1) of rows [m0, m1) */
 static void rows_task(const workspace* ws, real* out, const real* x, int64_t x_row, const real* w,
                       int64_t w_row, const real* bias, const real* residual, int64_t N, int64_t K, int kind, int64_t n0, int64_t n1,
@@ -289,7 +285,7 @@ static void rows_task(const workspace* ws, real* out, const real* x, int64_t x_r
         for (int64_t n = n0; n < n1; n += MR)
             for (int64_t p = 0; p < panels; p++)
                 micro_kernel(ws->ct + (n - n0) * ws->ldt + p * NR, ws->ldt, w + n * w_row + k0, w_row, 1,
-                             ws->xt + p * kc * NR, NR, kc, min_i64(MR, n1 - n), k0 ? ONES : NULL);
+                             ws->xt + p * kc * NR, NR, kc, min_i64(MR, n1 - n), k0 ? ACCUMULATE : NULL);
     }
     const int64_t fc = n1 - n0;
     int64_t m = m0;
@@ -408,7 +404,7 @@ static void product_task(const product_workspace* ws, real* c, int64_t ldc, cons
     }
     for (int64_t k0 = 0; k0 < K; k0 += KC) {
         const int64_t kc = min_i64(KC, K - k0);
-        const real* alpha = k0 > 0 || accumulate ? ONES : NULL;
+        const real* alpha = k0 > 0 || accumulate ? ACCUMULATE : NULL;
         if (!in_place)
             for (int64_t m = 0; m < rows; m += MR) {
                 const int64_t mr = min_i64(MR, rows - m);

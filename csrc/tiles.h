@@ -1,6 +1,6 @@
 /*
  * tiles.h: the register-blocked micro-kernel that every product in attnkit
- * goes through (attention.c, gemm.c), for the build's ISA and precision.
+ * goes through (attention.c, attention_backward.c, gemm.c), for the build's ISA and precision.
  * Include after simd.h.
  */
 #ifndef ATTNKIT_TILES_H
@@ -18,6 +18,11 @@ enum { MR = 4, NV = 4 };
 #endif
 enum { NR = NV * VLEN };
 
+/* The accumulate mode of the micro-kernels: alpha = ACCUMULATE gives
+ * C += A @ B (fma(1, c, acc) is c + acc, rounded once). */
+static const real ACCUMULATE[12] = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
+_Static_assert(MR <= 12, "ACCUMULATE needs MR ones");
+
 /* C's first mr rows = acc, or alpha[i] * C + acc */
 AK_INLINE void store_tile(real* c, int64_t ldc, vreal acc[MR][NV], int64_t mr, const real* alpha)
 {
@@ -34,10 +39,10 @@ AK_INLINE void store_tile(real* c, int64_t ldc, vreal acc[MR][NV], int64_t mr, c
  * The micro-kernel: attention's two products and the linear layer's GEMM.
  *
  * C (mr, NR) = A (mr, K) @ B (K, NR), or alpha[i] * C + A @ B when alpha is
- * not NULL. A's element (i, kk) is a[i*a_row + kk*a_k], read one at a time and
- * broadcast; B's row kk is b + kk*ldb, NR wide; C's row i is c + i*ldc. Rows
- * of A past mr repeat row mr - 1 and are not stored, so every call runs the
- * same fully unrolled code.
+ * not NULL (C += A @ B with alpha = ACCUMULATE). A's element (i, kk) is
+ * a[i*a_row + kk*a_k], read one at a time and broadcast; B's row kk is
+ * b + kk*ldb, NR wide; C's row i is c + i*ldc. Rows of A past mr repeat row
+ * mr - 1 and are not stored, so every call runs the same unrolled code.
  */
 AK_INLINE void micro_kernel(real* c, int64_t ldc, const real* a, int64_t a_row, int64_t a_k,
                             const real* b, int64_t ldb, int64_t K, int64_t mr, const real* alpha)
