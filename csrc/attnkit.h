@@ -136,6 +136,18 @@ typedef struct {
  * Returns 0, or -1 when its workspace (a few hundred KB a thread) cannot be
  * allocated. */
 
+/* The gradient of attention (FlashAttention-2's backward): given dout, the
+ * gradient of out, and what the forward saved (out, lse), with the same q,
+ * k, v, mask and args (dropout_seed included: the forward's dropped weights
+ * are dropped again), writes
+ *   dq (B, H, L, E), dk (B, Hkv, S, E), dv (B, Hkv, S, Ev), all contiguous;
+ *   dk and dv sum over the query heads that share a key/value head (GQA).
+ * dout and out (B, H, L, Ev) and lse (B, H, L) contiguous; q, k, v, mask laid
+ * out as for the forward; args->weights_mean is not read. A row that saw no
+ * key (lse = -inf) contributes nothing. Bitwise the same at any thread count.
+ * Returns 0, or -1 when its memory cannot be allocated: a few hundred KB a
+ * thread, D (B*H*L) and, for shapes that need them, padded gradient copies. */
+
 /* Dropout's keep decision for element (bh = b*H + h, i, j): 1 to keep.
  * A counter-based hash of (seed, bh, i, j), so the same seed drops the same
  * elements whatever the tiling or the thread count; the NumPy reference

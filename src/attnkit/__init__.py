@@ -44,6 +44,7 @@ from .functional import (
     log_softmax,
     rms_norm,
     scaled_dot_product_attention,
+    scaled_dot_product_attention_backward,
     softmax,
 )
 
@@ -53,6 +54,7 @@ __all__ = [
     "layer_norm",
     "rms_norm",
     "scaled_dot_product_attention",
+    "scaled_dot_product_attention_backward",
     "batch_norm",
     "reference",
     "nn",

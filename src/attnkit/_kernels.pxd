@@ -68,4 +68,6 @@ cdef extern from "attnkit.h" nogil:
     int attnkit_linear_f64(double* out, const double* x, const double* w, const double* bias, const double* residual, int64_t M, int64_t N, int64_t K, int64_t x_row, int64_t w_n, int64_t w_k, int kind) noexcept
     int attnkit_linear_backward_f32(float* dx, float* dw, float* dbias, const float* dy, const float* x, const float* w, int64_t M, int64_t N, int64_t K, int64_t x_row, int64_t w_n, int64_t w_k, int64_t dw_n, int64_t dw_k) noexcept
     int attnkit_linear_backward_f64(double* dx, double* dw, double* dbias, const double* dy, const double* x, const double* w, int64_t M, int64_t N, int64_t K, int64_t x_row, int64_t w_n, int64_t w_k, int64_t dw_n, int64_t dw_k) noexcept
+    int attnkit_attention_backward_f32(float* dq, float* dk, float* dv, const float* dout, const float* out, const float* lse, const float* q, const float* k, const float* v, const void* mask, const attnkit_attention_args* args) noexcept
+    int attnkit_attention_backward_f64(double* dq, double* dk, double* dv, const double* dout, const double* out, const double* lse, const double* q, const double* k, const double* v, const void* mask, const attnkit_attention_args* args) noexcept
     # --- end of generated declarations ---

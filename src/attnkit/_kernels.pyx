@@ -568,32 +568,26 @@ cdef int batch_offsets(int64_t* offsets, cnp.ndarray a, int nbatch, str what) ex
     return 0
 
 
-def attention(cnp.ndarray out, object lse, object weights, cnp.ndarray q, cnp.ndarray k,
-              cnp.ndarray v, object mask, double scale, bint causal, int64_t causal_offset,
-              double dropout_p, uint32_t dropout_seed, object weights_mean=None):
-    """Fused attention (attnkit.h) over arrays that share their batch dimensions:
-
-        q (*batch, H, L, E), k (*batch, Hkv, S, E), v (*batch, Hkv, S, Ev),
-        mask None or (*batch, H, L, S) bool or q's dtype (any strides: 0 for
-        broadcast dimensions; along S 0 or 1 element), out (*batch, H, L, Ev),
-        lse None or (*batch, H, L), weights None or (*batch, H, L, S), the
-        last three C-contiguous. q, k, v need unit stride along E and Ev.
-        weights_mean None or (*batch, L, S), C-contiguous: the weights
-        averaged over heads (weights is then scratch).
-    """
+cdef object attention_layout(attnkit_attention_args* a, cnp.ndarray q, cnp.ndarray k, cnp.ndarray v,
+                             object mask, double scale, bint causal, int64_t causal_offset,
+                             double dropout_p, uint32_t dropout_seed, str func):
+    """Checks q (*batch, H, L, E), k (*batch, Hkv, S, E), v (*batch, Hkv, S, Ev)
+    and the mask (None or (*batch, H, L, S), bool or q's dtype, any strides:
+    0 for broadcast dimensions; along S 0 or 1 element), and fills every field
+    of a but B and the batch offsets. Returns the batch count (a Python int:
+    broadcast views can have more entries than an int64_t counts)."""
     cdef int type_num = cnp.PyArray_TYPE(q)
     cdef int nd = cnp.PyArray_NDIM(q), nbatch = nd - 3, d
     if nd < 3:
-        raise ValueError(f"attention: query needs 3 or more dimensions, got shape {shape_of(q)}")
-    for name, arr in (("query", q), ("key", k), ("value", v), ("output", out)):
-        check_float_operand(arr, nd, type_num, f"attention {name}", name == "output")
+        raise ValueError(f"{func}: query needs 3 or more dimensions, got shape {shape_of(q)}")
+    for name, arr in (("query", q), ("key", k), ("value", v)):
+        check_float_operand(arr, nd, type_num, f"{func} {name}", False)
     if not is_native_float(q):
-        raise TypeError(f"attention: expected native float32 or float64, got {q.dtype}")
+        raise TypeError(f"{func}: expected native float32 or float64, got {q.dtype}")
     for d in range(nbatch):
-        if not (k.shape[d] == v.shape[d] == out.shape[d] == q.shape[d]):
-            raise ValueError("attention: batch dimensions differ: "
-                             f"{shape_of(q)}, {shape_of(k)}, {shape_of(v)}, {shape_of(out)}")
-    cdef attnkit_attention_args a
+        if not (k.shape[d] == v.shape[d] == q.shape[d]):
+            raise ValueError(f"{func}: batch dimensions differ: "
+                             f"{shape_of(q)}, {shape_of(k)}, {shape_of(v)}")
     a.H = q.shape[nd - 3]
     a.L = q.shape[nd - 2]
     a.E = q.shape[nd - 1]
@@ -601,26 +595,125 @@ def attention(cnp.ndarray out, object lse, object weights, cnp.ndarray q, cnp.nd
     a.S = k.shape[nd - 2]
     a.Ev = v.shape[nd - 1]
     if k.shape[nd - 1] != a.E or v.shape[nd - 3] != a.Hkv or v.shape[nd - 2] != a.S:
-        raise ValueError(f"attention: shapes do not fit: query {shape_of(q)}, key {shape_of(k)}, "
+        raise ValueError(f"{func}: shapes do not fit: query {shape_of(q)}, key {shape_of(k)}, "
                          f"value {shape_of(v)}")
     if (a.H % a.Hkv != 0) if a.Hkv else a.H != 0:
-        raise ValueError(f"attention: {a.H} query heads do not share {a.Hkv} key/value heads evenly")
-    if out.shape[nd - 3] != a.H or out.shape[nd - 2] != a.L or out.shape[nd - 1] != a.Ev \
-            or not cnp.PyArray_IS_C_CONTIGUOUS(out):
-        raise ValueError(f"attention: output {shape_of(out)} is not a contiguous "
-                         f"(..., {a.H}, {a.L}, {a.Ev}) array")
+        raise ValueError(f"{func}: {a.H} query heads do not share {a.Hkv} key/value heads evenly")
     for name, arr, last in (("query", q, a.E), ("key", k, a.E), ("value", v, a.Ev)):
         if last > 1 and cnp.PyArray_SIZE(arr) > 0 and \
                 cnp.PyArray_STRIDE(arr, nd - 1) != cnp.PyArray_ITEMSIZE(arr):
-            raise ValueError(f"attention {name}: the last axis must be contiguous "
+            raise ValueError(f"{func} {name}: the last axis must be contiguous "
                              f"(strides {(<object>arr).strides})")
-    # The batch count comes from shapes alone, and broadcast views make it
-    # free: (2**59 + 1, 1, 0, 1) is a valid empty array. It is multiplied in
-    # Python's integers, and a call with no rows to compute returns before
-    # anything is sized by it.
+    a.q_head = element_stride(q, nd - 3, f"{func} query")
+    a.q_row = element_stride(q, nd - 2, f"{func} query")
+    a.k_head = element_stride(k, nd - 3, f"{func} key")
+    a.k_row = element_stride(k, nd - 2, f"{func} key")
+    a.v_head = element_stride(v, nd - 3, f"{func} value")
+    a.v_row = element_stride(v, nd - 2, f"{func} value")
+    a.mask_kind = ATTNKIT_MASK_NONE
+    a.mask_head = a.mask_row = a.mask_col = 0
+    cdef cnp.ndarray m
+    if mask is not None:
+        m = <cnp.ndarray?>mask
+        if cnp.PyArray_NDIM(m) != nd or m.shape[nd - 3] != a.H or m.shape[nd - 2] != a.L \
+                or m.shape[nd - 1] != a.S or any(m.shape[d] != q.shape[d] for d in range(nbatch)):
+            raise ValueError(f"{func}: mask {shape_of(m)} is not (..., {a.H}, {a.L}, {a.S})")
+        if cnp.PyArray_TYPE(m) == cnp.NPY_BOOL:
+            a.mask_kind = ATTNKIT_MASK_BOOL
+        else:
+            check_float_operand(m, nd, type_num, f"{func} mask", False)
+            a.mask_kind = ATTNKIT_MASK_ADD
+        a.mask_head = element_stride(m, nd - 3, f"{func} mask")
+        a.mask_row = element_stride(m, nd - 2, f"{func} mask")
+        a.mask_col = element_stride(m, nd - 1, f"{func} mask")
+        if a.S > 1 and a.mask_col not in (0, 1):
+            raise ValueError(f"{func}: the mask's last axis must be contiguous or broadcast "
+                             f"(strides {(<object>m).strides})")
+    if not (0 <= dropout_p <= 1):
+        raise ValueError(f"{func}: dropout_p must be in [0, 1], got {dropout_p}")
+    a.scale = scale
+    a.causal = causal
+    a.causal_offset = causal_offset
+    a.dropout_p = dropout_p
+    a.dropout_seed = dropout_seed
+    a.weights_mean = NULL
     batch_count = 1
     for d in range(nbatch):
         batch_count *= q.shape[d]
+    return batch_count
+
+
+cdef int64_t* attention_offsets(attnkit_attention_args* a, cnp.ndarray q, cnp.ndarray k, cnp.ndarray v,
+                                object mask, object batch_count, str func) except NULL:
+    """The four (B) tables of batch offsets, in one allocation the caller frees;
+    sets a.B and the table pointers."""
+    # the outputs already hold batch_count rows, so this only fails on a view
+    # whose batch count exceeds any allocation
+    if batch_count > <object>PY_SSIZE_T_MAX // (4 * <object>sizeof(int64_t)):
+        raise MemoryError(f"{func}: {batch_count} batch entries are more than can be addressed")
+    cdef int64_t B = batch_count
+    cdef int nbatch = cnp.PyArray_NDIM(q) - 3
+    cdef int64_t* offsets = <int64_t*>malloc(<size_t>(4 * B + 1) * sizeof(int64_t))
+    if offsets == NULL:
+        raise MemoryError(f"{func}: could not allocate the batch offsets of {B} batch entries")
+    try:
+        batch_offsets(offsets, q, nbatch, f"{func} query")
+        batch_offsets(offsets + B, k, nbatch, f"{func} key")
+        batch_offsets(offsets + 2 * B, v, nbatch, f"{func} value")
+        a.mask_batch = NULL
+        if mask is not None:
+            batch_offsets(offsets + 3 * B, <cnp.ndarray>mask, nbatch, f"{func} mask")
+            a.mask_batch = offsets + 3 * B
+    except BaseException:
+        free(offsets)
+        raise
+    a.B = B
+    a.q_batch = offsets
+    a.k_batch = offsets + B
+    a.v_batch = offsets + 2 * B
+    return offsets
+
+
+cdef check_contiguous_like(object arr, int nd, int type_num, tuple lead, tuple last, str what,
+                           bint writable):
+    """arr is a C-contiguous array of q's dtype shaped lead + last."""
+    cdef cnp.ndarray a = <cnp.ndarray?>arr
+    check_float_operand(a, nd, type_num, what, writable)
+    if (<object>a).shape != lead + last or not cnp.PyArray_IS_C_CONTIGUOUS(a):
+        raise ValueError(f"{what}: {shape_of(a)} is not a contiguous {lead + last} array")
+
+
+def attention(cnp.ndarray out, object lse, object weights, cnp.ndarray q, cnp.ndarray k,
+              cnp.ndarray v, object mask, double scale, bint causal, int64_t causal_offset,
+              double dropout_p, uint32_t dropout_seed, object weights_mean=None):
+    """Fused attention (attnkit.h) over arrays that share their batch dimensions
+    (see attention_layout): out (*batch, H, L, Ev), lse None or (*batch, H, L),
+    weights None or (*batch, H, L, S), all C-contiguous. weights_mean None or
+    (*batch, L, S), C-contiguous: the weights averaged over heads (weights is
+    then scratch)."""
+    cdef attnkit_attention_args a
+    batch_count = attention_layout(&a, q, k, v, mask, scale, causal, causal_offset, dropout_p,
+                                   dropout_seed, "attention")
+    cdef int type_num = cnp.PyArray_TYPE(q)
+    cdef int nd = cnp.PyArray_NDIM(q)
+    lead = (<object>q).shape[:nd - 3]
+    check_contiguous_like(out, nd, type_num, lead, (a.H, a.L, a.Ev), "attention output", True)
+    cdef void* plse = NULL
+    cdef void* pweights = NULL
+    if lse is not None:
+        check_contiguous_like(lse, nd - 1, type_num, lead, (a.H, a.L), "attention lse", True)
+        plse = cnp.PyArray_DATA(<cnp.ndarray>lse)
+    if weights is not None:
+        check_contiguous_like(weights, nd, type_num, lead, (a.H, a.L, a.S), "attention weights", True)
+        pweights = cnp.PyArray_DATA(<cnp.ndarray>weights)
+    if weights_mean is not None:
+        if weights is None:
+            raise ValueError("attention: weights_mean needs the weights array as scratch")
+        check_contiguous_like(weights_mean, nd - 1, type_num, lead, (a.L, a.S),
+                              "attention weights_mean", True)
+        a.weights_mean = cnp.PyArray_DATA(<cnp.ndarray>weights_mean)
+    # a call with no rows to compute returns before anything is sized by the
+    # batch count: (2**59 + 1, 1, 0, 1) is a valid empty view
     if batch_count * a.H * a.L == 0 or (a.Ev == 0 and lse is None and weights is None):
         return out
     if a.E == 0:
@@ -628,104 +721,75 @@ def attention(cnp.ndarray out, object lse, object weights, cnp.ndarray q, cnp.nd
     if a.Ev == 0:
         raise ValueError("attention: the kernel needs Ev >= 1 to compute lse or weights "
                          "(the caller pads v with a zero column)")
-    # four offset tables of B entries each; the output already holds B rows,
-    # so this only fails on a view whose batch count exceeds any allocation
-    if batch_count > <object>PY_SSIZE_T_MAX // (4 * <object>sizeof(int64_t)):
-        raise MemoryError(f"attention: {batch_count} batch entries are more than can be addressed")
-    cdef int64_t B = batch_count
-    cdef cnp.ndarray lse_a, weights_a, m
-    cdef void* plse = NULL
-    cdef void* pweights = NULL
-    if lse is not None:
-        lse_a = <cnp.ndarray>lse
-        check_float_operand(lse_a, nd - 1, type_num, "attention lse", True)
-        if lse_a.size != <object>B * a.H * a.L or not cnp.PyArray_IS_C_CONTIGUOUS(lse_a):
-            raise ValueError(f"attention: lse {shape_of(lse_a)} is not a contiguous (..., H, L) array")
-        plse = cnp.PyArray_DATA(lse_a)
-    if weights is not None:
-        weights_a = <cnp.ndarray>weights
-        check_float_operand(weights_a, nd, type_num, "attention weights", True)
-        if weights_a.size != <object>B * a.H * a.L * a.S or not cnp.PyArray_IS_C_CONTIGUOUS(weights_a):
-            raise ValueError(f"attention: weights {shape_of(weights_a)} is not a contiguous "
-                             "(..., H, L, S) array")
-        pweights = cnp.PyArray_DATA(weights_a)
-    a.weights_mean = NULL
-    cdef cnp.ndarray mean_a
-    if weights_mean is not None:
-        if weights is None:
-            raise ValueError("attention: weights_mean needs the weights array as scratch")
-        mean_a = <cnp.ndarray>weights_mean
-        check_float_operand(mean_a, nd - 1, type_num, "attention weights_mean", True)
-        if mean_a.size != <object>B * a.L * a.S or not cnp.PyArray_IS_C_CONTIGUOUS(mean_a):
-            raise ValueError(f"attention: weights_mean {shape_of(mean_a)} is not a contiguous "
-                             "(..., L, S) array")
-        a.weights_mean = cnp.PyArray_DATA(mean_a)
-    a.q_head = element_stride(q, nd - 3, "attention query")
-    a.q_row = element_stride(q, nd - 2, "attention query")
-    a.k_head = element_stride(k, nd - 3, "attention key")
-    a.k_row = element_stride(k, nd - 2, "attention key")
-    a.v_head = element_stride(v, nd - 3, "attention value")
-    a.v_row = element_stride(v, nd - 2, "attention value")
-    a.mask_kind = ATTNKIT_MASK_NONE
-    a.mask_head = a.mask_row = a.mask_col = 0
-    cdef const void* pmask = NULL
-    if mask is not None:
-        m = <cnp.ndarray>mask
-        if cnp.PyArray_NDIM(m) != nd or m.shape[nd - 3] != a.H or m.shape[nd - 2] != a.L \
-                or m.shape[nd - 1] != a.S or any(m.shape[d] != q.shape[d] for d in range(nbatch)):
-            raise ValueError(f"attention: mask {shape_of(m)} is not (..., {a.H}, {a.L}, {a.S})")
-        if cnp.PyArray_TYPE(m) == cnp.NPY_BOOL:
-            a.mask_kind = ATTNKIT_MASK_BOOL
-        else:
-            check_float_operand(m, nd, type_num, "attention mask", False)
-            a.mask_kind = ATTNKIT_MASK_ADD
-        a.mask_head = element_stride(m, nd - 3, "attention mask")
-        a.mask_row = element_stride(m, nd - 2, "attention mask")
-        a.mask_col = element_stride(m, nd - 1, "attention mask")
-        if a.S > 1 and a.mask_col not in (0, 1):
-            raise ValueError(f"attention: the mask's last axis must be contiguous or broadcast "
-                             f"(strides {(<object>m).strides})")
-        pmask = cnp.PyArray_DATA(m)
-    a.B = B
-    a.scale = scale
-    a.causal = causal
-    a.causal_offset = causal_offset
-    a.dropout_p = dropout_p
-    a.dropout_seed = dropout_seed
-    if not (0 <= dropout_p <= 1):
-        raise ValueError(f"attention: dropout_p must be in [0, 1], got {dropout_p}")
-
-    cdef int64_t* offsets = <int64_t*>malloc(<size_t>(4 * B) * sizeof(int64_t))
-    if offsets == NULL:
-        raise MemoryError(f"attention: could not allocate the batch offsets of {B} batch entries")
+    cdef int64_t* offsets = attention_offsets(&a, q, k, v, mask, batch_count, "attention")
+    cdef const void* pmask = NULL if mask is None else cnp.PyArray_DATA(<cnp.ndarray>mask)
+    cdef void* pout = cnp.PyArray_DATA(out)
+    cdef const void* pq = cnp.PyArray_DATA(q)
+    cdef const void* pk = cnp.PyArray_DATA(k)
+    cdef const void* pv = cnp.PyArray_DATA(v)
     cdef int status
-    try:
-        batch_offsets(offsets, q, nbatch, "attention query")
-        batch_offsets(offsets + B, k, nbatch, "attention key")
-        batch_offsets(offsets + 2 * B, v, nbatch, "attention value")
-        a.q_batch = offsets
-        a.k_batch = offsets + B
-        a.v_batch = offsets + 2 * B
-        a.mask_batch = NULL
-        if mask is not None:
-            batch_offsets(offsets + 3 * B, <cnp.ndarray>mask, nbatch, "attention mask")
-            a.mask_batch = offsets + 3 * B
-        with nogil:
-            if type_num == cnp.NPY_FLOAT:
-                status = attnkit_attention_f32(<float*>cnp.PyArray_DATA(out), <float*>plse,
-                                               <float*>pweights, <const float*>cnp.PyArray_DATA(q),
-                                               <const float*>cnp.PyArray_DATA(k),
-                                               <const float*>cnp.PyArray_DATA(v), pmask, &a)
-            else:
-                status = attnkit_attention_f64(<double*>cnp.PyArray_DATA(out), <double*>plse,
-                                               <double*>pweights, <const double*>cnp.PyArray_DATA(q),
-                                               <const double*>cnp.PyArray_DATA(k),
-                                               <const double*>cnp.PyArray_DATA(v), pmask, &a)
-    finally:
-        free(offsets)
+    with nogil:
+        if type_num == cnp.NPY_FLOAT:
+            status = attnkit_attention_f32(<float*>pout, <float*>plse, <float*>pweights, <const float*>pq,
+                                           <const float*>pk, <const float*>pv, pmask, &a)
+        else:
+            status = attnkit_attention_f64(<double*>pout, <double*>plse, <double*>pweights,
+                                           <const double*>pq, <const double*>pk, <const double*>pv,
+                                           pmask, &a)
+    free(offsets)
     if status != 0:
         raise MemoryError("attention: could not allocate the kernel's workspace")
     return out
+
+
+def attention_backward(cnp.ndarray dq, cnp.ndarray dk, cnp.ndarray dv, cnp.ndarray dout,
+                       cnp.ndarray out, cnp.ndarray lse, cnp.ndarray q, cnp.ndarray k, cnp.ndarray v,
+                       object mask, double scale, bint causal, int64_t causal_offset,
+                       double dropout_p, uint32_t dropout_seed):
+    """The gradient of attention (attnkit.h): q, k, v and mask as for attention;
+    dout and out (*batch, H, L, Ev), lse (*batch, H, L), and the gradients
+    dq (*batch, H, L, E), dk (*batch, Hkv, S, E), dv (*batch, Hkv, S, Ev),
+    all C-contiguous. E and Ev >= 1."""
+    cdef attnkit_attention_args a
+    batch_count = attention_layout(&a, q, k, v, mask, scale, causal, causal_offset, dropout_p,
+                                   dropout_seed, "attention_backward")
+    cdef int type_num = cnp.PyArray_TYPE(q)
+    cdef int nd = cnp.PyArray_NDIM(q)
+    lead = (<object>q).shape[:nd - 3]
+    check_contiguous_like(dout, nd, type_num, lead, (a.H, a.L, a.Ev), "attention_backward grad_out", False)
+    check_contiguous_like(out, nd, type_num, lead, (a.H, a.L, a.Ev), "attention_backward out", False)
+    check_contiguous_like(lse, nd - 1, type_num, lead, (a.H, a.L), "attention_backward lse", False)
+    check_contiguous_like(dq, nd, type_num, lead, (a.H, a.L, a.E), "attention_backward dq", True)
+    check_contiguous_like(dk, nd, type_num, lead, (a.Hkv, a.S, a.E), "attention_backward dk", True)
+    check_contiguous_like(dv, nd, type_num, lead, (a.Hkv, a.S, a.Ev), "attention_backward dv", True)
+    if batch_count * a.Hkv == 0:
+        return
+    if a.E == 0 or a.Ev == 0:
+        raise ValueError("attention_backward: the kernel needs E, Ev >= 1 (the caller handles empty heads)")
+    cdef int64_t* offsets = attention_offsets(&a, q, k, v, mask, batch_count, "attention_backward")
+    cdef const void* pmask = NULL if mask is None else cnp.PyArray_DATA(<cnp.ndarray>mask)
+    cdef void* pdq = cnp.PyArray_DATA(dq)
+    cdef void* pdk = cnp.PyArray_DATA(dk)
+    cdef void* pdv = cnp.PyArray_DATA(dv)
+    cdef const void* pdout = cnp.PyArray_DATA(dout)
+    cdef const void* pout = cnp.PyArray_DATA(out)
+    cdef const void* plse = cnp.PyArray_DATA(lse)
+    cdef const void* pq = cnp.PyArray_DATA(q)
+    cdef const void* pk = cnp.PyArray_DATA(k)
+    cdef const void* pv = cnp.PyArray_DATA(v)
+    cdef int status
+    with nogil:
+        if type_num == cnp.NPY_FLOAT:
+            status = attnkit_attention_backward_f32(
+                <float*>pdq, <float*>pdk, <float*>pdv, <const float*>pdout, <const float*>pout,
+                <const float*>plse, <const float*>pq, <const float*>pk, <const float*>pv, pmask, &a)
+        else:
+            status = attnkit_attention_backward_f64(
+                <double*>pdq, <double*>pdk, <double*>pdv, <const double*>pdout, <const double*>pout,
+                <const double*>plse, <const double*>pq, <const double*>pk, <const double*>pv, pmask, &a)
+    free(offsets)
+    if status != 0:
+        raise MemoryError("attention_backward: could not allocate the kernel's workspace")
 
 
 # ---------------------------------------------------------------------------

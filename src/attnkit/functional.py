@@ -409,55 +409,15 @@ def _attention_mask(attn_mask, q, full_shape, func):
     return full
 
 
-def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
-                                 is_causal=False, *, scale=None, enable_gqa=False,
-                                 causal_alignment="top_left", return_weights=False,
-                                 return_lse=False, rng=None):
-    """Attention: softmax(query @ key^T * scale + mask) @ value, fused.
+class _AttentionProblem:
+    """What scaled_dot_product_attention and its backward read from their
+    arguments: the checked arrays and the sizes of the broadcast problem."""
+    __slots__ = ("q", "k", "v", "batch", "H", "Hkv", "L", "S", "E", "Ev", "two_d", "scale",
+                 "dropout_p", "is_causal", "offset")
 
-    Semantics and argument names are PyTorch's F.scaled_dot_product_attention;
-    the (L, S) matrix of scores is never stored, unless the weights are asked for.
 
-    Parameters
-    ----------
-    query : (..., H, L, E) array, float32 or float64
-    key : (..., Hkv, S, E) array of the same dtype
-    value : (..., Hkv, S, Ev) array of the same dtype; Ev may differ from E
-        The leading dimensions broadcast against each other (and, without
-        enable_gqa, the head dimension too). 2-d inputs (L, E) work as one head.
-    attn_mask : array broadcastable to (..., H, L, S), optional
-        bool: True where attention is allowed (note: the opposite of
-        MultiHeadAttention's key_padding_mask, where True means ignore);
-        float: added to the scores (-inf hides a key). Broadcast, not copied.
-    dropout_p : float in [0, 1]
-        Drops weights with this probability and scales the rest by 1/(1-p).
-        The weights to drop come from `rng` (a NumPy Generator; a seeded one
-        reproduces the result).
-    is_causal : bool
-        Hide the keys after each query. causal_alignment="top_left" (PyTorch's
-        default) lets query i see keys 0..i; "bottom_right" puts the queries
-        at the end of the keys, query i at position S - L + i, as in decoding
-        with a cache. May be combined with attn_mask.
-    scale : float, optional
-        Default 1/sqrt(E).
-    enable_gqa : bool
-        Grouped-query attention: H a multiple of Hkv, query head h uses
-        key/value head h // (H // Hkv).
-    return_weights : bool or "mean"
-        Also return the weights that multiplied value, (..., H, L, S),
-        dropout included; "mean" returns them averaged over the heads,
-        (..., L, S), as MultiheadAttention does (without the per-head array
-        ever reaching Python).
-    return_lse : bool
-        Also return each row's log-sum-exp of its scores, (..., H, L).
-
-    Returns
-    -------
-    output (..., H, L, Ev); or (output, weights), (output, lse) or
-    (output, weights, lse) as asked. A query with nothing to attend to (all
-    keys masked) gets output 0, weights 0 and lse -inf, never NaN.
-    """
-    func = "scaled_dot_product_attention"
+def _attention_problem(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                       causal_alignment, func):
     q = _as_float_array(query, func, "query")
     k = _as_float_array(key, func, "key")
     v = _as_float_array(value, func, "value")
@@ -475,12 +435,6 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                          f"value {v.shape}")
     is_causal = _flag(is_causal, func, "is_causal")
     enable_gqa = _flag(enable_gqa, func, "enable_gqa")
-    return_lse = _flag(return_lse, func, "return_lse")
-    mean_weights = isinstance(return_weights, str) and return_weights == "mean"
-    if isinstance(return_weights, str) and not mean_weights:
-        raise ValueError(f"{func}: return_weights must be True, False or 'mean', got {return_weights!r}")
-    if not mean_weights:
-        return_weights = _flag(return_weights, func, "return_weights")
     if causal_alignment not in ("top_left", "bottom_right"):
         raise ValueError(f"{func}: causal_alignment must be 'top_left' or 'bottom_right', "
                          f"got {causal_alignment!r}")
@@ -510,13 +464,95 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     dropout_p = _real(dropout_p, func, "dropout_p")
     if not 0.0 <= dropout_p <= 1.0:
         raise ValueError(f"{func}: dropout_p must be in [0, 1], got {dropout_p}")
+    p = _AttentionProblem()
+    p.q, p.k, p.v, p.batch, p.H, p.Hkv, p.L, p.S, p.E, p.Ev = q, k, v, batch, H, Hkv, L, S, E, Ev
+    p.two_d, p.scale, p.dropout_p, p.is_causal = two_d, scale, dropout_p, is_causal
+    p.offset = 0 if causal_alignment == "top_left" else S - L
+    return p
+
+
+def _dropout_seed(seed, func):
+    """The seed that fixes which weights dropout drops: an int in [0, 2**32)."""
+    seed = _index(seed, func, "dropout_seed")
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"{func}: dropout_seed must be in [0, 2**32), got {seed}")
+    return seed
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
+                                 is_causal=False, *, scale=None, enable_gqa=False,
+                                 causal_alignment="top_left", return_weights=False,
+                                 return_lse=False, rng=None, dropout_seed=None):
+    """Attention: softmax(query @ key^T * scale + mask) @ value, fused.
+
+    Semantics and argument names are PyTorch's F.scaled_dot_product_attention;
+    the (L, S) matrix of scores is never stored, unless the weights are asked for.
+
+    Parameters
+    ----------
+    query : (..., H, L, E) array, float32 or float64
+    key : (..., Hkv, S, E) array of the same dtype
+    value : (..., Hkv, S, Ev) array of the same dtype; Ev may differ from E
+        The leading dimensions broadcast against each other (and, without
+        enable_gqa, the head dimension too). 2-d inputs (L, E) work as one head.
+    attn_mask : array broadcastable to (..., H, L, S), optional
+        bool: True where attention is allowed (note: the opposite of
+        MultiHeadAttention's key_padding_mask, where True means ignore);
+        float: added to the scores (-inf hides a key). Broadcast, not copied.
+    dropout_p : float in [0, 1]
+        Drops weights with this probability and scales the rest by 1/(1-p).
+        Which weights are dropped is a hash of their position and a seed:
+        `dropout_seed` (an int in [0, 2**32)) if given, else one drawn from
+        `rng` (a NumPy Generator; a seeded one reproduces the result). To
+        train, draw the seed yourself and give the same one to
+        scaled_dot_product_attention_backward, which drops the same weights.
+    is_causal : bool
+        Hide the keys after each query. causal_alignment="top_left" (PyTorch's
+        default) lets query i see keys 0..i; "bottom_right" puts the queries
+        at the end of the keys, query i at position S - L + i, as in decoding
+        with a cache. May be combined with attn_mask.
+    scale : float, optional
+        Default 1/sqrt(E).
+    enable_gqa : bool
+        Grouped-query attention: H a multiple of Hkv, query head h uses
+        key/value head h // (H // Hkv).
+    return_weights : bool or "mean"
+        Also return the weights that multiplied value, (..., H, L, S),
+        dropout included; "mean" returns them averaged over the heads,
+        (..., L, S), as MultiheadAttention does (without the per-head array
+        ever reaching Python).
+    return_lse : bool
+        Also return each row's log-sum-exp of its scores, (..., H, L).
+
+    Returns
+    -------
+    output (..., H, L, Ev); or (output, weights), (output, lse) or
+    (output, weights, lse) as asked. A query with nothing to attend to (all
+    keys masked) gets output 0, weights 0 and lse -inf, never NaN.
+    """
+    func = "scaled_dot_product_attention"
+    return_lse = _flag(return_lse, func, "return_lse")
+    mean_weights = isinstance(return_weights, str) and return_weights == "mean"
+    if isinstance(return_weights, str) and not mean_weights:
+        raise ValueError(f"{func}: return_weights must be True, False or 'mean', got {return_weights!r}")
+    if not mean_weights:
+        return_weights = _flag(return_weights, func, "return_weights")
+    p = _attention_problem(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                           causal_alignment, func)
+    q, k, v, batch, H, Hkv, L, S, E, Ev = p.q, p.k, p.v, p.batch, p.H, p.Hkv, p.L, p.S, p.E, p.Ev
+    two_d, scale, dropout_p, is_causal = p.two_d, p.scale, p.dropout_p, p.is_causal
     seed = 0
     if dropout_p > 0:
-        if rng is None:
-            rng = np.random.default_rng()
-        elif not isinstance(rng, np.random.Generator):
-            raise TypeError(f"{func}: rng must be a numpy.random.Generator, got {type(rng).__name__}")
-        seed = int(rng.integers(0, 2**32, dtype=np.uint64))
+        if dropout_seed is not None:
+            if rng is not None:
+                raise ValueError(f"{func}: pass rng or dropout_seed, not both")
+            seed = _dropout_seed(dropout_seed, func)
+        else:
+            if rng is None:
+                rng = np.random.default_rng()
+            elif not isinstance(rng, np.random.Generator):
+                raise TypeError(f"{func}: rng must be a numpy.random.Generator, got {type(rng).__name__}")
+            seed = int(rng.integers(0, 2**32, dtype=np.uint64))
 
     want_weights = mean_weights or return_weights
     # The kernel works on E, Ev >= 1. With E = 0 every score is an empty dot
@@ -536,8 +572,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     lse = np.empty(batch + (H, L), q.dtype) if return_lse else None
     weights = np.empty(batch + (H, L, S), q.dtype) if want_weights else None
     mean = np.empty(batch + (L, S), q.dtype) if mean_weights else None
-    offset = 0 if causal_alignment == "top_left" else S - L
-    _kernels.attention(out, lse, weights, q4, k4, v4, mask4, scale, is_causal, offset,
+    _kernels.attention(out, lse, weights, q4, k4, v4, mask4, scale, is_causal, p.offset,
                        dropout_p, seed, mean)
     if Ev_kernel != Ev:
         out = np.empty(out.shape[:-1] + (0,), q.dtype)
@@ -549,6 +584,93 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         weights = mean
     results = (out,) + ((weights,) if want_weights else ()) + ((lse,) if return_lse else ())
     return results[0] if len(results) == 1 else results
+
+
+def _sum_to_shape(grad, shape):
+    """grad summed over the dimensions it was broadcast along to reach shape
+    (autograd's rule for a broadcast input)."""
+    if grad.shape == shape:
+        return grad
+    lead = grad.ndim - len(shape)
+    axes = tuple(range(lead)) + tuple(lead + d for d, n in enumerate(shape)
+                                      if n == 1 and grad.shape[lead + d] != 1)
+    return np.ascontiguousarray(grad.sum(axis=axes).reshape(shape))
+
+
+def _saved(a, shape, dtype, func, name):
+    """A forward result handed back to the backward: the forward's shape and
+    dtype, read as a C-contiguous array (a copy only when it is not)."""
+    a = _as_float_array(a, func, name)
+    if a.dtype != dtype:
+        raise TypeError(f"{func}: {name} must have the query's dtype {dtype}, got {a.dtype}")
+    if a.shape != shape:
+        raise ValueError(f"{func}: {name} has shape {a.shape}, expected {shape} (the forward's)")
+    return np.ascontiguousarray(a)
+
+
+def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse, attn_mask=None,
+                                          dropout_p=0.0, is_causal=False, *, scale=None,
+                                          enable_gqa=False, causal_alignment="top_left",
+                                          dropout_seed=None):
+    """The gradients of scaled_dot_product_attention: (dq, dk, dv).
+
+    Takes the forward's arguments (the same broadcasting rules, mask, scale,
+    causal alignment and GQA), the gradient of its output, and what it
+    returned: `out` and `lse` (call the forward with return_lse=True). The
+    weights are recomputed from lse a tile at a time (FlashAttention-2's
+    backward), so memory stays O(threads x tile) beyond the gradients.
+
+    Parameters
+    ----------
+    grad_out : the gradient of the output, the output's shape (..., H, L, Ev)
+    query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+    causal_alignment : as given to the forward
+    out : (..., H, L, Ev), lse : (..., H, L)
+        The forward's output and log-sum-exp.
+    dropout_seed : int in [0, 2**32)
+        With dropout_p > 0: the seed the forward was given, so that the same
+        weights are dropped. Required then.
+
+    Returns
+    -------
+    (dq, dk, dv) with the shapes of query, key and value. Where an input was
+    broadcast (a key shared by every batch entry or head), its gradient is
+    summed over those entries; with enable_gqa, dk and dv sum over the query
+    heads that share each key/value head. A query that attends to nothing
+    passes no gradient, never NaN. Bitwise the same at any thread count.
+    """
+    func = "scaled_dot_product_attention_backward"
+    p = _attention_problem(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                           causal_alignment, func)
+    q, k, v, batch, H, Hkv, L, S, E, Ev = p.q, p.k, p.v, p.batch, p.H, p.Hkv, p.L, p.S, p.E, p.Ev
+    seed = 0
+    if p.dropout_p > 0:
+        if dropout_seed is None:
+            raise ValueError(f"{func}: dropout_p={p.dropout_p} needs the dropout_seed the forward "
+                             "was given (draw one, and pass it to both)")
+        seed = _dropout_seed(dropout_seed, func)
+    head = () if p.two_d else (H,)
+    out_shape = batch + head + (L, Ev)
+    g = _saved(grad_out, out_shape, q.dtype, func, "grad_out")
+    o = _saved(out, out_shape, q.dtype, func, "out")
+    lse = _saved(lse, batch + head + (L,), q.dtype, func, "lse")
+    q4 = _attention_operand(q if E else _zero_column(q), batch + (H, L, max(E, 1)))
+    k4 = _attention_operand(k if E else _zero_column(k), batch + (Hkv, S, max(E, 1)))
+    v4 = _attention_operand(v, batch + (Hkv, S, Ev))
+    mask4 = None if attn_mask is None else _attention_mask(attn_mask, q, batch + (H, L, S), func)
+    dq = np.zeros(batch + (H, L, max(E, 1)), q.dtype)
+    dk = np.zeros(batch + (Hkv, S, max(E, 1)), q.dtype)
+    dv = np.zeros(batch + (Hkv, S, Ev), q.dtype)
+    if Ev > 0:   # with Ev = 0 no weight reaches the output: every gradient is 0
+        shape4 = batch + (H, L)
+        _kernels.attention_backward(dq, dk, dv, g.reshape(shape4 + (Ev,)), o.reshape(shape4 + (Ev,)),
+                                    lse.reshape(shape4), q4, k4, v4, mask4, p.scale, p.is_causal,
+                                    p.offset, p.dropout_p, seed)
+    if E == 0:
+        dq, dk = dq[..., :0], dk[..., :0]
+    if p.two_d:
+        dq, dk, dv = dq[0], dk[0], dv[0]
+    return (_sum_to_shape(dq, q.shape), _sum_to_shape(dk, k.shape), _sum_to_shape(dv, v.shape))
 
 
 # ---------------------------------------------------------------------------

@@ -186,6 +186,57 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     return out.astype(dtype), weights.astype(dtype), lse.astype(dtype)
 
 
+def _sum_to_shape(grad, shape):
+    """grad summed over the dimensions it was broadcast along to reach shape."""
+    lead = grad.ndim - len(shape)
+    grad = grad.sum(axis=tuple(range(lead)))
+    axes = tuple(d for d, n in enumerate(shape) if n == 1 and grad.shape[d] != 1)
+    return grad.sum(axis=axes, keepdims=True) if axes else grad
+
+
+@_ieee
+def scaled_dot_product_attention_backward(grad_out, query, key, value, attn_mask=None,
+                                          dropout_p=0.0, is_causal=False, *, scale=None,
+                                          enable_gqa=False, causal_alignment="top_left",
+                                          dropout_seed=None, dtype=np.float64):
+    """(dq, dk, dv) of scaled_dot_product_attention, materialised, in `dtype`.
+
+    With P the weights before dropout, Z the kept pattern and ks = 1/(1-p):
+        dV = (P Z ks)^T dO,   dP = (dO V^T) Z ks,
+        dS = P * (dP - rowsum(P * dP)),   dQ = scale dS K,   dK = scale dS^T Q,
+    then summed over whatever was broadcast (GQA's shared heads included).
+    """
+    q = np.asarray(query, dtype=dtype)                           # (..., H, L, E)
+    k = np.asarray(key, dtype=dtype)                             # (..., Hkv, S, E)
+    v = np.asarray(value, dtype=dtype)                           # (..., Hkv, S, Ev)
+    g = np.asarray(grad_out, dtype=dtype)                        # (..., H, L, Ev)
+    E = q.shape[-1]
+    if scale is None:
+        scale = 1.0 / np.sqrt(E) if E > 0 else 1.0
+    _, weights, _ = scaled_dot_product_attention(q, k, v, attn_mask, 0.0, is_causal, scale=scale,
+                                                 enable_gqa=enable_gqa,
+                                                 causal_alignment=causal_alignment, dtype=dtype)
+    group = q.shape[-3] // k.shape[-3] if enable_gqa else 1
+    k_full = np.repeat(k, group, axis=-3) if group > 1 else k    # (..., H, S, E)
+    v_full = np.repeat(v, group, axis=-3) if group > 1 else v    # (..., H, S, Ev)
+    p = weights                                                  # (..., H, L, S)
+    kept = np.ones_like(p)
+    if dropout_p > 0:
+        keep = dropout_keep_mask(dropout_seed, np.broadcast_shapes(p.shape, g.shape[:-1] + (1,)),
+                                 dropout_p)
+        kept = np.where(keep, 1 / (1 - dropout_p) if dropout_p < 1 else 0, 0)
+    dv = np.swapaxes(p * kept, -1, -2) @ g                       # (..., H, S, Ev)
+    dp = (g @ np.swapaxes(v_full, -1, -2)) * kept                # (..., H, L, S)
+    ds = p * (dp - np.sum(p * dp, axis=-1, keepdims=True))       # (..., H, L, S)
+    dq = (ds @ k_full) * scale                                   # (..., H, L, E)
+    dk = (np.swapaxes(ds, -1, -2) @ q) * scale                   # (..., H, S, E)
+    if group > 1:   # each key/value head collects its group's query heads
+        dk = dk.reshape(dk.shape[:-3] + (k.shape[-3], group) + dk.shape[-2:]).sum(axis=-3)
+        dv = dv.reshape(dv.shape[:-3] + (v.shape[-3], group) + dv.shape[-2:]).sum(axis=-3)
+    return (_sum_to_shape(dq, q.shape).astype(dtype), _sum_to_shape(dk, k.shape).astype(dtype),
+            _sum_to_shape(dv, v.shape).astype(dtype))
+
+
 # ---------------------------------------------------------------------------
 # The pieces of layers
 
