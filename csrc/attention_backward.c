@@ -48,7 +48,7 @@
 enum { BLB = 64, BSB = 72 };
 /* Fewer than TASK_TARGET (b, hk) pairs split their keys into chunks, so that
  * B = 1 with few heads still gives every thread work. */
-enum { TASK_TARGET = 32 };
+enum { TASK_TARGET = 8 };
 #define CHUNK_COPIES_BYTES (64.0 * 1024 * 1024)
 
 typedef struct {
@@ -122,16 +122,13 @@ static void pack_block(workspace* w, const job* jb, const real* q, int64_t q_row
     const int64_t E = a->E, Ev = a->Ev, Ep = jb->Ep, Evp = jb->Evp;
     const int64_t panels = (m + NR - 1) / NR;
     const real scale = (real)a->scale;
+    const vreal vscale = v_set1(scale);
     for (int64_t p = 0; p < panels; p++) {
+        const int64_t count = min_i64(NR, m - p * NR);
         real* qt = w->qt + p * E * NR;
-        real* dot = w->dot + p * Ev * NR;
-        for (int64_t c = 0; c < NR; c++) {
-            const int64_t i = p * NR + c;
-            const real* qrow = q + i * q_row;
-            const real* grow = dout + i * Ev;
-            for (int64_t e = 0; e < E; e++) qt[e * NR + c] = i < m ? qrow[e] * scale : 0;
-            for (int64_t e = 0; e < Ev; e++) dot[e * NR + c] = i < m ? grow[e] : 0;
-        }
+        transpose_panel(qt, q, q_row, E, p * NR, count);
+        for (int64_t e = 0; e < E * NR; e += VLEN) v_store(qt + e, v_mul(v_load(qt + e), vscale));
+        transpose_panel(w->dot + p * Ev * NR, dout, Ev, Ev, p * NR, count);
     }
     for (int64_t i = 0; i < m; i++) {
         memcpy(w->qr + i * Ep, q + i * q_row, (size_t)E * sizeof(real));

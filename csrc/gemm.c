@@ -224,34 +224,6 @@ static int workspace_alloc(workspace* ws, int64_t rg, int64_t fc)
     return 0;
 }
 
-/* dst (K, NR) = K columns of rows [first, first + count) of src (rows at
- * src_row), transposed; columns past count are 0. A full panel goes
- * VLEN x VLEN blocks at a time through the registers (v_transpose). */
-static void transpose_panel(real* dst, const real* src, int64_t src_row, int64_t K, int64_t first,
-                            int64_t count)
-{
-    int64_t k0 = 0;
-    if (count == NR) {
-        for (; k0 + VLEN <= K; k0 += VLEN)
-#pragma GCC unroll 4
-            for (int h = 0; h < NV; h++) {
-                vreal r[VLEN];
-#pragma GCC unroll 16
-                for (int t = 0; t < VLEN; t++) r[t] = v_load(src + (first + h * VLEN + t) * src_row + k0);
-                v_transpose(r);
-#pragma GCC unroll 16
-                for (int t = 0; t < VLEN; t++) v_store(dst + (k0 + t) * NR + h * VLEN, r[t]);
-            }
-    }
-    for (int64_t j = 0; j < NR; j++) {
-        if (j < count) {
-            const real* row = src + (first + j) * src_row;
-            for (int64_t k = k0; k < K; k++) dst[k * NR + j] = row[k];
-        } else {
-            for (int64_t k = k0; k < K; k++) dst[k * NR + j] = 0;
-        }
-    }
-}
 
 /* rows (VLEN, ld_rows) = the columns [m, m + VLEN) of ct (fc, ldt): VLEN of
  * the task's rows of out, turned back from ct's layout, VLEN x VLEN blocks

@@ -96,6 +96,35 @@ AK_INLINE void micro_kernel_packed(real* c, int64_t ldc, const real* a, const re
 }
 
 
+/* dst (K, NR) = K columns of rows [first, first + count) of src (rows at
+ * src_row), transposed; columns past count are 0. A full panel goes
+ * VLEN x VLEN blocks at a time through the registers (v_transpose). */
+static inline void transpose_panel(real* dst, const real* src, int64_t src_row, int64_t K, int64_t first,
+                            int64_t count)
+{
+    int64_t k0 = 0;
+    if (count == NR) {
+        for (; k0 + VLEN <= K; k0 += VLEN)
+#pragma GCC unroll 4
+            for (int h = 0; h < NV; h++) {
+                vreal r[VLEN];
+#pragma GCC unroll 16
+                for (int t = 0; t < VLEN; t++) r[t] = v_load(src + (first + h * VLEN + t) * src_row + k0);
+                v_transpose(r);
+#pragma GCC unroll 16
+                for (int t = 0; t < VLEN; t++) v_store(dst + (k0 + t) * NR + h * VLEN, r[t]);
+            }
+    }
+    for (int64_t j = 0; j < NR; j++) {
+        if (j < count) {
+            const real* row = src + (first + j) * src_row;
+            for (int64_t k = k0; k < K; k++) dst[k * NR + j] = row[k];
+        } else {
+            for (int64_t k = k0; k < K; k++) dst[k * NR + j] = 0;
+        }
+    }
+}
+
 /* A product's epilogue: out (n) = f(x (n) + bias (n)), f an ATTNKIT_* kind
  * of attnkit_bias_activation (activation.c); bias may be NULL, out may be x. */
 void KERNEL(activation_run)(real* out, const real* x, const real* bias, int64_t n, int kind);
