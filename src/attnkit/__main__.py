@@ -61,6 +61,10 @@ def self_check_cases(seed=0):
                 yield kernel, dtype, description, kwargs
         for description, kwargs in _attention_inputs(rng, dtype):
             yield "scaled_dot_product_attention", dtype, description, kwargs
+        for description, kwargs in _attention_inputs(rng, dtype):
+            # the output's shape: the cases' batch dimensions all agree
+            grad = _randn(rng, dtype, *kwargs["query"].shape[:-1], kwargs["value"].shape[-1], scale=1.0)
+            yield "attention_backward", dtype, description, dict(kwargs, grad_out=grad)
 
 
 def _randn(rng, dtype, *shape, scale=3.0):
@@ -120,6 +124,29 @@ def _attention_inputs(rng, dtype):
     yield "decode: (1, 4, 1, 64) x 3000 keys", qkv(1, 4, 4, 1, 3000, 64, 64)
 
 
+class _Gradients:
+    """attention_backward in the self-check: the forward (with lse) then the
+    backward, and its reference; (dq, dk, dv) raveled into one array, judged
+    together."""
+
+    @staticmethod
+    def kernel(grad_out, **kwargs):
+        out, lse = attnkit.scaled_dot_product_attention(**kwargs, return_lse=True)
+        grads = attnkit.scaled_dot_product_attention_backward(grad_out, out=out, lse=lse, **kwargs)
+        return np.concatenate([g.ravel() for g in grads])
+
+    @staticmethod
+    def reference(grad_out, dtype, **kwargs):
+        grads = reference.scaled_dot_product_attention_backward(grad_out, **kwargs, dtype=dtype)
+        return np.concatenate([g.ravel() for g in grads])
+
+
+def _kernel_and_reference(kernel):
+    if kernel == "attention_backward":
+        return _Gradients.kernel, _Gradients.reference
+    return getattr(attnkit, kernel), getattr(reference, kernel)
+
+
 def judge(result, hi, naive, dtype):
     """(error, bound, problem) for a kernel's result, by the rule above;
     problem is None when the result passes, else what is wrong.
@@ -154,16 +181,17 @@ def run_self_check():
           f"{attnkit.get_num_threads()} thread(s))")
     print(f"  pass: error vs float64 (float32) or longdouble (float64) reference <= "
           f"{FACTOR:g} x naive error + {ULPS:g} eps x max|value|")
+    print("  attention' is the gradient of attention: dq, dk and dv judged together")
     print(f"  {'kernel':<12}{'dtype':<9}{'input':<42}{'max error':>10}{'bound':>10}")
     failed = passed = 0
     for kernel, dtype, description, kwargs in self_check_cases():
-        ref = getattr(reference, kernel)
+        function, ref = _kernel_and_reference(kernel)
         hi = ref(**kwargs, dtype=_higher_precision(dtype))
         naive = ref(**kwargs, dtype=dtype)
         if isinstance(hi, tuple):  # attention's reference also gives weights and lse
             hi, naive = hi[0], naive[0]
         try:
-            result = np.asarray(getattr(attnkit, kernel)(**kwargs))
+            result = np.asarray(function(**kwargs))
         except Exception as e:  # report it as a failed case and go on
             error = bound = math.nan
             problem = f"raised {type(e).__name__}: {e}"
@@ -171,7 +199,7 @@ def run_self_check():
             error, bound, problem = judge(result, hi, naive, dtype)
         passed += problem is None
         failed += problem is not None
-        short = "attention" if kernel == "scaled_dot_product_attention" else kernel
+        short = {"scaled_dot_product_attention": "attention", "attention_backward": "attention'"}.get(kernel, kernel)
         print(f"  {short:<12}{np.dtype(dtype).name:<9}{description:<42}"
               f"{error:>10.2e}{bound:>10.2e}  {'PASS' if problem is None else 'FAIL: ' + problem}")
     print(f"self-check: {passed} passed, {failed} failed")
