@@ -10,6 +10,7 @@ import pytest
 import attnkit
 from attnkit import reference
 from accuracy import assert_accurate, torch_or_skip
+from test_attention import mask_of, randn
 from threads import thread_count
 
 sdpa = attnkit.scaled_dot_product_attention
@@ -17,10 +18,6 @@ sdpa_backward = attnkit.scaled_dot_product_attention_backward
 DTYPES = [np.float32, np.float64]
 REFERENCE_KEYS = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa", "causal_alignment",
                   "dropout_seed")
-
-
-def randn(rng, shape, dtype, scale=1.0):
-    return (rng.standard_normal(shape) * scale).astype(dtype)
 
 
 def forward_backward(q, k, v, g, **kwargs):
@@ -141,13 +138,6 @@ def test_empty_and_degenerate_shapes(rng):
 
 # ---------------------------------------------------------------------------
 # Masks, causality, dropout
-
-def mask_of(kind, shape, rng, dtype):
-    visible = rng.random(shape) < 0.7
-    if kind == "bool":
-        return visible
-    return np.where(visible, rng.standard_normal(shape), -np.inf).astype(dtype)
-
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", ["bool", "float"])
