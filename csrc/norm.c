@@ -369,3 +369,139 @@ void KERNEL(rms_norm)(real* out, real* rrms, const real* x, const real* weight, 
                         N * C * (int64_t)sizeof(real) > STREAM_MIN_BYTES};
     norm_run(&j, N);
 }
+
+/* ---------------------------------------------------------------------------
+ * Backward (the contract is in attnkit.h), two passes over a row, which stays
+ * in L1/L2 between them:
+ *   1. xhat = (x - mean) * rstd, g = dy * weight;  sums of g and g * xhat
+ *      (in double, as simd.h's vacc), and the row's terms of dweight
+ *      (dy * xhat) and dbias (dy) added into its block's partial sums
+ *   2. dx = rstd * (g - mean(g) - xhat * mean(g * xhat))
+ * RMS norm is the same with mean = 0 and no mean(g) term.
+ */
+#include "colsum.h"
+
+/* One row: dx (C), dy (C), x (C), weight (C) or NULL; dw, db (C) the block's
+ * partial sums of dweight and dbias, or NULL. Inlined per combination of
+ * NULLs below, so the loops test none of them. */
+AK_INLINE void norm_backward_row_impl(real* dx, real* dw, real* db, const real* dy, const real* x,
+                                      const real* weight, real mean, real rstd, int64_t C, int rms)
+{
+    const vreal vmean = v_set1(mean), vr = v_set1(rstd);
+#define LOAD(p, c, n) ((n) == VLEN ? v_load((p) + (c)) : v_load_part((p) + (c), n, 0))
+#define STORE(p, c, v, n) ((n) == VLEN ? v_store((p) + (c), v) : v_store_part((p) + (c), v, n))
+    /* pass 1; the tail's lanes past C load dy = 0, so they add nothing */
+    vacc sg = vacc_zero(), sgx = vacc_zero();
+    for (int64_t c = 0; c < C; c += VLEN) {
+        const int64_t n = min_i64(VLEN, C - c);
+        const vreal vdy = LOAD(dy, c, n), vx = LOAD(x, c, n);
+        const vreal xh = rms ? v_mul(vx, vr) : v_mul(v_sub(vx, vmean), vr);
+        const vreal g = weight ? v_mul(vdy, LOAD(weight, c, n)) : vdy;
+        if (!rms) sg = vacc_add(sg, g);
+        sgx = vacc_add(sgx, v_mul(g, xh));
+        if (dw) STORE(dw, c, v_fma(vdy, xh, LOAD(dw, c, n)), n);
+        if (db) STORE(db, c, v_add(vdy, LOAD(db, c, n)), n);
+    }
+    /* pass 2 */
+    const vreal va = v_set1(rms ? 0 : (real)(vacc_sum(sg) / (double)C));
+    const vreal vnb = v_set1((real)(-vacc_sum(sgx) / (double)C));
+    for (int64_t c = 0; c < C; c += VLEN) {
+        const int64_t n = min_i64(VLEN, C - c);
+        const vreal vdy = LOAD(dy, c, n), vx = LOAD(x, c, n);
+        const vreal xh = rms ? v_mul(vx, vr) : v_mul(v_sub(vx, vmean), vr);
+        const vreal g = weight ? v_mul(vdy, LOAD(weight, c, n)) : vdy;
+        const vreal centred = rms ? g : v_sub(g, va);
+        STORE(dx, c, v_mul(vr, v_fma(xh, vnb, centred)), n);
+    }
+#undef LOAD
+#undef STORE
+}
+
+static void norm_backward_row(real* dx, real* dw, real* db, const real* dy, const real* x,
+                              const real* weight, real mean, real rstd, int64_t C, int rms)
+{
+    const int sums = dw || db;
+#define ROW(W, DW, DB) norm_backward_row_impl(dx, DW, DB, dy, x, W, mean, rstd, C, rms)
+    if (rms) {
+        if (weight) { if (sums) ROW(weight, dw, NULL); else ROW(weight, NULL, NULL); }
+        else { if (sums) ROW(NULL, dw, NULL); else ROW(NULL, NULL, NULL); }
+    } else if (weight) {
+        if (sums) ROW(weight, dw, db); else ROW(weight, NULL, NULL);
+    } else {
+        if (sums) ROW(NULL, dw, db); else ROW(NULL, NULL, NULL);
+    }
+#undef ROW
+}
+
+typedef struct {
+    real* dx;
+    const real* dy;
+    const real* mean; /* (N), NULL for RMS norm */
+    const real* rstd; /* (N) */
+    const real* x;
+    const real* weight;
+    int64_t N, C, dx_row_stride, dy_row_stride, x_row_stride;
+    int rms;
+    const colsum* sums; /* NULL: no dweight, no dbias */
+    int want_dw, want_db;
+} norm_backward_job;
+
+/* Block b of rows (colsum.h's blocks, used whether or not sums are wanted) */
+static void norm_backward_block(const norm_backward_job* j, int64_t blocks, int64_t b)
+{
+    const int64_t begin = colsum_first_row(j->N, blocks, b), end = colsum_first_row(j->N, blocks, b + 1);
+    real* dw = j->sums && j->want_dw ? colsum_part(j->sums, b, 0) : NULL;
+    real* db = j->sums && j->want_db && !j->rms ? colsum_part(j->sums, b, 1) : NULL;
+    for (int64_t n = begin; n < end; n++) {
+        norm_backward_row(j->dx + n * j->dx_row_stride, dw, db, j->dy + n * j->dy_row_stride,
+                          j->x + n * j->x_row_stride, j->weight, j->rms ? 0 : j->mean[n],
+                          j->rstd[n], j->C, j->rms);
+        if (j->sums && ((n - begin + 1) % COLSUM_FLUSH_ROWS == 0 || n + 1 == end))
+            colsum_flush(j->sums, b);
+    }
+}
+
+static int norm_backward_run(norm_backward_job* j, real* dweight, real* dbias)
+{
+    if (j->N == 0 || j->C == 0) return 0;
+    colsum sums;
+    j->want_dw = dweight != NULL;
+    j->want_db = dbias != NULL;
+    j->sums = NULL;
+    if (dweight || dbias) {
+        if (colsum_alloc(&sums, j->N, j->C, j->rms ? 1 : 2) != 0) return -1;
+        j->sums = &sums;
+    }
+    const int64_t blocks = colsum_blocks(j->N, j->C);
+    const int threads = attnkit_plan_threads(blocks, (j->N / blocks + 1) * j->C * 3);
+    if (threads <= 1) {
+        for (int64_t b = 0; b < blocks; b++) norm_backward_block(j, blocks, b);
+    } else {
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+        for (int64_t b = 0; b < blocks; b++) norm_backward_block(j, blocks, b);
+    }
+    if (j->sums) {
+        real* const out[2] = {dweight, dbias};
+        colsum_finish(&sums, out);
+    }
+    return 0;
+}
+
+int KERNEL(layer_norm_backward)(real* dx, real* dweight, real* dbias, const real* dy,
+                                const real* mean, const real* rstd, const real* x,
+                                const real* weight, int64_t N, int64_t C, int64_t dx_row_stride,
+                                int64_t dy_row_stride, int64_t x_row_stride)
+{
+    norm_backward_job j = {dx, dy, mean, rstd, x, weight, N, C, dx_row_stride, dy_row_stride,
+                           x_row_stride, 0, NULL, 0, 0};
+    return norm_backward_run(&j, dweight, dbias);
+}
+
+int KERNEL(rms_norm_backward)(real* dx, real* dweight, const real* dy, const real* rrms,
+                              const real* x, const real* weight, int64_t N, int64_t C,
+                              int64_t dx_row_stride, int64_t dy_row_stride, int64_t x_row_stride)
+{
+    norm_backward_job j = {dx, dy, NULL, rrms, x, weight, N, C, dx_row_stride, dy_row_stride,
+                           x_row_stride, 1, NULL, 0, 0};
+    return norm_backward_run(&j, dweight, NULL);
+}
