@@ -41,10 +41,14 @@ from ._runtime import (
 from .functional import (
     batch_norm,
     layer_norm,
+    layer_norm_backward,
     log_softmax,
+    log_softmax_backward,
     rms_norm,
+    rms_norm_backward,
     scaled_dot_product_attention,
     softmax,
+    softmax_backward,
 )
 
 __all__ = [
@@ -54,6 +58,10 @@ __all__ = [
     "rms_norm",
     "scaled_dot_product_attention",
     "batch_norm",
+    "softmax_backward",
+    "log_softmax_backward",
+    "layer_norm_backward",
+    "rms_norm_backward",
     "reference",
     "nn",
     "io",
