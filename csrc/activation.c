@@ -361,12 +361,13 @@ static void gelu_erf_backward_run(real* dx, real* part, const real* dy, const re
 {
     for (int64_t j = 0; j < n; j++) {
         const double v = bias ? x[j] + bias[j] : x[j];
-        const double cdf = v < 0 ? 0.5 * erfc(-v * 0.70710678118654752440)
-                                 : 0.5 * (1.0 + erf(v * 0.70710678118654752440));
-        /* v phi(v), with v^2's rounding error put back; 0 past |v| = 40 (and for +-inf) */
+        /* Phi(v) = erfc(-v / sqrt 2) / 2, accurate for either sign (the
+         * division rounds the argument once, as the reference's does) */
+        const double cdf = 0.5 * erfc(-v / 1.41421356237309504880);
+        /* v phi(v), with v^2's rounding error put back; 0 past |v| = 40 (and for +-inf, NaN) */
         const double sq = v * v, sq_err = fma(v, v, -sq);
-        const double pdf = fabs(v) < 40 ? exp(-0.5 * sq) * (1.0 - 0.5 * sq_err) * 0.39894228040143267794 : 0.0;
-        const double d = dy[j] * (cdf + v * pdf);
+        const double x_pdf = fabs(v) < 40 ? v * exp(-0.5 * sq) * (1.0 - 0.5 * sq_err) * 0.39894228040143267794 : 0.0;
+        const double d = dy[j] * (cdf + x_pdf);
         dx[j] = d;
         if (part) part[j] += d;
     }

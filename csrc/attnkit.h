@@ -226,7 +226,8 @@ enum { ATTNKIT_GELU_ERF = 0, ATTNKIT_GELU_TANH = 1, ATTNKIT_SILU = 2, ATTNKIT_ID
  *   ATTNKIT_SILU       s (1 + x (1 - s)),  s = sigmoid(x)
  *   ATTNKIT_IDENTITY   1
  *   ATTNKIT_RELU       1 for x > 0, 0 for x <= 0 (PyTorch's: 0 at x == 0)
- * A NaN x gives a NaN dx for every kind. dbias sums rows in an order fixed
+ * A NaN x gives a NaN dx for every kind but the identity (whose f' is 1
+ * whatever x is). dbias sums rows in an order fixed
  * by rows alone, so it is bitwise the same at any thread count. Returns 0,
  * or -1 when dbias's workspace cannot be allocated.
  */

@@ -316,8 +316,8 @@ def gelu_backward(grad, x, approximate="none", *, dtype=np.float64):
         t = np.tanh(u)
         du = k0 * (1 + 3 * dtype(0.044715) * x**2)
         return (g * (dtype(0.5) * (1 + t) + dtype(0.5) * x * (1 - t * t) * du)).astype(dtype)
-    erf = np.vectorize(math.erf, otypes=[np.float64])
-    cdf = (0.5 * (1 + erf(x / np.sqrt(2)))).astype(dtype)
+    erfc = np.vectorize(math.erfc, otypes=[np.float64])
+    cdf = (0.5 * erfc(-x / np.sqrt(2))).astype(dtype)          # Phi(x), the tails kept exact
     pdf = np.exp(-x * x / 2) / np.sqrt(dtype(2) * dtype(np.pi))
     return (g * (cdf + x * pdf)).astype(dtype)
 
