@@ -209,8 +209,8 @@ void KERNEL(softmax)(real* out, const real* x, const uint8_t* where, const attnk
 /* ---------------------------------------------------------------------------
  * Backward (the contract is in attnkit.h), two passes over each slice:
  *   1. s = sum(dy * y) (softmax), or s = sum(dy) and m = max(y) (log_softmax),
- *      over the kept elements, in `real` lanes for SUM_BLOCK elements and
- *      then in double, as the forward's sum
+ *      over the kept elements, in `real` lanes for a block of elements and
+ *      then in double, as the forward's sum (BACKWARD_SUM_VECTORS below)
  *   2. dx = y * (dy - s)  or  dx = dy - exp(y) * s;  0 where masked out
  * log_softmax's y is <= 0 (-log of a sum >= 1, or -inf), so exp(y) is
  * v_exp_nonpositive's; m == -inf marks the forward's empty slice (every
@@ -223,83 +223,96 @@ AK_INLINE vreal load_n(const real* p, int64_t n, real fill)
     return n == VLEN ? v_load(p) : v_load_part(p, n, fill);
 }
 
+/* Pass 1's sums are added in `real` lanes for BACKWARD_SUM_VECTORS vectors
+ * (four accumulators, so each lane takes 8 terms) and then into a double:
+ * longer blocks than the forward's, as each term here is a plain load and
+ * multiply and the block's reduction would otherwise cost as much as the
+ * block. */
+enum { BACKWARD_SUM_VECTORS = 32 };
+
+/* Pass 1's term at c (n <= VLEN lanes): dy * y, or dy with the max of y
+ * kept in *m (log_softmax); 0 (and -inf for the max) where masked out. */
+AK_INLINE vreal backward_term(const real* dy, const real* y, const uint8_t* where,
+                              int64_t where_step, int64_t c, int64_t n, int take_log, vreal* m)
+{
+    vreal t = load_n(dy + c, n, 0);
+    const vmask k = where ? v_where(where + c * where_step, where_step, n) : v_is_equal(t, t);
+    if (take_log) {
+        vreal yv = load_n(y + c, n, -INFINITY);
+        if (where) {
+            t = v_select(k, t, v_set1(0));
+            yv = v_select(k, yv, v_set1(-INFINITY));
+        }
+        *m = v_max(*m, yv);
+        return t;
+    }
+    t = v_mul(t, load_n(y + c, n, 0));
+    return where ? v_select(k, t, v_set1(0)) : t;
+}
+
+/* Pass 2's result at c (n <= VLEN lanes) */
+AK_INLINE vreal backward_value(const real* dy, const real* y, const uint8_t* where,
+                               int64_t where_step, int64_t c, int64_t n, int take_log, vreal vs)
+{
+    const vreal vdy = load_n(dy + c, n, 0), vy = load_n(y + c, n, take_log ? -INFINITY : 0);
+    const vreal d = take_log ? v_sub(vdy, v_mul(v_exp_nonpositive(vy), vs)) : v_mul(vy, v_sub(vdy, vs));
+    return where ? v_select(v_where(where + c * where_step, where_step, n), d, v_set1(0)) : d;
+}
+
 /* One contiguous slice: dx, dy, y (C), where (C) at where_step or NULL.
- * Inlined twice below, once with where == NULL, as softmax_row_impl. */
+ * Inlined twice below, once with where == NULL, as softmax_row_impl. With
+ * `stream`, whole aligned vectors of dx are written past the caches. */
 AK_INLINE void softmax_backward_row_impl(real* dx, const real* dy, const real* y,
                                          const uint8_t* where, int64_t where_step, int64_t C,
-                                         int take_log)
+                                         int take_log, int stream)
 {
-    const vreal zero = v_set1(0), minus_inf = v_set1(-INFINITY);
     /* pass 1 */
-    double s = 0.0;
-    vreal m0 = minus_inf, m1 = minus_inf;
-    for (int64_t block = 0; block < C; block += SUM_BLOCK) {
-        const int64_t end = min_i64(C, block + SUM_BLOCK);
-        vreal s0 = zero, s1 = zero;
+    dsum total = {0.0, 0.0};
+    vreal m0 = v_set1(-INFINITY), m1 = m0, m2 = m0, m3 = m0;
+    for (int64_t block = 0; block < C; block += BACKWARD_SUM_VECTORS * VLEN) {
+        const int64_t end = min_i64(C, block + BACKWARD_SUM_VECTORS * VLEN);
+        vreal s0 = v_set1(0), s1 = s0, s2 = s0, s3 = s0;
         int64_t c = block;
-        for (; c + 2 * VLEN <= end; c += 2 * VLEN) {
-            vreal t0 = v_load(dy + c), t1 = v_load(dy + c + VLEN);
-            if (take_log) {
-                vreal y0 = v_load(y + c), y1 = v_load(y + c + VLEN);
-                if (where) {
-                    const vmask k0 = v_where(where + c * where_step, where_step, VLEN);
-                    const vmask k1 = v_where(where + (c + VLEN) * where_step, where_step, VLEN);
-                    t0 = v_select(k0, t0, zero);
-                    t1 = v_select(k1, t1, zero);
-                    y0 = v_select(k0, y0, minus_inf);
-                    y1 = v_select(k1, y1, minus_inf);
-                }
-                m0 = v_max(m0, y0);
-                m1 = v_max(m1, y1);
-            } else {
-                t0 = v_mul(t0, v_load(y + c));
-                t1 = v_mul(t1, v_load(y + c + VLEN));
-                if (where) {
-                    t0 = v_select(v_where(where + c * where_step, where_step, VLEN), t0, zero);
-                    t1 = v_select(v_where(where + (c + VLEN) * where_step, where_step, VLEN), t1, zero);
-                }
-            }
-            s0 = v_add(s0, t0);
-            s1 = v_add(s1, t1);
+        for (; c + 4 * VLEN <= end; c += 4 * VLEN) {
+            s0 = v_add(s0, backward_term(dy, y, where, where_step, c, VLEN, take_log, &m0));
+            s1 = v_add(s1, backward_term(dy, y, where, where_step, c + VLEN, VLEN, take_log, &m1));
+            s2 = v_add(s2, backward_term(dy, y, where, where_step, c + 2 * VLEN, VLEN, take_log, &m2));
+            s3 = v_add(s3, backward_term(dy, y, where, where_step, c + 3 * VLEN, VLEN, take_log, &m3));
         }
-        for (; c < end; c += VLEN) {
-            const int64_t n = min_i64(VLEN, end - c);
-            vreal t = load_n(dy + c, n, 0);
-            const vmask k = where ? v_where(where + c * where_step, where_step, n) : v_is_equal(zero, zero);
-            if (take_log) {
-                vreal yv = load_n(y + c, n, -INFINITY);
-                if (where) {
-                    t = v_select(k, t, zero);
-                    yv = v_select(k, yv, minus_inf);
-                }
-                m0 = v_max(m0, yv);
-            } else {
-                t = v_mul(t, load_n(y + c, n, 0));
-                if (where) t = v_select(k, t, zero);
-            }
-            s0 = v_add(s0, t);
-        }
-        s += v_reduce_add(v_add(s0, s1));
+        for (; c < end; c += VLEN)
+            s0 = v_add(s0, backward_term(dy, y, where, where_step, c, min_i64(VLEN, end - c), take_log, &m0));
+        dsum_add(&total, v_reduce_add(v_add(v_add(s0, s1), v_add(s2, s3))));
     }
-    const int empty = take_log && v_reduce_max(v_max(m0, m1)) == -INFINITY;
+    const double s = dsum_value(total);
+    const int empty = take_log && v_reduce_max(v_max(v_max(m0, m1), v_max(m2, m3))) == -INFINITY;
     /* pass 2 */
-    const vreal vs = v_set1(empty ? 0 : (real)s);
-    for (int64_t c = 0; c < C; c += VLEN) {
+    if (empty) { /* zeros are written as any result is, streamed or not */
+        for (int64_t c = 0; c < C; c += VLEN) store_n(dx + c, v_set1(0), min_i64(VLEN, C - c));
+        return;
+    }
+    const vreal vs = v_set1((real)s);
+    int64_t c = 0;
+    if (stream) {
+        const int64_t head = stream_head(dx);
+        if (head > 0 && head < C) {
+            v_store_part(dx, backward_value(dy, y, where, where_step, 0, head, take_log, vs), head);
+            c = head;
+        }
+        for (; c + VLEN <= C; c += VLEN)
+            v_stream(dx + c, backward_value(dy, y, where, where_step, c, VLEN, take_log, vs));
+    }
+    for (; c < C; c += VLEN) {
         const int64_t n = min_i64(VLEN, C - c);
-        const vreal vdy = load_n(dy + c, n, 0), vy = load_n(y + c, n, take_log ? -INFINITY : 0);
-        vreal d = take_log ? v_sub(vdy, v_mul(v_exp_nonpositive(vy), vs)) : v_mul(vy, v_sub(vdy, vs));
-        if (empty) d = zero;
-        if (where) d = v_select(v_where(where + c * where_step, where_step, n), d, zero);
-        if (n == VLEN) v_store(dx + c, d);
-        else v_store_part(dx + c, d, n);
+        store_n(dx + c, backward_value(dy, y, where, where_step, c, n, take_log, vs), n);
     }
 }
 
 static void softmax_backward_row(real* dx, const real* dy, const real* y, const uint8_t* where,
-                                 int64_t where_step, int64_t C, int take_log)
+                                 int64_t where_step, int64_t C, int take_log, int stream)
 {
-    if (where) softmax_backward_row_impl(dx, dy, y, where, where_step, C, take_log);
-    else softmax_backward_row_impl(dx, dy, y, NULL, 0, C, take_log);
+    if (where) softmax_backward_row_impl(dx, dy, y, where, where_step, C, take_log, stream);
+    else if (stream) softmax_backward_row_impl(dx, dy, y, NULL, 0, C, take_log, 1);
+    else softmax_backward_row_impl(dx, dy, y, NULL, 0, C, take_log, 0);
 }
 
 /* `width` (<= VLEN) neighbouring slices, one per lane, as softmax_columns:
@@ -312,7 +325,7 @@ static void softmax_backward_columns(real* dx, const real* dy, const real* y, co
 {
     const vreal zero = v_set1(0);
     /* pass 1: each lane's sum, carried in double per block, and max of y */
-    double sum[VLEN] = {0};
+    dsum sum[VLEN] = {{0.0, 0.0}};
     real lanes[VLEN];
     vreal vm = v_set1(-INFINITY);
     enum { ROWS_PER_BLOCK = 64 };
@@ -332,10 +345,10 @@ static void softmax_backward_columns(real* dx, const real* dy, const real* y, co
             s = v_add(s, t);
         }
         v_lanes(lanes, s);
-        for (int k = 0; k < VLEN; k++) sum[k] += lanes[k];
+        for (int k = 0; k < VLEN; k++) dsum_add(&sum[k], lanes[k]);
     }
     /* pass 2: a lane whose slice is empty (log_softmax) gets 0 */
-    for (int k = 0; k < VLEN; k++) lanes[k] = (real)sum[k];
+    for (int k = 0; k < VLEN; k++) lanes[k] = (real)dsum_value(sum[k]);
     const vreal vs = v_load(lanes);
     const vmask empty = v_is_equal(vm, v_set1(-INFINITY));
     for (int64_t c = 0; c < C; c++) {
@@ -354,9 +367,12 @@ static void softmax_backward_tasks(real* dx, const real* dy, const real* y, cons
     const attnkit_strides xs = a->dx_strides, ds = a->dy_strides, ys = a->y_strides,
                           ws = a->where_strides;
     if (a->K == 1) {
+        /* dx larger than the caches is written past them, as the forward's out */
+        const int stream = a->N * a->C * (int64_t)sizeof(real) > STREAM_MIN_BYTES;
         for (int64_t n = begin; n < end; n++)
             softmax_backward_row(dx + n * xs.n, dy + n * ds.n, y + n * ys.n,
-                                 where ? where + n * ws.n : NULL, ws.c, a->C, a->log);
+                                 where ? where + n * ws.n : NULL, ws.c, a->C, a->log, stream);
+        if (stream) v_stream_fence();
         return;
     }
     const int64_t groups = (a->K + VLEN - 1) / VLEN;

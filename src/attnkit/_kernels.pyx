@@ -233,6 +233,48 @@ cdef set_strides(attnkit_strides* s, cnp.ndarray a, str what):
     s.k = element_stride(a, 2, what)
 
 
+def softmax_backward_last_axis(object grad, object y, bint log):
+    """softmax_backward (log=True: log_softmax_backward) over the last axis,
+    into a new array, for plain arrays only (as softmax_last_axis): grad and
+    y C-contiguous, aligned, native float32/float64 ndarrays of one shape
+    and dtype. Returns None for anything else, for the general path."""
+    cdef cnp.ndarray a = plain_float_array(y)
+    cdef cnp.ndarray g = plain_float_array(grad)
+    if a is None or g is None:
+        return None
+    cdef int ndim = cnp.PyArray_NDIM(a)
+    cdef int type_num = cnp.PyArray_TYPE(a)
+    if cnp.PyArray_TYPE(g) != type_num or cnp.PyArray_NDIM(g) != ndim:
+        return None
+    cdef int d
+    for d in range(ndim):
+        if cnp.PyArray_DIM(g, d) != cnp.PyArray_DIM(a, d):
+            return None
+    cdef cnp.ndarray out = cnp.PyArray_EMPTY(ndim, cnp.PyArray_DIMS(a), type_num, 0)
+    cdef attnkit_softmax_backward_args args
+    args.C = cnp.PyArray_DIM(a, ndim - 1)
+    if args.C == 0 or cnp.PyArray_SIZE(a) == 0:
+        return out
+    args.N = cnp.PyArray_SIZE(a) // args.C
+    args.K = 1
+    args.dx_strides.n = args.C
+    args.dx_strides.c = 1
+    args.dx_strides.k = 1
+    args.dy_strides = args.dx_strides
+    args.y_strides = args.dx_strides
+    args.where_strides.n = args.where_strides.c = args.where_strides.k = 0
+    args.log = log
+    cdef void* po = cnp.PyArray_DATA(out)
+    cdef const void* pg = cnp.PyArray_DATA(g)
+    cdef const void* py = cnp.PyArray_DATA(a)
+    with nogil:
+        if type_num == cnp.NPY_FLOAT:
+            attnkit_softmax_backward_f32(<float*>po, <const float*>pg, <const float*>py, NULL, &args)
+        else:
+            attnkit_softmax_backward_f64(<double*>po, <const double*>pg, <const double*>py, NULL, &args)
+    return out
+
+
 def softmax_backward(cnp.ndarray dx, cnp.ndarray dy, cnp.ndarray y, object where, bint log):
     """The gradient of softmax (log=True: log_softmax) along axis 1 of (N, C, K)
     arrays: dx from dy (the gradient of the output) and y (the forward's
@@ -421,6 +463,93 @@ def rms_norm(cnp.ndarray out, object rrms, cnp.ndarray x, object weight, double 
             attnkit_rms_norm_f64(<double*>po, <double*>pr, <const double*>px, <const double*>pw,
                                  N, C, os, xs, eps)
     return out
+
+
+cdef inline bint is_stats_vector(object v, cnp.ndarray x) noexcept:
+    """v a C-contiguous aligned ndarray of x's dtype shaped x.shape[:-1] + (1,)
+    or x.shape[:-1], as the forwards' return_stats give them."""
+    if type(v) is not cnp.ndarray:
+        return False
+    cdef cnp.ndarray a = <cnp.ndarray>v
+    cdef int nd = cnp.PyArray_NDIM(a), ndim = cnp.PyArray_NDIM(x), d
+    if not (cnp.PyArray_TYPE(a) == cnp.PyArray_TYPE(x) and cnp.PyArray_ISNOTSWAPPED(a)
+            and cnp.PyArray_CHKFLAGS(a, cnp.NPY_ARRAY_C_CONTIGUOUS | cnp.NPY_ARRAY_ALIGNED)):
+        return False
+    if not (nd == ndim and cnp.PyArray_DIM(a, nd - 1) == 1 or nd == ndim - 1):
+        return False
+    for d in range(ndim - 1):
+        if cnp.PyArray_DIM(a, d) != cnp.PyArray_DIM(x, d):
+            return False
+    return True
+
+
+def norm_backward_last_axis(object grad, object x, object mean, object rstd,
+                            object normalized_shape, object weight):
+    """layer_norm_backward (mean not None) or rms_norm_backward (mean None)
+    over the last axis, for the common case only (as norm_last_axis): x and
+    grad plain arrays of one shape and dtype, normalized_shape x's last
+    dimension (an int or a 1-tuple), mean and rstd contiguous, shaped as the
+    forward returns them; weight None or a contiguous vector. Returns (dx,
+    dweight, dbias) or (dx, dweight), or None for the general path."""
+    cdef cnp.ndarray a = plain_float_array(x)
+    cdef cnp.ndarray g = plain_float_array(grad)
+    if a is None or g is None:
+        return None
+    cdef int ndim = cnp.PyArray_NDIM(a)
+    cdef int type_num = cnp.PyArray_TYPE(a)
+    if cnp.PyArray_TYPE(g) != type_num or cnp.PyArray_NDIM(g) != ndim:
+        return None
+    cdef int d
+    for d in range(ndim):
+        if cnp.PyArray_DIM(g, d) != cnp.PyArray_DIM(a, d):
+            return None
+    cdef int64_t C = cnp.PyArray_DIM(a, ndim - 1)
+    if type(normalized_shape) is tuple and len(<tuple>normalized_shape) == 1:
+        normalized_shape = (<tuple>normalized_shape)[0]
+    if type(normalized_shape) is not int or normalized_shape != C or C == 0:
+        return None
+    cdef int64_t N = cnp.PyArray_SIZE(a) // C
+    cdef bint rms = mean is None
+    if not (is_stats_vector(rstd, a) and (rms or is_stats_vector(mean, a))
+            and is_plain_vector(weight, type_num, C)):
+        return None
+    cdef cnp.npy_intp length = C
+    cdef cnp.ndarray dx = cnp.PyArray_EMPTY(ndim, cnp.PyArray_DIMS(a), type_num, 0)
+    cdef cnp.ndarray dw = cnp.PyArray_ZEROS(1, &length, type_num, 0)
+    cdef cnp.ndarray db = None if rms else cnp.PyArray_ZEROS(1, &length, type_num, 0)
+    cdef void* pdx = cnp.PyArray_DATA(dx)
+    cdef void* pdw = cnp.PyArray_DATA(dw)
+    cdef void* pdb = NULL if rms else cnp.PyArray_DATA(db)
+    cdef const void* pg = cnp.PyArray_DATA(g)
+    cdef const void* px = cnp.PyArray_DATA(a)
+    cdef const void* pm = NULL if rms else cnp.PyArray_DATA(<cnp.ndarray>mean)
+    cdef const void* pr = cnp.PyArray_DATA(<cnp.ndarray>rstd)
+    cdef const void* pw = vector_data(weight)
+    cdef int status = 0
+    with nogil:
+        if type_num == cnp.NPY_FLOAT:
+            if rms:
+                status = attnkit_rms_norm_backward_f32(<float*>pdx, <float*>pdw, <const float*>pg,
+                                                       <const float*>pr, <const float*>px,
+                                                       <const float*>pw, N, C, C, C, C)
+            else:
+                status = attnkit_layer_norm_backward_f32(<float*>pdx, <float*>pdw, <float*>pdb,
+                                                         <const float*>pg, <const float*>pm,
+                                                         <const float*>pr, <const float*>px,
+                                                         <const float*>pw, N, C, C, C, C)
+        else:
+            if rms:
+                status = attnkit_rms_norm_backward_f64(<double*>pdx, <double*>pdw, <const double*>pg,
+                                                       <const double*>pr, <const double*>px,
+                                                       <const double*>pw, N, C, C, C, C)
+            else:
+                status = attnkit_layer_norm_backward_f64(<double*>pdx, <double*>pdw, <double*>pdb,
+                                                         <const double*>pg, <const double*>pm,
+                                                         <const double*>pr, <const double*>px,
+                                                         <const double*>pw, N, C, C, C, C)
+    if status != 0:
+        raise MemoryError(f"norm backward: could not allocate the workspace for {C} columns")
+    return (dx, dw) if rms else (dx, dw, db)
 
 
 def norm_backward(cnp.ndarray dx, object dweight, object dbias, cnp.ndarray dy, object mean,

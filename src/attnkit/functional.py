@@ -309,6 +309,10 @@ def softmax_backward(grad, y, axis=-1, *, where=None, out=None):
     nothing kept, get 0, never NaN. out: as for softmax (may be grad or y).
     torch's counterpart is torch.ops.aten._softmax_backward_data.
     """
+    if where is None and out is None and type(axis) is int and axis == -1:
+        result = _kernels.softmax_backward_last_axis(grad, y, False)
+        if result is not None:
+            return result
     return _softmax_backward(grad, y, axis, where, out, False, "softmax_backward")
 
 
@@ -320,6 +324,10 @@ def log_softmax_backward(grad, y, axis=-1, *, where=None, out=None):
     Same arguments as softmax_backward. Masked-out elements, and slices with
     nothing kept (where the forward gave -inf throughout), get 0, never NaN.
     """
+    if where is None and out is None and type(axis) is int and axis == -1:
+        result = _kernels.softmax_backward_last_axis(grad, y, True)
+        if result is not None:
+            return result
     return _softmax_backward(grad, y, axis, where, out, True, "log_softmax_backward")
 
 
@@ -504,6 +512,9 @@ def layer_norm_backward(grad, x, mean, rstd, normalized_shape, weight=None):
     the sums over rows in an order fixed by the shapes, so results are
     bitwise the same at any thread count.
     """
+    result = _kernels.norm_backward_last_axis(grad, x, mean, rstd, normalized_shape, weight)
+    if result is not None:
+        return result
     func = "layer_norm_backward"
     dy2, x2, (m, r), w, shape = _norm_backward_operands(
         grad, x, (("mean", mean), ("rstd", rstd)), normalized_shape, weight, func)
@@ -523,6 +534,9 @@ def rms_norm_backward(grad, x, rstd, normalized_shape, weight=None):
       dx      = rstd * (g - xhat * mean(g * xhat))
       dweight = sum over rows of grad * xhat
     """
+    result = _kernels.norm_backward_last_axis(grad, x, None, rstd, normalized_shape, weight)
+    if result is not None:
+        return result
     func = "rms_norm_backward"
     dy2, x2, (r,), w, shape = _norm_backward_operands(grad, x, (("rstd", rstd),), normalized_shape,
                                                       weight, func)
