@@ -509,7 +509,8 @@ static int norm_backward_run(norm_backward_job* j, real* dweight, real* dbias)
 {
     if (j->N == 0 || j->C == 0) return 0;
     colsum sums;
-    j->stream = j->N * j->C * (int64_t)sizeof(real) > STREAM_MIN_BYTES;
+    /* dy, x and dx together larger than the L3: dx past the caches (softmax.c) */
+    j->stream = 3 * j->N * j->C * (int64_t)sizeof(real) > 2 * STREAM_MIN_BYTES;
     j->want_dw = dweight != NULL;
     j->want_db = dbias != NULL;
     j->sums = NULL;
