@@ -67,8 +67,9 @@ typedef struct {
  *   in double. Masked-out elements get dx = 0 whatever dy and y hold, and so
  *   does every element of a slice with nothing kept (all masked; for
  *   log_softmax also a slice whose y is all -inf, the forward's empty slice),
- *   never NaN. A NaN in dy or y (kept) makes its slice's dx NaN.
- *   dx may be dy itself (same pointer, same strides).
+ *   never NaN. Otherwise NaNs follow the formulas (a NaN in a kept dy
+ *   makes its slice's dx NaN). dx may be dy or y itself (same pointer, same
+ *   strides): pass 2 reads each element before writing it.
  */
 typedef struct {
     int64_t N, C, K;
