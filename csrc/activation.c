@@ -43,12 +43,13 @@ enum { WAYS = 8 };
  * gelu(1e20) NaN); v_min(16, NaN) is NaN, so NaN still passes through. */
 #define EACH for (int k = 0; k < count; k++)
 
-/* The exact GELU of count (<= WAYS) vectors, in place. Its chain of
+/* Phi(x) of count (<= WAYS) vectors x = v into cdf; gelu_erf_n below makes
+ * the exact GELU of them, in place, x Phi(x). Its chain of
  * dependent operations is about 150 cycles long, longer than the core's
  * reorder window covers one vector after another: written as one loop per
  * step (each unrolled whole, count being a constant where it is inlined),
  * the steps of WAYS vectors interleave. */
-AK_INLINE void gelu_erf_n(vreal* v, int count)
+AK_INLINE void normal_cdf_n(const vreal* v, vreal* cdf, int count)
 {
     vreal x[WAYS], t[WAYS], p[WAYS], a[WAYS], b[WAYS], e[WAYS];
     EACH x[k] = v_min(v_set1(16.0f), v_abs(v[k]));
@@ -73,9 +74,36 @@ AK_INLINE void gelu_erf_n(vreal* v, int count)
         e[k] = v_exp_nonpositive(arg);
         e[k] = v_fma(e[k], err, e[k]);
     }
-    EACH {                /* x < 0: x Phi(-|x|), the tail keeping its relative precision; else x (1 - tail) */
+    EACH {                /* x < 0: Phi(-|x|), the tail keeping its relative precision; else 1 - tail */
         const vreal tail = v_mul(v_mul(t[k], v_set1(0.5f)), e[k]);
-        v[k] = v_mul(v[k], v_select(v_is_less(v[k], v_set1(0)), tail, v_sub(v_set1(1), tail)));
+        cdf[k] = v_select(v_is_less(v[k], v_set1(0)), tail, v_sub(v_set1(1), tail));
+    }
+}
+
+AK_INLINE void gelu_erf_n(vreal* v, int count)
+{
+    vreal cdf[WAYS];
+    normal_cdf_n(v, cdf, count);
+    EACH v[k] = v_mul(v[k], cdf[k]);
+}
+
+/* The exact GELU's derivative times g, float: v = g (Phi(x) + x phi(x)) of
+ * count vectors x = v in place. phi(x) = exp(-x^2/2) / sqrt(2 pi) with x^2
+ * carried as two floats, as in normal_cdf_n; x phi(x) is taken at |x| held
+ * to 16, where it is already 0 in float, so that x = +-inf gives 1 and 0,
+ * not inf * 0. */
+AK_INLINE void gelu_erf_backward_n(vreal* v, const vreal* g, int count)
+{
+    vreal cdf[WAYS];
+    normal_cdf_n(v, cdf, count);
+    EACH {
+        const vreal a = v_min(v_set1(16.0f), v_abs(v[k]));
+        const vreal sq = v_mul(a, a), sq_err = v_fma(a, a, v_sub(v_set1(0), sq));
+        vreal e = v_exp_nonpositive(v_mul(sq, v_set1(-0.5f)));
+        e = v_fma(e, v_mul(sq_err, v_set1(-0.5f)), e);                /* exp(-(sq + sq_err)/2) */
+        const vreal pdf = v_mul(e, v_set1(0.39894228040143267794f));
+        const vreal x_pdf = v_mul(v_select(v_is_less(v[k], v_set1(0)), v_sub(v_set1(0), a), a), pdf);
+        v[k] = v_mul(g[k], v_add(cdf[k], x_pdf));
     }
 }
 #undef EACH
@@ -214,4 +242,212 @@ void KERNEL(bias_activation)(real* out, const real* x, const real* bias, int64_t
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t c = 0; c < chunks; c++)
         apply_range(run, out, x, bias, cols, c * CHUNK, min_i64(n, (c + 1) * CHUNK));
+}
+
+/* ---------------------------------------------------------------------------
+ * Backward (the contract is in attnkit.h): dx = dy * f'(x + bias), and
+ * dbias += the column sums of dx. Each f' is written so that nothing
+ * overflows or cancels: with e = exp(-|y|) (or exp(-2|u|)),
+ *   sigmoid(y) = 1 / (1 + e) for y >= 0, e / (1 + e) below, and
+ *   sigmoid(y) (1 - sigmoid(y)) = e / (1 + e)^2 for either sign;
+ *   tanh GELU: 0.5 (1 + tanh u) = sigmoid(2u), 1 - tanh(u)^2 = 4e / (1 + e)^2.
+ * The factor x multiplying a term that vanishes for large |x| is held to a
+ * bound past which that term is exactly 0, so +-inf gives the limit, not
+ * inf * 0 = NaN.
+ */
+#include "colsum.h"
+
+/* 1 / (1 + e) or e / (1 + e) (y >= 0 or not), and e / (1 + e)^2 */
+AK_INLINE void sigmoid_parts(vreal y, vreal e, vreal* s, vreal* s_1ms)
+{
+    const vreal one = v_set1(1), inv = v_div(one, v_add(one, e));
+    *s = v_select(v_is_less(y, v_set1(0)), v_mul(e, inv), inv);
+    *s_1ms = v_mul(v_mul(e, inv), inv);
+}
+
+AK_INLINE vreal v_clamp(vreal x, real bound) /* NaN stays NaN (v_min, v_max's rule) */
+{
+    return v_max(v_set1(-bound), v_min(v_set1(bound), x));
+}
+
+AK_INLINE vreal v_silu_backward(vreal x, vreal g)
+{
+    vreal s, s_1ms;
+    sigmoid_parts(x, v_exp_nonpositive(v_sub(v_set1(0), v_abs(x))), &s, &s_1ms);
+    /* s + x s (1 - s) = s (1 + x (1 - s)); e is 0 for |x| > 1000 */
+    return v_mul(g, v_fma(v_clamp(x, 1000), s_1ms, s));
+}
+
+AK_INLINE vreal v_gelu_tanh_backward(vreal x, vreal g)
+{
+    const real k0 = (real)0.79788456080286535588, k1 = (real)0.044715;
+    const vreal xc = v_clamp(x, 1e4); /* |x| > 1e4: e is 0, and x^3 stays finite */
+    const vreal x2 = v_mul(xc, xc);
+    const vreal u = v_mul(v_set1(k0), v_fma(v_mul(v_set1(k1), xc), x2, xc));
+    const vreal du = v_mul(v_set1(k0), v_fma(v_set1(3 * k1), x2, v_set1(1)));
+    vreal left, quarter_sech2; /* sigmoid(2u) and sech(u)^2 / 4 */
+    sigmoid_parts(u, v_exp_nonpositive(v_mul(v_abs(u), v_set1(-2))), &left, &quarter_sech2);
+    /* 0.5 (1 + tanh u) + 0.5 x sech(u)^2 u' */
+    const vreal d = v_fma(v_mul(v_mul(v_set1(2), xc), quarter_sech2), du, left);
+    return v_mul(g, v_select(v_is_equal(x, x), d, x)); /* NaN x: NaN */
+}
+
+/* PyTorch's: 0 at x == 0 (and where x < 0, whatever g holds); NaN x: NaN */
+AK_INLINE vreal v_relu_backward(vreal x, vreal g)
+{
+    const vreal zero = v_set1(0);
+    return v_select(v_is_less(zero, x), g, v_select(v_is_equal(x, x), zero, x));
+}
+
+AK_INLINE vreal v_identity_backward(vreal x, vreal g)
+{
+    (void)x;
+    return g;
+}
+
+#define DEFINE_EACH_BACKWARD(name_n, f)                                                        \
+    AK_INLINE void name_n(vreal* v, const vreal* g, int count)                                 \
+    {                                                                                          \
+        for (int k = 0; k < count; k++) v[k] = f(v[k], g[k]);                                  \
+    }
+DEFINE_EACH_BACKWARD(gelu_tanh_backward_n, v_gelu_tanh_backward)
+DEFINE_EACH_BACKWARD(silu_backward_n, v_silu_backward)
+DEFINE_EACH_BACKWARD(relu_backward_n, v_relu_backward)
+DEFINE_EACH_BACKWARD(identity_backward_n, v_identity_backward)
+
+/* A run of n elements that share one bias row: dx (n) = dy (n) * f'(x (n) +
+ * bias (n)), bias NULL for none; part (n), or NULL, += dx. Every vector of
+ * a step is loaded before any is stored, so dx may be dy. */
+#define DEFINE_BACKWARD_RUN(name, df_n)                                                        \
+    static void name(real* dx, real* part, const real* dy, const real* x, const real* bias,    \
+                     int64_t n)                                                                \
+    {                                                                                          \
+        int64_t j = 0;                                                                         \
+        for (; j + WAYS * VLEN <= n; j += WAYS * VLEN) {                                       \
+            vreal v[WAYS], g[WAYS];                                                            \
+            for (int k = 0; k < WAYS; k++) {                                                   \
+                v[k] = v_load(x + j + k * VLEN);                                               \
+                if (bias) v[k] = v_add(v[k], v_load(bias + j + k * VLEN));                     \
+                g[k] = v_load(dy + j + k * VLEN);                                              \
+            }                                                                                  \
+            df_n(v, g, WAYS);                                                                  \
+            for (int k = 0; k < WAYS; k++) {                                                   \
+                v_store(dx + j + k * VLEN, v[k]);                                              \
+                if (part) v_store(part + j + k * VLEN, v_add(v_load(part + j + k * VLEN), v[k])); \
+            }                                                                                  \
+        }                                                                                      \
+        for (; j < n; j += VLEN) {                                                             \
+            const int64_t m = min_i64(VLEN, n - j);                                            \
+            vreal v = m == VLEN ? v_load(x + j) : v_load_part(x + j, m, 0);                    \
+            if (bias) v = v_add(v, m == VLEN ? v_load(bias + j) : v_load_part(bias + j, m, 0)); \
+            const vreal g = m == VLEN ? v_load(dy + j) : v_load_part(dy + j, m, 0);            \
+            df_n(&v, &g, 1);                                                                   \
+            if (m == VLEN) v_store(dx + j, v);                                                 \
+            else v_store_part(dx + j, v, m);                                                   \
+            if (part) {                                                                        \
+                const vreal p = v_add(m == VLEN ? v_load(part + j) : v_load_part(part + j, m, 0), v); \
+                if (m == VLEN) v_store(part + j, p);                                           \
+                else v_store_part(part + j, p, m);                                             \
+            }                                                                                  \
+        }                                                                                      \
+    }
+
+#if ATTNKIT_REAL_BITS == 32
+DEFINE_BACKWARD_RUN(gelu_erf_backward_run, gelu_erf_backward_n)
+#else
+/* double: the C library's erf, erfc and exp, element by element */
+static void gelu_erf_backward_run(real* dx, real* part, const real* dy, const real* x,
+                                  const real* bias, int64_t n)
+{
+    for (int64_t j = 0; j < n; j++) {
+        const double v = bias ? x[j] + bias[j] : x[j];
+        /* Phi(v) = erfc(-v / sqrt 2) / 2, accurate for either sign (the
+         * division rounds the argument once, as the reference's does) */
+        const double cdf = 0.5 * erfc(-v / 1.41421356237309504880);
+        /* v phi(v), with v^2's rounding error put back; 0 past |v| = 40 (and for +-inf, NaN) */
+        const double sq = v * v, sq_err = fma(v, v, -sq);
+        const double x_pdf = fabs(v) < 40 ? v * exp(-0.5 * sq) * (1.0 - 0.5 * sq_err) * 0.39894228040143267794 : 0.0;
+        const double d = dy[j] * (cdf + x_pdf);
+        dx[j] = d;
+        if (part) part[j] += d;
+    }
+}
+#endif
+DEFINE_BACKWARD_RUN(gelu_tanh_backward_run, gelu_tanh_backward_n)
+DEFINE_BACKWARD_RUN(silu_backward_run, silu_backward_n)
+DEFINE_BACKWARD_RUN(relu_backward_run, relu_backward_n)
+DEFINE_BACKWARD_RUN(identity_backward_run, identity_backward_n)
+
+typedef void (*backward_run_fn)(real*, real*, const real*, const real*, const real*, int64_t);
+
+static backward_run_fn backward_run_of(int kind)
+{
+    return kind == ATTNKIT_GELU_ERF    ? gelu_erf_backward_run
+           : kind == ATTNKIT_GELU_TANH ? gelu_tanh_backward_run
+           : kind == ATTNKIT_SILU      ? silu_backward_run
+           : kind == ATTNKIT_RELU      ? relu_backward_run
+                                       : identity_backward_run;
+}
+
+/* elements [begin, end) of the flat arrays, split where rows end (as apply_range) */
+static void backward_range(backward_run_fn run, real* dx, const real* dy, const real* x,
+                           const real* bias, int64_t cols, int64_t begin, int64_t end)
+{
+    if (!bias) {
+        run(dx + begin, NULL, dy + begin, x + begin, NULL, end - begin);
+        return;
+    }
+    for (int64_t i = begin; i < end;) {
+        const int64_t col = i % cols, stop = min_i64(end, i - col + cols);
+        run(dx + i, NULL, dy + i, x + i, bias + col, stop - i);
+        i = stop;
+    }
+}
+
+/* rows of colsum.h's block b, each row's dx added into the block's partial sums */
+static void backward_block(backward_run_fn run, real* dx, const colsum* sums, const real* dy,
+                           const real* x, const real* bias, int64_t rows, int64_t cols, int64_t b)
+{
+    const int64_t begin = colsum_first_row(rows, sums->blocks, b);
+    const int64_t end = colsum_first_row(rows, sums->blocks, b + 1);
+    real* part = colsum_part(sums, b, 0);
+    for (int64_t r = begin; r < end; r++) {
+        run(dx + r * cols, part, dy + r * cols, x + r * cols, bias, cols);
+        if ((r - begin + 1) % COLSUM_FLUSH_ROWS == 0 || r + 1 == end) colsum_flush(sums, b);
+    }
+}
+
+int KERNEL(bias_activation_backward)(real* dx, real* dbias, const real* dy, const real* x,
+                                     const real* bias, int64_t rows, int64_t cols, int kind)
+{
+    const backward_run_fn run = backward_run_of(kind);
+    const int64_t n = rows * cols;
+    if (n == 0) return 0;
+    /* as the forward's costs, the derivative's being about twice f's */
+    const int64_t cost = kind == ATTNKIT_IDENTITY || kind == ATTNKIT_RELU ? 1 : kind == ATTNKIT_GELU_ERF ? 16 : 4;
+    if (!dbias) {
+        const int64_t chunks = (n + CHUNK - 1) / CHUNK;
+        const int threads = attnkit_plan_threads(chunks, cost * CHUNK);
+        if (threads <= 1) {
+            backward_range(run, dx, dy, x, bias, cols, 0, n);
+            return 0;
+        }
+#pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t c = 0; c < chunks; c++)
+            backward_range(run, dx, dy, x, bias, cols, c * CHUNK, min_i64(n, (c + 1) * CHUNK));
+        return 0;
+    }
+    colsum sums;
+    if (colsum_alloc(&sums, rows, cols, 1) != 0) return -1;
+    const int64_t blocks = sums.blocks;
+    const int threads = attnkit_plan_threads(blocks, cost * (rows / blocks + 1) * cols);
+    if (threads <= 1) {
+        for (int64_t b = 0; b < blocks; b++) backward_block(run, dx, &sums, dy, x, bias, rows, cols, b);
+    } else {
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+        for (int64_t b = 0; b < blocks; b++) backward_block(run, dx, &sums, dy, x, bias, rows, cols, b);
+    }
+    real* const out[1] = {dbias};
+    colsum_finish(&sums, out);
+    return 0;
 }

@@ -56,6 +56,30 @@ typedef struct {
     int log;                     /* 0: softmax, 1: log_softmax        */
 } attnkit_softmax_args;
 
+/* Backward of softmax and log-softmax along C, from the forward's output y:
+ *
+ *   softmax:      dx = y * (dy - sum(dy * y))
+ *   log_softmax:  dx = dy - exp(y) * sum(dy)
+ *
+ *   dx, dy, y (N, C, K), element (n, c, k) at n*strides.n + c*strides.c + k,
+ *   the inner stride always 1 (and the C stride 1 when K == 1); where as in
+ *   the forward. The sums run over the kept elements of each slice, carried
+ *   in double. Masked-out elements get dx = 0 whatever dy and y hold, and so
+ *   does every element of a slice with nothing kept (all masked; for
+ *   log_softmax also a slice whose y is all -inf, the forward's empty slice),
+ *   never NaN. Otherwise NaNs follow the formulas (a NaN in a kept dy
+ *   makes its slice's dx NaN). dx may be dy or y itself (same pointer, same
+ *   strides): pass 2 reads each element before writing it.
+ */
+typedef struct {
+    int64_t N, C, K;
+    attnkit_strides dx_strides;  /* .k must be 1                      */
+    attnkit_strides dy_strides;  /* .k must be 1                      */
+    attnkit_strides y_strides;   /* .k must be 1                      */
+    attnkit_strides where_strides;
+    int log;                     /* 0: softmax, 1: log_softmax        */
+} attnkit_softmax_backward_args;
+
 
 /* ---------------------------------------------------------------------------
  * Layer norm over rows: x (N, C), rows at x_row_stride, each row contiguous.
@@ -74,6 +98,27 @@ typedef struct {
  *
  *   rrms = 1 / sqrt(sum(x^2) / C + eps)   (N)  may be NULL
  *   out  = x * rrms * weight              (N, C); weight (C) may be NULL
+ * ------------------------------------------------------------------------- */
+
+/* ---------------------------------------------------------------------------
+ * Backward of layer norm and RMS norm, from the statistics the forwards save:
+ *
+ *   layer norm: xhat = (x - mean) * rstd,  g = dy * weight   (per row)
+ *     dx       = rstd * (g - mean(g) - xhat * mean(g * xhat))  (N, C) written
+ *     dweight += sum over rows of dy * xhat                    (C)   accumulated
+ *     dbias   += sum over rows of dy                           (C)   accumulated
+ *   RMS norm:   xhat = x * rrms
+ *     dx       = rrms * (g - xhat * mean(g * xhat)),  dweight as above
+ *
+ *   dy, x, dx (N, C): rows at their row strides, each row contiguous;
+ *   mean, rstd, rrms (N) contiguous, as the forwards write them; weight (C)
+ *   or NULL (meaning 1); dweight, dbias (C) or NULL (not computed). xhat is
+ *   computed from x - mean (never x*rstd - mean*rstd), and the row means in
+ *   double, so a row 1e4 + noise keeps its precision, as in the forward.
+ *   dweight and dbias are sums over rows in an order fixed by N alone
+ *   (ROW_BLOCKS below, in simd.h): bitwise the same at any thread count.
+ *   dx may not overlap the inputs. Returns 0, or -1 when the workspace for
+ *   dweight/dbias (a few doubles per column and block) cannot be allocated.
  * ------------------------------------------------------------------------- */
 
 /* ---------------------------------------------------------------------------
@@ -183,6 +228,22 @@ static inline int attnkit_dropout_keep(uint32_t row_key, uint32_t j, uint32_t th
  *   ATTNKIT_RELU       max(x, 0); NaN stays NaN
  * ------------------------------------------------------------------------- */
 enum { ATTNKIT_GELU_ERF = 0, ATTNKIT_GELU_TANH = 1, ATTNKIT_SILU = 2, ATTNKIT_IDENTITY = 3, ATTNKIT_RELU = 4 };
+
+/* Its backward:
+ *   dx (rows, cols)  = dy (rows, cols) * f'(x + bias)     written
+ *   dbias (cols)    += sum over rows of dx                 accumulated
+ * all contiguous; bias and dbias may each be NULL; dx may be dy. f' of
+ *   ATTNKIT_GELU_ERF   Phi(x) + x phi(x), phi the standard normal density
+ *   ATTNKIT_GELU_TANH  0.5 (1 + tanh(u)) + 0.5 x (1 - tanh(u)^2) u'(x),
+ *                      u = sqrt(2/pi) (x + 0.044715 x^3)
+ *   ATTNKIT_SILU       s (1 + x (1 - s)),  s = sigmoid(x)
+ *   ATTNKIT_IDENTITY   1
+ *   ATTNKIT_RELU       1 for x > 0, 0 for x <= 0 (PyTorch's: 0 at x == 0)
+ * A NaN x gives a NaN dx for every kind but the identity (whose f' is 1
+ * whatever x is). dbias sums rows in an order fixed
+ * by rows alone, so it is bitwise the same at any thread count. Returns 0,
+ * or -1 when dbias's workspace cannot be allocated.
+ */
 
 /* ---------------------------------------------------------------------------
  * A linear layer, torch.nn.functional.linear with its tail fused, and its

@@ -369,3 +369,185 @@ void KERNEL(rms_norm)(real* out, real* rrms, const real* x, const real* weight, 
                         N * C * (int64_t)sizeof(real) > STREAM_MIN_BYTES};
     norm_run(&j, N);
 }
+
+/* ---------------------------------------------------------------------------
+ * Backward (the contract is in attnkit.h), two passes over a row, which stays
+ * in L1/L2 between them:
+ *   1. xhat = (x - mean) * rstd, g = dy * weight;  sums of g and g * xhat
+ *      (in `real` lanes, then double: NORM_SUM_VECTORS), and the row's terms of dweight
+ *      (dy * xhat) and dbias (dy) added into its block's partial sums
+ *   2. dx = rstd * (g - mean(g) - xhat * mean(g * xhat))
+ * RMS norm is the same with mean = 0 and no mean(g) term.
+ */
+#include "colsum.h"
+
+/* The row sums of pass 1 are added in `real` lanes for NORM_SUM_VECTORS
+ * vectors (two accumulators each, so each lane takes 8 terms), then into a
+ * double: the block's reduction is paid once per 16 vectors, where simd.h's
+ * vacc pays it every 8 terms of each sum. */
+enum { NORM_SUM_VECTORS = 16 };
+
+/* Pass 2 at c (n <= VLEN lanes): rstd * (g - a + xhat * nb), with a =
+ * mean(g) (0 for RMS norm) and nb = -mean(g * xhat) */
+AK_INLINE vreal norm_backward_value(const real* dy, const real* x, const real* weight, int64_t c,
+                                    int64_t n, vreal vmean, vreal vr, vreal va, vreal vnb, int rms)
+{
+    const int full = n == VLEN;
+    const vreal vx = full ? v_load(x + c) : v_load_part(x + c, n, 0);
+    const vreal vdy = full ? v_load(dy + c) : v_load_part(dy + c, n, 0);
+    const vreal xh = rms ? v_mul(vx, vr) : v_mul(v_sub(vx, vmean), vr);
+    const vreal g = weight ? v_mul(vdy, full ? v_load(weight + c) : v_load_part(weight + c, n, 0)) : vdy;
+    return v_mul(vr, v_fma(xh, vnb, rms ? g : v_sub(g, va)));
+}
+
+/* One row: dx (C), dy (C), x (C), weight (C) or NULL; dw, db (C) the block's
+ * partial sums of dweight and dbias, or NULL. Inlined per combination of
+ * NULLs below, so the loops test none of them. With `stream`, whole aligned
+ * vectors of dx are written past the caches. */
+AK_INLINE void norm_backward_row_impl(real* dx, real* dw, real* db, const real* dy, const real* x,
+                                      const real* weight, real mean, real rstd, int64_t C, int rms,
+                                      int stream)
+{
+    const vreal vmean = v_set1(mean), vr = v_set1(rstd);
+#define LOAD(p, c, n) ((n) == VLEN ? v_load((p) + (c)) : v_load_part((p) + (c), n, 0))
+#define STORE(p, c, v, n) ((n) == VLEN ? v_store((p) + (c), v) : v_store_part((p) + (c), v, n))
+    /* pass 1; lanes past C load dy = 0, so they add nothing */
+#define STEP(c, n, sg, sgx)                                                                    \
+    do {                                                                                       \
+        const vreal vdy = LOAD(dy, c, n), vx = LOAD(x, c, n);                                  \
+        const vreal xh = rms ? v_mul(vx, vr) : v_mul(v_sub(vx, vmean), vr);                    \
+        const vreal g = weight ? v_mul(vdy, LOAD(weight, c, n)) : vdy;                         \
+        if (!rms) sg = v_add(sg, g);                                                           \
+        sgx = v_fma(g, xh, sgx);                                                               \
+        if (dw) STORE(dw, c, v_fma(vdy, xh, LOAD(dw, c, n)), n);                               \
+        if (db) STORE(db, c, v_add(vdy, LOAD(db, c, n)), n);                                   \
+    } while (0)
+    dsum sum_g = {0.0, 0.0}, sum_gx = {0.0, 0.0};
+    for (int64_t block = 0; block < C; block += NORM_SUM_VECTORS * VLEN) {
+        const int64_t end = min_i64(C, block + NORM_SUM_VECTORS * VLEN);
+        vreal g0 = v_set1(0), g1 = g0, q0 = g0, q1 = g0;
+        int64_t c = block;
+        for (; c + 2 * VLEN <= end; c += 2 * VLEN) {
+            STEP(c, VLEN, g0, q0);
+            STEP(c + VLEN, VLEN, g1, q1);
+        }
+        for (; c < end; c += VLEN) STEP(c, min_i64(VLEN, end - c), g0, q0);
+        if (!rms) dsum_add(&sum_g, v_reduce_add(v_add(g0, g1)));
+        dsum_add(&sum_gx, v_reduce_add(v_add(q0, q1)));
+    }
+#undef STEP
+    /* pass 2 */
+    const vreal va = v_set1(rms ? 0 : (real)(dsum_value(sum_g) / (double)C));
+    const vreal vnb = v_set1((real)(-dsum_value(sum_gx) / (double)C));
+#define VALUE(c, n) norm_backward_value(dy, x, weight, c, n, vmean, vr, va, vnb, rms)
+    int64_t c = 0;
+    if (stream) {
+        const int64_t head = stream_head(dx);
+        if (head > 0 && head < C) {
+            v_store_part(dx, VALUE(0, head), head);
+            c = head;
+        }
+        for (; c + VLEN <= C; c += VLEN) v_stream(dx + c, VALUE(c, VLEN));
+    }
+    for (; c < C; c += VLEN) {
+        const int64_t n = min_i64(VLEN, C - c);
+        STORE(dx, c, VALUE(c, n), n);
+    }
+#undef VALUE
+#undef LOAD
+#undef STORE
+}
+
+static void norm_backward_row(real* dx, real* dw, real* db, const real* dy, const real* x,
+                              const real* weight, real mean, real rstd, int64_t C, int rms,
+                              int stream)
+{
+    const int sums = dw || db;
+#define ROW(W, DW, DB) norm_backward_row_impl(dx, DW, DB, dy, x, W, mean, rstd, C, rms, stream)
+    if (rms) {
+        if (weight) { if (sums) ROW(weight, dw, NULL); else ROW(weight, NULL, NULL); }
+        else { if (sums) ROW(NULL, dw, NULL); else ROW(NULL, NULL, NULL); }
+    } else if (weight) {
+        if (sums) ROW(weight, dw, db); else ROW(weight, NULL, NULL);
+    } else {
+        if (sums) ROW(NULL, dw, db); else ROW(NULL, NULL, NULL);
+    }
+#undef ROW
+}
+
+typedef struct {
+    real* dx;
+    const real* dy;
+    const real* mean; /* (N), NULL for RMS norm */
+    const real* rstd; /* (N) */
+    const real* x;
+    const real* weight;
+    int64_t N, C, dx_row_stride, dy_row_stride, x_row_stride;
+    int rms;
+    const colsum* sums; /* NULL: no dweight, no dbias */
+    int want_dw, want_db;
+    int stream; /* write dx past the caches (it is larger than they are) */
+} norm_backward_job;
+
+/* Block b of rows (colsum.h's blocks, used whether or not sums are wanted) */
+static void norm_backward_block(const norm_backward_job* j, int64_t blocks, int64_t b)
+{
+    const int64_t begin = colsum_first_row(j->N, blocks, b), end = colsum_first_row(j->N, blocks, b + 1);
+    real* dw = j->sums && j->want_dw ? colsum_part(j->sums, b, 0) : NULL;
+    real* db = j->sums && j->want_db && !j->rms ? colsum_part(j->sums, b, 1) : NULL;
+    for (int64_t n = begin; n < end; n++) {
+        norm_backward_row(j->dx + n * j->dx_row_stride, dw, db, j->dy + n * j->dy_row_stride,
+                          j->x + n * j->x_row_stride, j->weight, j->rms ? 0 : j->mean[n],
+                          j->rstd[n], j->C, j->rms, j->stream);
+        if (j->sums && ((n - begin + 1) % COLSUM_FLUSH_ROWS == 0 || n + 1 == end))
+            colsum_flush(j->sums, b);
+    }
+    if (j->stream) v_stream_fence();
+}
+
+static int norm_backward_run(norm_backward_job* j, real* dweight, real* dbias)
+{
+    if (j->N == 0 || j->C == 0) return 0;
+    colsum sums;
+    /* dy, x and dx together larger than the L3: dx past the caches (softmax.c) */
+    j->stream = 3 * j->N * j->C * (int64_t)sizeof(real) > 2 * STREAM_MIN_BYTES;
+    j->want_dw = dweight != NULL;
+    j->want_db = dbias != NULL;
+    j->sums = NULL;
+    if (dweight || dbias) {
+        if (colsum_alloc(&sums, j->N, j->C, j->rms ? 1 : 2) != 0) return -1;
+        j->sums = &sums;
+    }
+    const int64_t blocks = colsum_blocks(j->N, j->C);
+    const int threads = attnkit_plan_threads(blocks, (j->N / blocks + 1) * j->C * 3);
+    if (threads <= 1) {
+        for (int64_t b = 0; b < blocks; b++) norm_backward_block(j, blocks, b);
+    } else {
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+        for (int64_t b = 0; b < blocks; b++) norm_backward_block(j, blocks, b);
+    }
+    if (j->sums) {
+        real* const out[2] = {dweight, dbias};
+        colsum_finish(&sums, out);
+    }
+    return 0;
+}
+
+int KERNEL(layer_norm_backward)(real* dx, real* dweight, real* dbias, const real* dy,
+                                const real* mean, const real* rstd, const real* x,
+                                const real* weight, int64_t N, int64_t C, int64_t dx_row_stride,
+                                int64_t dy_row_stride, int64_t x_row_stride)
+{
+    norm_backward_job j = {dx, dy, mean, rstd, x, weight, N, C, dx_row_stride, dy_row_stride,
+                           x_row_stride, 0, NULL, 0, 0, 0};
+    return norm_backward_run(&j, dweight, dbias);
+}
+
+int KERNEL(rms_norm_backward)(real* dx, real* dweight, const real* dy, const real* rrms,
+                              const real* x, const real* weight, int64_t N, int64_t C,
+                              int64_t dx_row_stride, int64_t dy_row_stride, int64_t x_row_stride)
+{
+    norm_backward_job j = {dx, dy, NULL, rrms, x, weight, N, C, dx_row_stride, dy_row_stride,
+                           x_row_stride, 1, NULL, 0, 0, 0};
+    return norm_backward_run(&j, dweight, NULL);
+}

@@ -470,6 +470,20 @@ AK_INLINE vacc vacc_add_square(vacc a, vreal v) {
 AK_INLINE double vacc_sum(vacc a) { return v_reduce_add(a.sum) + v_reduce_add(a.err); }
 #endif
 
+/* A double total of many blocks' sums, compensated (Knuth's TwoSum): the
+ * backwards add one block sum per few dozen elements, and for double data a
+ * plain running total over 10^5 elements would drift past NumPy's pairwise
+ * sum. Costs a few operations a block. */
+typedef struct {
+    double sum, err;
+} dsum;
+AK_INLINE void dsum_add(dsum* a, double v) {
+    const double s = a->sum + v, bb = s - a->sum;
+    a->err += (a->sum - (s - bb)) + (v - bb);
+    a->sum = s;
+}
+AK_INLINE double dsum_value(dsum a) { return a.sum + a.err; }
+
 /* An output larger than this will not stay in the caches (32 MB of L3 here,
  * shared by every core), so kernels write it with streaming stores, which
  * skip reading each line in before overwriting it. */

@@ -205,3 +205,206 @@ void KERNEL(softmax)(real* out, const real* x, const uint8_t* where, const attnk
     for (int64_t k = 0; k < chunks; k++)
         softmax_tasks(out, x, where, a, k * chunk, min_i64(tasks, (k + 1) * chunk));
 }
+
+/* ---------------------------------------------------------------------------
+ * Backward (the contract is in attnkit.h), two passes over each slice:
+ *   1. s = sum(dy * y) (softmax), or s = sum(dy) and m = max(y) (log_softmax),
+ *      over the kept elements, in `real` lanes for a block of elements and
+ *      then in double, as the forward's sum (BACKWARD_SUM_VECTORS below)
+ *   2. dx = y * (dy - s)  or  dx = dy - exp(y) * s;  0 where masked out
+ * log_softmax's y is <= 0 (-log of a sum >= 1, or -inf), so exp(y) is
+ * v_exp_nonpositive's; m == -inf marks the forward's empty slice (every
+ * kept y is -inf), whose gradient is 0, not dy.
+ */
+
+/* n lanes (n <= VLEN) of p, lanes past n read as fill */
+AK_INLINE vreal load_n(const real* p, int64_t n, real fill)
+{
+    return n == VLEN ? v_load(p) : v_load_part(p, n, fill);
+}
+
+/* Pass 1's sums are added in `real` lanes for BACKWARD_SUM_VECTORS vectors
+ * (four accumulators, so each lane takes 8 terms) and then into a double:
+ * longer blocks than the forward's, as each term here is a plain load and
+ * multiply and the block's reduction would otherwise cost as much as the
+ * block. */
+enum { BACKWARD_SUM_VECTORS = 32 };
+
+/* Pass 1's term at c (n <= VLEN lanes): dy * y, or dy with the max of y
+ * kept in *m (log_softmax); 0 (and -inf for the max) where masked out. */
+AK_INLINE vreal backward_term(const real* dy, const real* y, const uint8_t* where,
+                              int64_t where_step, int64_t c, int64_t n, int take_log, vreal* m)
+{
+    vreal t = load_n(dy + c, n, 0);
+    const vmask k = where ? v_where(where + c * where_step, where_step, n) : v_is_equal(t, t);
+    if (take_log) {
+        vreal yv = load_n(y + c, n, -INFINITY);
+        if (where) {
+            t = v_select(k, t, v_set1(0));
+            yv = v_select(k, yv, v_set1(-INFINITY));
+        }
+        *m = v_max(*m, yv);
+        return t;
+    }
+    t = v_mul(t, load_n(y + c, n, 0));
+    return where ? v_select(k, t, v_set1(0)) : t;
+}
+
+/* Pass 2's result at c (n <= VLEN lanes) */
+AK_INLINE vreal backward_value(const real* dy, const real* y, const uint8_t* where,
+                               int64_t where_step, int64_t c, int64_t n, int take_log, vreal vs)
+{
+    const vreal vdy = load_n(dy + c, n, 0), vy = load_n(y + c, n, take_log ? -INFINITY : 0);
+    const vreal d = take_log ? v_sub(vdy, v_mul(v_exp_nonpositive(vy), vs)) : v_mul(vy, v_sub(vdy, vs));
+    return where ? v_select(v_where(where + c * where_step, where_step, n), d, v_set1(0)) : d;
+}
+
+/* One contiguous slice: dx, dy, y (C), where (C) at where_step or NULL.
+ * Inlined twice below, once with where == NULL, as softmax_row_impl. With
+ * `stream`, whole aligned vectors of dx are written past the caches. */
+AK_INLINE void softmax_backward_row_impl(real* dx, const real* dy, const real* y,
+                                         const uint8_t* where, int64_t where_step, int64_t C,
+                                         int take_log, int stream)
+{
+    /* pass 1 */
+    dsum total = {0.0, 0.0};
+    vreal m0 = v_set1(-INFINITY), m1 = m0, m2 = m0, m3 = m0;
+    for (int64_t block = 0; block < C; block += BACKWARD_SUM_VECTORS * VLEN) {
+        const int64_t end = min_i64(C, block + BACKWARD_SUM_VECTORS * VLEN);
+        vreal s0 = v_set1(0), s1 = s0, s2 = s0, s3 = s0;
+        int64_t c = block;
+        for (; c + 4 * VLEN <= end; c += 4 * VLEN) {
+            s0 = v_add(s0, backward_term(dy, y, where, where_step, c, VLEN, take_log, &m0));
+            s1 = v_add(s1, backward_term(dy, y, where, where_step, c + VLEN, VLEN, take_log, &m1));
+            s2 = v_add(s2, backward_term(dy, y, where, where_step, c + 2 * VLEN, VLEN, take_log, &m2));
+            s3 = v_add(s3, backward_term(dy, y, where, where_step, c + 3 * VLEN, VLEN, take_log, &m3));
+        }
+        for (; c < end; c += VLEN)
+            s0 = v_add(s0, backward_term(dy, y, where, where_step, c, min_i64(VLEN, end - c), take_log, &m0));
+        dsum_add(&total, v_reduce_add(v_add(v_add(s0, s1), v_add(s2, s3))));
+    }
+    const double s = dsum_value(total);
+    const int empty = take_log && v_reduce_max(v_max(v_max(m0, m1), v_max(m2, m3))) == -INFINITY;
+    /* pass 2 */
+    if (empty) { /* zeros are written as any result is, streamed or not */
+        for (int64_t c = 0; c < C; c += VLEN) store_n(dx + c, v_set1(0), min_i64(VLEN, C - c));
+        return;
+    }
+    const vreal vs = v_set1((real)s);
+    int64_t c = 0;
+    if (stream) {
+        const int64_t head = stream_head(dx);
+        if (head > 0 && head < C) {
+            v_store_part(dx, backward_value(dy, y, where, where_step, 0, head, take_log, vs), head);
+            c = head;
+        }
+        for (; c + VLEN <= C; c += VLEN)
+            v_stream(dx + c, backward_value(dy, y, where, where_step, c, VLEN, take_log, vs));
+    }
+    for (; c < C; c += VLEN) {
+        const int64_t n = min_i64(VLEN, C - c);
+        store_n(dx + c, backward_value(dy, y, where, where_step, c, n, take_log, vs), n);
+    }
+}
+
+static void softmax_backward_row(real* dx, const real* dy, const real* y, const uint8_t* where,
+                                 int64_t where_step, int64_t C, int take_log, int stream)
+{
+    if (where) softmax_backward_row_impl(dx, dy, y, where, where_step, C, take_log, stream);
+    else if (stream) softmax_backward_row_impl(dx, dy, y, NULL, 0, C, take_log, 1);
+    else softmax_backward_row_impl(dx, dy, y, NULL, 0, C, take_log, 0);
+}
+
+/* `width` (<= VLEN) neighbouring slices, one per lane, as softmax_columns:
+ * element (c, lane) of dy at dy[c*dy_step + lane], of where at
+ * where[c*where_step_c + lane*where_step_i]. */
+static void softmax_backward_columns(real* dx, const real* dy, const real* y, const uint8_t* where,
+                                     int64_t width, int64_t C, int64_t dx_step, int64_t dy_step,
+                                     int64_t y_step, int64_t where_step_c, int64_t where_step_i,
+                                     int take_log)
+{
+    const vreal zero = v_set1(0);
+    /* pass 1: each lane's sum, carried in double per block, and max of y */
+    dsum sum[VLEN] = {{0.0, 0.0}};
+    real lanes[VLEN];
+    vreal vm = v_set1(-INFINITY);
+    enum { ROWS_PER_BLOCK = 64 };
+    for (int64_t block = 0; block < C; block += ROWS_PER_BLOCK) {
+        const int64_t end = min_i64(C, block + ROWS_PER_BLOCK);
+        vreal s = zero;
+        for (int64_t c = block; c < end; c++) {
+            vreal t = load_n(dy + c * dy_step, width, 0);
+            vreal yv = load_n(y + c * y_step, width, take_log ? -INFINITY : 0);
+            if (where) {
+                const vmask k = v_where(where + c * where_step_c, where_step_i, width);
+                t = v_select(k, t, zero);
+                yv = v_select(k, yv, take_log ? v_set1(-INFINITY) : zero);
+            }
+            if (take_log) vm = v_max(vm, yv);
+            else t = v_mul(t, yv);
+            s = v_add(s, t);
+        }
+        v_lanes(lanes, s);
+        for (int k = 0; k < VLEN; k++) dsum_add(&sum[k], lanes[k]);
+    }
+    /* pass 2: a lane whose slice is empty (log_softmax) gets 0 */
+    for (int k = 0; k < VLEN; k++) lanes[k] = (real)dsum_value(sum[k]);
+    const vreal vs = v_load(lanes);
+    const vmask empty = v_is_equal(vm, v_set1(-INFINITY));
+    for (int64_t c = 0; c < C; c++) {
+        const vreal vdy = load_n(dy + c * dy_step, width, 0);
+        const vreal vy = load_n(y + c * y_step, width, take_log ? -INFINITY : 0);
+        vreal d = take_log ? v_sub(vdy, v_mul(v_exp_nonpositive(vy), vs)) : v_mul(vy, v_sub(vdy, vs));
+        if (take_log) d = v_select(empty, zero, d);
+        if (where) d = v_select(v_where(where + c * where_step_c, where_step_i, width), d, zero);
+        store_n(dx + c * dx_step, d, width);
+    }
+}
+
+static void softmax_backward_tasks(real* dx, const real* dy, const real* y, const uint8_t* where,
+                                   const attnkit_softmax_backward_args* a, int64_t begin, int64_t end)
+{
+    const attnkit_strides xs = a->dx_strides, ds = a->dy_strides, ys = a->y_strides,
+                          ws = a->where_strides;
+    if (a->K == 1) {
+        /* when dy, y and dx together are larger than the L3 (2 x STREAM_MIN_BYTES,
+         * simd.h), dx is written past the caches (as the forward's out): that
+         * spares reading each of its lines in first, a quarter of the traffic.
+         * Below, streaming costs more than it saves: 12288 x 128 float took
+         * 1.3x as long streamed, 4096 x 1024 0.85x. */
+        const int stream = 3 * a->N * a->C * (int64_t)sizeof(real) > 2 * STREAM_MIN_BYTES;
+        for (int64_t n = begin; n < end; n++)
+            softmax_backward_row(dx + n * xs.n, dy + n * ds.n, y + n * ys.n,
+                                 where ? where + n * ws.n : NULL, ws.c, a->C, a->log, stream);
+        if (stream) v_stream_fence();
+        return;
+    }
+    const int64_t groups = (a->K + VLEN - 1) / VLEN;
+    for (int64_t t = begin; t < end; t++) {
+        const int64_t n = t / groups, i0 = (t % groups) * VLEN;
+        softmax_backward_columns(dx + n * xs.n + i0, dy + n * ds.n + i0, y + n * ys.n + i0,
+                                 where ? where + n * ws.n + i0 * ws.k : NULL,
+                                 min_i64(VLEN, a->K - i0), a->C, xs.c, ds.c, ys.c, ws.c, ws.k,
+                                 a->log);
+    }
+}
+
+void KERNEL(softmax_backward)(real* dx, const real* dy, const real* y, const uint8_t* where,
+                              const attnkit_softmax_backward_args* a)
+{
+    if (a->N == 0 || a->C == 0 || a->K == 0) return;
+    const int64_t tasks = a->K == 1 ? a->N : a->N * ((a->K + VLEN - 1) / VLEN);
+    /* two passes of a few operations; log_softmax's exponential costs more */
+    const int64_t work_per_task = (a->log ? 4 : 2) * (a->K == 1 ? a->C : a->C * VLEN);
+    const int threads = attnkit_plan_threads(tasks, work_per_task);
+    if (threads <= 1) {
+        softmax_backward_tasks(dx, dy, y, where, a, 0, tasks);
+        return;
+    }
+    /* as the forward: every slice is computed whole by one thread */
+    const int64_t chunk = attnkit_chunk_size(tasks, threads);
+    const int64_t chunks = (tasks + chunk - 1) / chunk;
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+    for (int64_t k = 0; k < chunks; k++)
+        softmax_backward_tasks(dx, dy, y, where, a, k * chunk, min_i64(tasks, (k + 1) * chunk));
+}

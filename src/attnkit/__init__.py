@@ -41,11 +41,15 @@ from ._runtime import (
 from .functional import (
     batch_norm,
     layer_norm,
+    layer_norm_backward,
     log_softmax,
+    log_softmax_backward,
     rms_norm,
+    rms_norm_backward,
     scaled_dot_product_attention,
     scaled_dot_product_attention_backward,
     softmax,
+    softmax_backward,
 )
 
 __all__ = [
@@ -56,6 +60,10 @@ __all__ = [
     "scaled_dot_product_attention",
     "scaled_dot_product_attention_backward",
     "batch_norm",
+    "softmax_backward",
+    "log_softmax_backward",
+    "layer_norm_backward",
+    "rms_norm_backward",
     "reference",
     "nn",
     "io",

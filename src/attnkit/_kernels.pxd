@@ -9,6 +9,10 @@ cdef extern from "attnkit.h" nogil:
         int64_t N, C, K
         attnkit_strides out_strides, x_strides, where_strides
         int log
+    ctypedef struct attnkit_softmax_backward_args:
+        int64_t N, C, K
+        attnkit_strides dx_strides, dy_strides, y_strides, where_strides
+        int log
 
     ctypedef struct attnkit_attention_args:
         int64_t B, H, Hkv, L, S, E, Ev
@@ -64,6 +68,14 @@ cdef extern from "attnkit.h" nogil:
     int attnkit_attention_f64(double* out, double* lse, double* weights, const double* q, const double* k, const double* v, const void* mask, const attnkit_attention_args* args) noexcept
     void attnkit_bias_activation_f32(float* out, const float* x, const float* bias, int64_t rows, int64_t cols, int kind) noexcept
     void attnkit_bias_activation_f64(double* out, const double* x, const double* bias, int64_t rows, int64_t cols, int kind) noexcept
+    void attnkit_softmax_backward_f32(float* dx, const float* dy, const float* y, const uint8_t* where, const attnkit_softmax_backward_args* args) noexcept
+    void attnkit_softmax_backward_f64(double* dx, const double* dy, const double* y, const uint8_t* where, const attnkit_softmax_backward_args* args) noexcept
+    int attnkit_layer_norm_backward_f32(float* dx, float* dweight, float* dbias, const float* dy, const float* mean, const float* rstd, const float* x, const float* weight, int64_t N, int64_t C, int64_t dx_row_stride, int64_t dy_row_stride, int64_t x_row_stride) noexcept
+    int attnkit_layer_norm_backward_f64(double* dx, double* dweight, double* dbias, const double* dy, const double* mean, const double* rstd, const double* x, const double* weight, int64_t N, int64_t C, int64_t dx_row_stride, int64_t dy_row_stride, int64_t x_row_stride) noexcept
+    int attnkit_rms_norm_backward_f32(float* dx, float* dweight, const float* dy, const float* rrms, const float* x, const float* weight, int64_t N, int64_t C, int64_t dx_row_stride, int64_t dy_row_stride, int64_t x_row_stride) noexcept
+    int attnkit_rms_norm_backward_f64(double* dx, double* dweight, const double* dy, const double* rrms, const double* x, const double* weight, int64_t N, int64_t C, int64_t dx_row_stride, int64_t dy_row_stride, int64_t x_row_stride) noexcept
+    int attnkit_bias_activation_backward_f32(float* dx, float* dbias, const float* dy, const float* x, const float* bias, int64_t rows, int64_t cols, int kind) noexcept
+    int attnkit_bias_activation_backward_f64(double* dx, double* dbias, const double* dy, const double* x, const double* bias, int64_t rows, int64_t cols, int kind) noexcept
     int attnkit_linear_f32(float* out, const float* x, const float* w, const float* bias, const float* residual, int64_t M, int64_t N, int64_t K, int64_t x_row, int64_t w_n, int64_t w_k, int kind) noexcept
     int attnkit_linear_f64(double* out, const double* x, const double* w, const double* bias, const double* residual, int64_t M, int64_t N, int64_t K, int64_t x_row, int64_t w_n, int64_t w_k, int kind) noexcept
     int attnkit_linear_backward_f32(float* dx, float* dw, float* dbias, const float* dy, const float* x, const float* w, int64_t M, int64_t N, int64_t K, int64_t x_row, int64_t w_n, int64_t w_k, int64_t dw_n, int64_t dw_k) noexcept

@@ -227,6 +227,113 @@ def softmax(cnp.ndarray out, cnp.ndarray x, object where, bint log):
     return out
 
 
+cdef set_strides(attnkit_strides* s, cnp.ndarray a, str what):
+    s.n = element_stride(a, 0, what)
+    s.c = element_stride(a, 1, what)
+    s.k = element_stride(a, 2, what)
+
+
+def softmax_backward_last_axis(object grad, object y, bint log):
+    """softmax_backward (log=True: log_softmax_backward) over the last axis,
+    into a new array, for plain arrays only (as softmax_last_axis): grad and
+    y C-contiguous, aligned, native float32/float64 ndarrays of one shape
+    and dtype. Returns None for anything else, for the general path."""
+    cdef cnp.ndarray a = plain_float_array(y)
+    cdef cnp.ndarray g = plain_float_array(grad)
+    if a is None or g is None:
+        return None
+    cdef int ndim = cnp.PyArray_NDIM(a)
+    cdef int type_num = cnp.PyArray_TYPE(a)
+    if cnp.PyArray_TYPE(g) != type_num or cnp.PyArray_NDIM(g) != ndim:
+        return None
+    cdef int d
+    for d in range(ndim):
+        if cnp.PyArray_DIM(g, d) != cnp.PyArray_DIM(a, d):
+            return None
+    cdef cnp.ndarray out = cnp.PyArray_EMPTY(ndim, cnp.PyArray_DIMS(a), type_num, 0)
+    cdef attnkit_softmax_backward_args args
+    args.C = cnp.PyArray_DIM(a, ndim - 1)
+    if args.C == 0 or cnp.PyArray_SIZE(a) == 0:
+        return out
+    args.N = cnp.PyArray_SIZE(a) // args.C
+    args.K = 1
+    args.dx_strides.n = args.C
+    args.dx_strides.c = 1
+    args.dx_strides.k = 1
+    args.dy_strides = args.dx_strides
+    args.y_strides = args.dx_strides
+    args.where_strides.n = args.where_strides.c = args.where_strides.k = 0
+    args.log = log
+    cdef void* po = cnp.PyArray_DATA(out)
+    cdef const void* pg = cnp.PyArray_DATA(g)
+    cdef const void* py = cnp.PyArray_DATA(a)
+    with nogil:
+        if type_num == cnp.NPY_FLOAT:
+            attnkit_softmax_backward_f32(<float*>po, <const float*>pg, <const float*>py, NULL, &args)
+        else:
+            attnkit_softmax_backward_f64(<double*>po, <const double*>pg, <const double*>py, NULL, &args)
+    return out
+
+
+def softmax_backward(cnp.ndarray dx, cnp.ndarray dy, cnp.ndarray y, object where, bint log):
+    """The gradient of softmax (log=True: log_softmax) along axis 1 of (N, C, K)
+    arrays: dx from dy (the gradient of the output) and y (the forward's
+    output). where as for softmax. dx, dy and y need unit stride along K, and
+    along C too when K == 1; dx may be dy itself, and must not overlap y."""
+    cdef int type_num = cnp.PyArray_TYPE(y)
+    check_float_operand(y, 3, type_num, "softmax_backward output", False)
+    if not is_native_float(y):
+        raise TypeError(f"softmax_backward output: expected native float32 or float64, got {y.dtype}")
+    check_float_operand(dy, 3, type_num, "softmax_backward grad", False)
+    check_float_operand(dx, 3, type_num, "softmax_backward grad_input", True)
+    cdef int d
+    for d in range(3):
+        if dy.shape[d] != y.shape[d] or dx.shape[d] != y.shape[d]:
+            raise ValueError(f"softmax_backward: shapes differ: grad {shape_of(dy)}, output {shape_of(y)}, "
+                             f"grad_input {shape_of(dx)}")
+    cdef attnkit_softmax_backward_args args
+    args.N = y.shape[0]
+    args.C = y.shape[1]
+    args.K = y.shape[2]
+    args.log = log
+    if args.N == 0 or args.C == 0 or args.K == 0:
+        return dx
+    set_strides(&args.dx_strides, dx, "softmax_backward grad_input")
+    set_strides(&args.dy_strides, dy, "softmax_backward grad")
+    set_strides(&args.y_strides, y, "softmax_backward output")
+    if args.K > 1 and (args.dx_strides.k != 1 or args.dy_strides.k != 1 or args.y_strides.k != 1):
+        raise ValueError("softmax_backward: the inner axis must be contiguous")
+    if args.K == 1 and args.C > 1 and (args.dx_strides.c != 1 or args.dy_strides.c != 1
+                                       or args.y_strides.c != 1):
+        raise ValueError("softmax_backward: rows must be contiguous")
+    args.dx_strides.k = args.dy_strides.k = args.y_strides.k = 1
+    if args.K == 1:
+        args.dx_strides.c = args.dy_strides.c = args.y_strides.c = 1
+    cdef const uint8_t* pw = NULL
+    cdef cnp.ndarray w
+    args.where_strides.n = args.where_strides.c = args.where_strides.k = 0
+    if where is not None:
+        w = <cnp.ndarray?>where
+        if cnp.PyArray_TYPE(w) != cnp.NPY_BOOL or cnp.PyArray_NDIM(w) != 3:
+            raise TypeError(f"softmax_backward where: expected a 3-d bool array, got {w.dtype} {shape_of(w)}")
+        for d in range(3):
+            if w.shape[d] != y.shape[d]:
+                raise ValueError(f"softmax_backward: where shape {shape_of(w)} differs from {shape_of(y)}")
+        args.where_strides.n = cnp.PyArray_STRIDE(w, 0)
+        args.where_strides.c = cnp.PyArray_STRIDE(w, 1)
+        args.where_strides.k = cnp.PyArray_STRIDE(w, 2)
+        pw = <const uint8_t*>cnp.PyArray_DATA(w)
+    cdef void* pdx = cnp.PyArray_DATA(dx)
+    cdef const void* pdy = cnp.PyArray_DATA(dy)
+    cdef const void* py = cnp.PyArray_DATA(y)
+    with nogil:
+        if type_num == cnp.NPY_FLOAT:
+            attnkit_softmax_backward_f32(<float*>pdx, <const float*>pdy, <const float*>py, pw, &args)
+        else:
+            attnkit_softmax_backward_f64(<double*>pdx, <const double*>pdy, <const double*>py, pw, &args)
+    return dx
+
+
 # ---------------------------------------------------------------------------
 # Norms
 
@@ -358,6 +465,154 @@ def rms_norm(cnp.ndarray out, object rrms, cnp.ndarray x, object weight, double 
     return out
 
 
+cdef inline bint is_stats_vector(object v, cnp.ndarray x) noexcept:
+    """v a C-contiguous aligned ndarray of x's dtype shaped x.shape[:-1] + (1,)
+    or x.shape[:-1], as the forwards' return_stats give them."""
+    if type(v) is not cnp.ndarray:
+        return False
+    cdef cnp.ndarray a = <cnp.ndarray>v
+    cdef int nd = cnp.PyArray_NDIM(a), ndim = cnp.PyArray_NDIM(x), d
+    if not (cnp.PyArray_TYPE(a) == cnp.PyArray_TYPE(x) and cnp.PyArray_ISNOTSWAPPED(a)
+            and cnp.PyArray_CHKFLAGS(a, cnp.NPY_ARRAY_C_CONTIGUOUS | cnp.NPY_ARRAY_ALIGNED)):
+        return False
+    if not (nd == ndim and cnp.PyArray_DIM(a, nd - 1) == 1 or nd == ndim - 1):
+        return False
+    for d in range(ndim - 1):
+        if cnp.PyArray_DIM(a, d) != cnp.PyArray_DIM(x, d):
+            return False
+    return True
+
+
+def norm_backward_last_axis(object grad, object x, object mean, object rstd,
+                            object normalized_shape, object weight):
+    """layer_norm_backward (mean not None) or rms_norm_backward (mean None)
+    over the last axis, for the common case only (as norm_last_axis): x and
+    grad plain arrays of one shape and dtype, normalized_shape x's last
+    dimension (an int or a 1-tuple), mean and rstd contiguous, shaped as the
+    forward returns them; weight None or a contiguous vector. Returns (dx,
+    dweight, dbias) or (dx, dweight), or None for the general path."""
+    cdef cnp.ndarray a = plain_float_array(x)
+    cdef cnp.ndarray g = plain_float_array(grad)
+    if a is None or g is None:
+        return None
+    cdef int ndim = cnp.PyArray_NDIM(a)
+    cdef int type_num = cnp.PyArray_TYPE(a)
+    if cnp.PyArray_TYPE(g) != type_num or cnp.PyArray_NDIM(g) != ndim:
+        return None
+    cdef int d
+    for d in range(ndim):
+        if cnp.PyArray_DIM(g, d) != cnp.PyArray_DIM(a, d):
+            return None
+    cdef int64_t C = cnp.PyArray_DIM(a, ndim - 1)
+    if type(normalized_shape) is tuple and len(<tuple>normalized_shape) == 1:
+        normalized_shape = (<tuple>normalized_shape)[0]
+    if type(normalized_shape) is not int or normalized_shape != C or C == 0:
+        return None
+    cdef int64_t N = cnp.PyArray_SIZE(a) // C
+    cdef bint rms = mean is None
+    if not (is_stats_vector(rstd, a) and (rms or is_stats_vector(mean, a))
+            and is_plain_vector(weight, type_num, C)):
+        return None
+    cdef cnp.npy_intp length = C
+    cdef cnp.ndarray dx = cnp.PyArray_EMPTY(ndim, cnp.PyArray_DIMS(a), type_num, 0)
+    cdef cnp.ndarray dw = cnp.PyArray_ZEROS(1, &length, type_num, 0)
+    cdef cnp.ndarray db = None if rms else cnp.PyArray_ZEROS(1, &length, type_num, 0)
+    cdef void* pdx = cnp.PyArray_DATA(dx)
+    cdef void* pdw = cnp.PyArray_DATA(dw)
+    cdef void* pdb = NULL if rms else cnp.PyArray_DATA(db)
+    cdef const void* pg = cnp.PyArray_DATA(g)
+    cdef const void* px = cnp.PyArray_DATA(a)
+    cdef const void* pm = NULL if rms else cnp.PyArray_DATA(<cnp.ndarray>mean)
+    cdef const void* pr = cnp.PyArray_DATA(<cnp.ndarray>rstd)
+    cdef const void* pw = vector_data(weight)
+    cdef int status = 0
+    with nogil:
+        if type_num == cnp.NPY_FLOAT:
+            if rms:
+                status = attnkit_rms_norm_backward_f32(<float*>pdx, <float*>pdw, <const float*>pg,
+                                                       <const float*>pr, <const float*>px,
+                                                       <const float*>pw, N, C, C, C, C)
+            else:
+                status = attnkit_layer_norm_backward_f32(<float*>pdx, <float*>pdw, <float*>pdb,
+                                                         <const float*>pg, <const float*>pm,
+                                                         <const float*>pr, <const float*>px,
+                                                         <const float*>pw, N, C, C, C, C)
+        else:
+            if rms:
+                status = attnkit_rms_norm_backward_f64(<double*>pdx, <double*>pdw, <const double*>pg,
+                                                       <const double*>pr, <const double*>px,
+                                                       <const double*>pw, N, C, C, C, C)
+            else:
+                status = attnkit_layer_norm_backward_f64(<double*>pdx, <double*>pdw, <double*>pdb,
+                                                         <const double*>pg, <const double*>pm,
+                                                         <const double*>pr, <const double*>px,
+                                                         <const double*>pw, N, C, C, C, C)
+    if status != 0:
+        raise MemoryError(f"norm backward: could not allocate the workspace for {C} columns")
+    return (dx, dw) if rms else (dx, dw, db)
+
+
+def norm_backward(cnp.ndarray dx, object dweight, object dbias, cnp.ndarray dy, object mean,
+                  cnp.ndarray rstd, cnp.ndarray x, object weight):
+    """The gradients of layer norm (mean an array) or RMS norm (mean None: rstd
+    is then rrms, and dbias must be None) over the rows of x (N, C), from dy
+    (N, C): dx (N, C) written; dweight, dbias (C) or None accumulated (+=).
+    mean, rstd (N) and weight (C) or None are contiguous vectors; the rows of
+    dx, dy and x are contiguous, and dx overlaps none of the others."""
+    cdef bint rms = mean is None
+    name = "rms_norm_backward" if rms else "layer_norm_backward"
+    cdef int type_num = cnp.PyArray_TYPE(x)
+    check_float_operand(x, 2, type_num, f"{name} input", False)
+    if not is_native_float(x):
+        raise TypeError(f"{name} input: expected native float32 or float64, got {x.dtype}")
+    check_float_operand(dy, 2, type_num, f"{name} grad", False)
+    check_float_operand(dx, 2, type_num, f"{name} grad_input", True)
+    check_rows(x, x, f"{name} input")
+    check_rows(dy, x, f"{name} grad")
+    check_rows(dx, x, f"{name} grad_input")
+    cdef int64_t N = x.shape[0], C = x.shape[1]
+    if rms and dbias is not None:
+        raise ValueError("rms_norm_backward: RMS norm has no bias")
+    cdef const void* pm = NULL if rms else optional_vector(mean, N, type_num, f"{name} mean", False)
+    cdef const void* pr = optional_vector(rstd, N, type_num, f"{name} rstd", False)
+    cdef const void* pw = optional_vector(weight, C, type_num, f"{name} weight", False)
+    cdef void* pdw = optional_vector(dweight, C, type_num, f"{name} grad_weight", True)
+    cdef void* pdb = optional_vector(dbias, C, type_num, f"{name} grad_bias", True)
+    if N == 0 or C == 0:
+        return dx
+    cdef int64_t xs = element_stride(x, 0, f"{name} input")
+    cdef int64_t ds = element_stride(dy, 0, f"{name} grad")
+    cdef int64_t os = element_stride(dx, 0, f"{name} grad_input")
+    cdef void* pdx = cnp.PyArray_DATA(dx)
+    cdef const void* pdy = cnp.PyArray_DATA(dy)
+    cdef const void* px = cnp.PyArray_DATA(x)
+    cdef int status
+    with nogil:
+        if type_num == cnp.NPY_FLOAT:
+            if rms:
+                status = attnkit_rms_norm_backward_f32(<float*>pdx, <float*>pdw, <const float*>pdy,
+                                                       <const float*>pr, <const float*>px,
+                                                       <const float*>pw, N, C, os, ds, xs)
+            else:
+                status = attnkit_layer_norm_backward_f32(<float*>pdx, <float*>pdw, <float*>pdb,
+                                                         <const float*>pdy, <const float*>pm,
+                                                         <const float*>pr, <const float*>px,
+                                                         <const float*>pw, N, C, os, ds, xs)
+        else:
+            if rms:
+                status = attnkit_rms_norm_backward_f64(<double*>pdx, <double*>pdw, <const double*>pdy,
+                                                       <const double*>pr, <const double*>px,
+                                                       <const double*>pw, N, C, os, ds, xs)
+            else:
+                status = attnkit_layer_norm_backward_f64(<double*>pdx, <double*>pdw, <double*>pdb,
+                                                         <const double*>pdy, <const double*>pm,
+                                                         <const double*>pr, <const double*>px,
+                                                         <const double*>pw, N, C, os, ds, xs)
+    if status != 0:
+        raise MemoryError(f"{name}: could not allocate the workspace for {C} columns")
+    return dx
+
+
 # ---------------------------------------------------------------------------
 # Activations
 
@@ -397,6 +652,51 @@ def bias_activation(cnp.ndarray out, cnp.ndarray x, object bias, str name):
             attnkit_bias_activation_f64(<double*>po, <const double*>px, <const double*>pb, rows, cols,
                                         kind)
     return out
+
+
+def bias_activation_backward(cnp.ndarray dx, object dbias, cnp.ndarray dy, cnp.ndarray x,
+                             object bias, str name):
+    """dx = dy * f'(x + bias) elementwise, f one of ACTIVATIONS, and dbias (x's
+    last dimension, or None) += the sum of dx over rows. dx, dy and x are
+    C-contiguous, of one shape and float dtype (dx may be dy); bias None or
+    a contiguous vector."""
+    cdef int kind = ACTIVATIONS[name]
+    cdef int type_num = cnp.PyArray_TYPE(x)
+    if not is_native_float(x):
+        raise TypeError(f"{name}_backward: expected native float32 or float64, got {x.dtype}")
+    for what, arr in (("grad", dy), ("grad_input", dx)):
+        if cnp.PyArray_TYPE(arr) != type_num or not cnp.PyArray_ISNOTSWAPPED(arr):
+            raise TypeError(f"{name}_backward {what}: expected {x.dtype}, got {arr.dtype}")
+        if (<object>arr).shape != (<object>x).shape:
+            raise ValueError(f"{name}_backward: {what} shape {shape_of(arr)} differs from input {shape_of(x)}")
+    for arr in (x, dy, dx):
+        if not cnp.PyArray_CHKFLAGS(arr, cnp.NPY_ARRAY_C_CONTIGUOUS | cnp.NPY_ARRAY_ALIGNED):
+            raise ValueError(f"{name}_backward: arrays must be C-contiguous and aligned")
+    if not cnp.PyArray_ISWRITEABLE(dx):
+        raise ValueError(f"{name}_backward: grad_input is read-only")
+    cdef int64_t n = cnp.PyArray_SIZE(x)
+    cdef int64_t cols = cnp.PyArray_DIM(x, cnp.PyArray_NDIM(x) - 1) if cnp.PyArray_NDIM(x) > 0 else 1
+    cdef int64_t rows = n // cols if cols > 0 else 0
+    cdef const void* pb = optional_vector(bias, cols, type_num, f"{name}_backward bias", False)
+    cdef void* pdb = optional_vector(dbias, cols, type_num, f"{name}_backward grad_bias", True)
+    if n == 0:
+        return dx
+    cdef void* pdx = cnp.PyArray_DATA(dx)
+    cdef const void* pdy = cnp.PyArray_DATA(dy)
+    cdef const void* px = cnp.PyArray_DATA(x)
+    cdef int status
+    with nogil:
+        if type_num == cnp.NPY_FLOAT:
+            status = attnkit_bias_activation_backward_f32(<float*>pdx, <float*>pdb, <const float*>pdy,
+                                                          <const float*>px, <const float*>pb, rows,
+                                                          cols, kind)
+        else:
+            status = attnkit_bias_activation_backward_f64(<double*>pdx, <double*>pdb,
+                                                          <const double*>pdy, <const double*>px,
+                                                          <const double*>pb, rows, cols, kind)
+    if status != 0:
+        raise MemoryError(f"{name}_backward: could not allocate the workspace for {cols} columns")
+    return dx
 
 
 # ---------------------------------------------------------------------------

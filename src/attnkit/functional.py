@@ -21,7 +21,9 @@ from numpy.lib.array_utils import normalize_axis_index, normalize_axis_tuple
 from . import _kernels
 
 __all__ = ["softmax", "log_softmax", "layer_norm", "rms_norm", "batch_norm",
-           "scaled_dot_product_attention", "linear", "linear_backward", "relu", "gelu", "silu", "sigmoid", "dropout"]
+           "scaled_dot_product_attention", "linear", "linear_backward", "relu", "gelu", "silu", "sigmoid", "dropout",
+           "softmax_backward", "log_softmax_backward", "layer_norm_backward", "rms_norm_backward",
+           "relu_backward", "gelu_backward", "silu_backward", "bias_activation_backward"]
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))  # native byte order
 _MACHINE_EPSILON = {"f": float(np.finfo(np.float32).eps), "d": float(np.finfo(np.float64).eps)}
@@ -253,6 +255,82 @@ def log_softmax(x, axis=-1, *, where=None, out=None):
     return _softmax(x, axis, where, out, True, "log_softmax")
 
 
+def _softmax_backward(grad, y, axis, where, out, log, func):
+    y = _as_float_array(y, func, "output")
+    dy = _as_float_array(grad, func, "grad")
+    if dy.shape != y.shape:
+        raise ValueError(f"{func}: grad has shape {dy.shape} but the output y has shape {y.shape}")
+    if dy.dtype != y.dtype:
+        raise TypeError(f"{func}: grad has dtype {dy.dtype} but the output y is {y.dtype}")
+    axes = _normalize_axes(axis, y.ndim, func)
+    if where is not None:
+        where = np.asarray(where)
+        if where.dtype != np.bool_:
+            raise TypeError(f"{func}: where must be a bool array, got dtype {where.dtype} "
+                            f"(shape {where.shape})")
+        try:
+            where = np.broadcast_to(where, y.shape)
+        except ValueError:
+            raise ValueError(f"{func}: where of shape {where.shape} does not broadcast to "
+                             f"the shape of y, {y.shape}") from None
+    if out is not None:
+        _check_out(out, y, func)
+    if y.size == 0:
+        return out if out is not None else np.empty(y.shape, y.dtype)
+    # (N, C, K) as in _softmax, reduced axes that are apart moved to the end first
+    if axes and axes != tuple(range(axes[0], axes[-1] + 1)):
+        moved = tuple(range(y.ndim - len(axes), y.ndim))
+        result = _softmax_backward(np.moveaxis(dy, axes, moved), np.moveaxis(y, axes, moved), moved,
+                                   None if where is None else np.moveaxis(where, axes, moved),
+                                   None, log, func)
+        result = np.moveaxis(result, moved, axes)
+        if out is None:
+            return np.ascontiguousarray(result)
+        out[...] = result
+        return out
+    first, last = (axes[0], axes[-1] + 1) if axes else (y.ndim, y.ndim)
+    shape3 = (math.prod(y.shape[:first]), math.prod(y.shape[first:last]),
+              math.prod(y.shape[last:]))
+    unit_axis = 1 if shape3[2] == 1 else 2
+    y3 = _readable_as(y, shape3, unit_axis)
+    dy3 = _readable_as(dy, shape3, unit_axis)
+    where3 = None if where is None else where.reshape(shape3)
+    return _run_into(out, shape3, unit_axis, (dy3, y3, where3), y.shape, y.dtype,
+                     lambda dest: _kernels.softmax_backward(dest, dy3, y3, where3, log))
+
+
+def softmax_backward(grad, y, axis=-1, *, where=None, out=None):
+    """The gradient of softmax: given y = softmax(x, axis, where=where) and
+    grad = dLoss/dy, returns dLoss/dx = y * (grad - sum(grad * y)), the sum
+    over each slice's kept elements.
+
+    grad and y have one shape and dtype; axis and where are the forward's
+    (where broadcast to y's shape). Masked-out elements, and slices with
+    nothing kept, get 0, never NaN. out: as for softmax (may be grad or y).
+    torch's counterpart is torch.ops.aten._softmax_backward_data.
+    """
+    if where is None and out is None and type(axis) is int and axis == -1:
+        result = _kernels.softmax_backward_last_axis(grad, y, False)
+        if result is not None:
+            return result
+    return _softmax_backward(grad, y, axis, where, out, False, "softmax_backward")
+
+
+def log_softmax_backward(grad, y, axis=-1, *, where=None, out=None):
+    """The gradient of log_softmax: given y = log_softmax(x, axis, where=where)
+    and grad = dLoss/dy, returns grad - exp(y) * sum(grad), the sum over each
+    slice's kept elements.
+
+    Same arguments as softmax_backward. Masked-out elements, and slices with
+    nothing kept (where the forward gave -inf throughout), get 0, never NaN.
+    """
+    if where is None and out is None and type(axis) is int and axis == -1:
+        result = _kernels.softmax_backward_last_axis(grad, y, True)
+        if result is not None:
+            return result
+    return _softmax_backward(grad, y, axis, where, out, True, "log_softmax_backward")
+
+
 # ---------------------------------------------------------------------------
 # layer_norm and rms_norm
 
@@ -303,7 +381,7 @@ def _rows(x, normalized_shape, out, func):
     return (N, C), _readable_as(x, (N, C), 1)
 
 
-def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=None):
+def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=None, return_stats=False):
     """Layer normalisation over the trailing `normalized_shape` dimensions.
 
     out = (x - mean) / sqrt(var + eps) * weight + bias, with the mean and the
@@ -317,42 +395,155 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=Non
     weight, bias : array_like of shape normalized_shape and x's dtype, optional
     eps : float >= 0, added to the variance
     out : ndarray, optional (x's shape and dtype; may be x)
+    return_stats : bool
+        True returns (out, mean, rstd), what layer_norm_backward needs: each
+        row's mean and 1/sqrt(var + eps), of shape x.shape[:-k] + (1,) * k
+        (k = len(normalized_shape)) and x's dtype, as
+        torch.ops.aten.native_layer_norm gives them.
     """
-    if out is None and type(eps) is float:
+    if out is None and type(eps) is float and return_stats is False:
         result = _kernels.norm_last_axis(x, normalized_shape, weight, bias, eps, False)
         if result is not None:
             return result
     func = "layer_norm"
+    return_stats = _flag(return_stats, func, "return_stats")
     x = _as_float_array(x, func, "input")
     shape = _normalized_shape(normalized_shape, x, func)
     w = _parameter(weight, shape, x.dtype, func, "weight")
     b = _parameter(bias, shape, x.dtype, func, "bias")
     eps = _check_eps(eps, func)
     shape2, x2 = _rows(x, shape, out, func)
-    return _run_into(out, shape2, 1, (x2, w, b), x.shape, x.dtype,
-                     lambda dest: _kernels.layer_norm(dest, None, None, x2, w, b, eps))
+    mean, rstd = _new_stats(shape2, x.dtype, return_stats, 0.0)
+    result = _run_into(out, shape2, 1, (x2, w, b), x.shape, x.dtype,
+                       lambda dest: _kernels.layer_norm(dest, mean, rstd, x2, w, b, eps))
+    if not return_stats:
+        return result
+    return result, _stats_shaped(mean, x, shape), _stats_shaped(rstd, x, shape)
 
 
-def rms_norm(x, normalized_shape, weight=None, eps=None, *, out=None):
+def _new_stats(shape2, dtype, wanted, empty_mean):
+    """(mean, rstd) vectors of N for the kernel to fill, or (None, None). A row
+    of no elements (C = 0) is not written by the kernel: it gets PyTorch's
+    mean 0 and rstd NaN."""
+    if not wanted:
+        return None, None
+    N, C = shape2
+    if C == 0:
+        return np.full(N, empty_mean, dtype), np.full(N, np.nan, dtype)
+    return np.empty(N, dtype), np.empty(N, dtype)
+
+
+def _stats_shaped(stat, x, normalized_shape):
+    k = len(normalized_shape)
+    return stat.reshape(x.shape[: x.ndim - k] + (1,) * k)
+
+
+def rms_norm(x, normalized_shape, weight=None, eps=None, *, out=None, return_stats=False):
     """Root-mean-square normalisation over the trailing `normalized_shape` dimensions.
 
     out = x / sqrt(mean(x**2) + eps) * weight, as torch.nn.functional.rms_norm;
-    eps=None means the machine epsilon of x's dtype.
+    eps=None means the machine epsilon of x's dtype. return_stats=True
+    returns (out, rstd), rstd = 1/sqrt(mean(x**2) + eps) of shape
+    x.shape[:-k] + (1,) * k, what rms_norm_backward needs.
     """
-    if out is None and (eps is None or type(eps) is float) and type(x) is np.ndarray:
+    if out is None and (eps is None or type(eps) is float) and type(x) is np.ndarray \
+            and return_stats is False:
         eps_value = eps if eps is not None else _MACHINE_EPSILON.get(x.dtype.char)
         if eps_value is not None:
             result = _kernels.norm_last_axis(x, normalized_shape, weight, None, eps_value, True)
             if result is not None:
                 return result
     func = "rms_norm"
+    return_stats = _flag(return_stats, func, "return_stats")
     x = _as_float_array(x, func, "input")
     shape = _normalized_shape(normalized_shape, x, func)
     w = _parameter(weight, shape, x.dtype, func, "weight")
     eps = float(np.finfo(x.dtype).eps) if eps is None else _check_eps(eps, func)
     shape2, x2 = _rows(x, shape, out, func)
-    return _run_into(out, shape2, 1, (x2, w), x.shape, x.dtype,
-                     lambda dest: _kernels.rms_norm(dest, None, x2, w, eps))
+    _, rstd = _new_stats(shape2, x.dtype, return_stats, 0.0)
+    result = _run_into(out, shape2, 1, (x2, w), x.shape, x.dtype,
+                       lambda dest: _kernels.rms_norm(dest, rstd, x2, w, eps))
+    if not return_stats:
+        return result
+    return result, _stats_shaped(rstd, x, shape)
+
+
+def _norm_backward_operands(grad, x, stats, normalized_shape, weight, func):
+    """Checked (N, C) rows of grad and x, the statistics as (N) vectors, the
+    weight as a (C) vector or None, and the normalized shape."""
+    x = _as_float_array(x, func, "input")
+    dy = _as_float_array(grad, func, "grad")
+    if dy.shape != x.shape:
+        raise ValueError(f"{func}: grad has shape {dy.shape} but the input has shape {x.shape}")
+    if dy.dtype != x.dtype:
+        raise TypeError(f"{func}: grad has dtype {dy.dtype} but the input is {x.dtype}")
+    shape = _normalized_shape(normalized_shape, x, func)
+    w = _parameter(weight, shape, x.dtype, func, "weight")
+    lead = x.shape[: x.ndim - len(shape)]
+    expected = lead + (1,) * len(shape)
+    vectors = []
+    for name, stat in stats:
+        a = _as_float_array(stat, func, name)
+        if a.shape != expected and a.shape != lead:
+            raise ValueError(f"{func}: {name} has shape {a.shape}, expected {expected} for input "
+                             f"{x.shape} and normalized_shape {shape}")
+        if a.dtype != x.dtype:
+            raise TypeError(f"{func}: {name} has dtype {a.dtype} but the input is {x.dtype}")
+        vectors.append(_contiguous(a).reshape(-1))
+    (N, C), x2 = _rows(x, shape, None, func)
+    return _readable_as(dy, (N, C), 1), x2, vectors, w, shape
+
+
+def layer_norm_backward(grad, x, mean, rstd, normalized_shape, weight=None):
+    """The gradients of layer_norm, from what layer_norm(..., return_stats=True) saved.
+
+    grad = dLoss/dout and x, the forward's input, have one shape and dtype;
+    mean and rstd are the forward's statistics (shape x.shape[:-k] + (1,) * k,
+    or x.shape[:-k]); weight is the forward's (None for none). Returns
+    (dx, dweight, dbias), dweight and dbias of normalized_shape's shape,
+    always (for weight None, the gradient of a weight of ones):
+
+      xhat = (x - mean) * rstd,  g = grad * weight   (per row of C elements)
+      dx      = rstd * (g - mean(g) - xhat * mean(g * xhat))
+      dweight = sum over rows of grad * xhat
+      dbias   = sum over rows of grad
+
+    As torch.ops.aten.native_layer_norm_backward. Row sums are in double;
+    the sums over rows in an order fixed by the shapes, so results are
+    bitwise the same at any thread count.
+    """
+    result = _kernels.norm_backward_last_axis(grad, x, mean, rstd, normalized_shape, weight)
+    if result is not None:
+        return result
+    func = "layer_norm_backward"
+    dy2, x2, (m, r), w, shape = _norm_backward_operands(
+        grad, x, (("mean", mean), ("rstd", rstd)), normalized_shape, weight, func)
+    dx = np.empty(x2.shape, x2.dtype)
+    dw = np.zeros(x2.shape[1], x2.dtype)
+    db = np.zeros(x2.shape[1], x2.dtype)
+    _kernels.norm_backward(dx, dw, db, dy2, m, r, x2, w)
+    return dx.reshape(np.shape(x)), dw.reshape(shape), db.reshape(shape)
+
+
+def rms_norm_backward(grad, x, rstd, normalized_shape, weight=None):
+    """The gradients of rms_norm, from what rms_norm(..., return_stats=True) saved.
+
+    Returns (dx, dweight), dweight of normalized_shape's shape, always:
+
+      xhat = x * rstd,  g = grad * weight
+      dx      = rstd * (g - xhat * mean(g * xhat))
+      dweight = sum over rows of grad * xhat
+    """
+    result = _kernels.norm_backward_last_axis(grad, x, None, rstd, normalized_shape, weight)
+    if result is not None:
+        return result
+    func = "rms_norm_backward"
+    dy2, x2, (r,), w, shape = _norm_backward_operands(grad, x, (("rstd", rstd),), normalized_shape,
+                                                      weight, func)
+    dx = np.empty(x2.shape, x2.dtype)
+    dw = np.zeros(x2.shape[1], x2.dtype)
+    _kernels.norm_backward(dx, dw, None, dy2, None, r, x2, w)
+    return dx.reshape(np.shape(x)), dw.reshape(shape)
 
 
 # ---------------------------------------------------------------------------
@@ -859,6 +1050,71 @@ def gelu(x, approximate="none", *, out=None):
 def silu(x, *, out=None):
     """x * sigmoid(x) (also called swish). out: as for gelu."""
     return _elementwise(x, "silu", out)
+
+
+def _activation_backward(grad, x, bias, name, func, want_dbias):
+    """dx = grad * f'(x + bias) by the kernel, and the column sums of dx when
+    want_dbias; arguments checked here."""
+    x = _as_float_array(x, func, "input")
+    dy = _as_float_array(grad, func, "grad")
+    if dy.shape != x.shape:
+        raise ValueError(f"{func}: grad has shape {dy.shape} but the input has shape {x.shape}")
+    if dy.dtype != x.dtype:
+        raise TypeError(f"{func}: grad has dtype {dy.dtype} but the input is {x.dtype}")
+    cols = x.shape[-1] if x.ndim else 1
+    if bias is not None:
+        bias = _as_float_array(bias, func, "bias")
+        if x.ndim == 0 or bias.shape != (cols,):
+            raise ValueError(f"{func}: bias must have shape ({cols},), the input's last dimension, "
+                             f"got {bias.shape} for input {x.shape}")
+        if bias.dtype != x.dtype:
+            raise TypeError(f"{func}: bias has dtype {bias.dtype} but the input is {x.dtype}")
+        bias = _contiguous(bias)
+    x, dy = _contiguous(x), _contiguous(dy)
+    dx = np.empty(x.shape, x.dtype)
+    dbias = np.zeros(cols, x.dtype) if want_dbias else None
+    _kernels.bias_activation_backward(dx, dbias, dy, x, bias, name)
+    return dx, dbias
+
+
+def relu_backward(grad, x):
+    """The gradient of relu: grad where x > 0, else 0 (PyTorch's: 0 at x == 0,
+    and where x < 0 whatever grad holds); NaN where x is NaN."""
+    return _activation_backward(grad, x, None, "relu", "relu_backward", False)[0]
+
+
+def gelu_backward(grad, x, approximate="none"):
+    """The gradient of gelu: grad * gelu'(x), with gelu'(x) = Phi(x) + x phi(x)
+    (approximate="none") or the tanh approximation's derivative ("tanh"),
+    as torch.ops.aten.gelu_backward."""
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"gelu_backward: approximate must be 'none' or 'tanh', got {approximate!r}")
+    return _activation_backward(grad, x, None, "gelu" if approximate == "none" else "gelu_tanh",
+                                "gelu_backward", False)[0]
+
+
+def silu_backward(grad, x):
+    """The gradient of silu: grad * s (1 + x (1 - s)), s = sigmoid(x)."""
+    return _activation_backward(grad, x, None, "silu", "silu_backward", False)[0]
+
+
+def bias_activation_backward(grad, x, bias=None, activation=None):
+    """The gradients of activation(x + bias), the tail linear(..., activation=)
+    fuses: returns (dx, dbias) with dx = grad * activation'(x + bias) and
+    dbias = dx summed over every row (shape (x.shape[-1],), always returned).
+
+    x is the pre-activation input (the product x @ W.T, before the bias);
+    activation None (the bias add alone), "gelu", "gelu_tanh", "silu" or
+    "relu", as linear's. dbias sums rows in an order fixed by the shape, so it
+    is bitwise the same at any thread count.
+    """
+    func = "bias_activation_backward"
+    if activation is not None and activation not in _LINEAR_ACTIVATIONS:
+        raise ValueError(f"{func}: activation must be None or one of {', '.join(_LINEAR_ACTIVATIONS)}, "
+                         f"got {activation!r}")
+    if np.ndim(x) == 0:
+        raise ValueError(f"{func}: the input needs a last dimension (features), got shape {np.shape(x)}")
+    return _activation_backward(grad, x, bias, activation or "identity", func, True)
 
 
 def dropout(x, p=0.5, training=True, *, rng=None):

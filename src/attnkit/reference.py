@@ -15,7 +15,9 @@ import numpy as np
 
 __all__ = ["softmax", "log_softmax", "layer_norm", "rms_norm", "scaled_dot_product_attention",
            "dropout_keep_mask", "linear", "relu", "sigmoid", "gelu", "silu", "batch_norm",
-           "multi_head_attention"]
+           "multi_head_attention", "softmax_backward", "log_softmax_backward", "layer_norm_backward",
+           "rms_norm_backward", "relu_backward", "gelu_backward", "silu_backward",
+           "bias_activation_backward"]
 
 
 def _ieee(func):
@@ -64,6 +66,37 @@ def log_softmax(x, axis=-1, where=None, *, dtype=np.float64):
     return np.where(s == 0, -np.inf, (x - m) - np.log(s)).astype(dtype)
 
 
+def _kept(where, shape):
+    """where broadcast to shape, or all True."""
+    return np.ones(shape, bool) if where is None else np.broadcast_to(where, shape)
+
+
+@_ieee
+def softmax_backward(grad, y, axis=-1, where=None, *, dtype=np.float64):
+    """dx = y * (grad - sum(grad * y)) along axis, y = softmax's output; the
+    sum over kept elements. Masked-out elements, and slices with nothing
+    kept, get 0."""
+    g = np.asarray(grad, dtype)                                  # (...)
+    y = np.asarray(y, dtype)                                     # (...)
+    kept = _kept(where, y.shape)                                 # (...) bool
+    s = np.sum(np.where(kept, g * y, 0), axis=axis, keepdims=True)   # (..., 1, ...)
+    return np.where(kept, y * (g - s), 0).astype(dtype)
+
+
+@_ieee
+def log_softmax_backward(grad, y, axis=-1, where=None, *, dtype=np.float64):
+    """dx = grad - exp(y) * sum(grad) along axis, y = log_softmax's output; the
+    sum over kept elements. Masked-out elements, and slices with nothing kept
+    (y all -inf), get 0."""
+    g = np.asarray(grad, dtype)                                  # (...)
+    y = np.asarray(y, dtype)                                     # (...)
+    kept = _kept(where, y.shape)
+    s = np.sum(np.where(kept, g, 0), axis=axis, keepdims=True)   # (..., 1, ...)
+    live = np.max(np.where(kept, y, -np.inf), axis=axis, keepdims=True) > -np.inf
+    live = live | np.isnan(np.max(np.where(kept, y, -np.inf), axis=axis, keepdims=True))
+    return np.where(kept & live, g - np.exp(y) * s, 0).astype(dtype)
+
+
 def _trailing_axes(x, normalized_shape):
     shape = (normalized_shape,) if np.ndim(normalized_shape) == 0 else tuple(normalized_shape)
     assert x.shape[x.ndim - len(shape):] == shape, (x.shape, shape)
@@ -107,6 +140,51 @@ def rms_norm(x, normalized_shape, weight=None, eps=None, *, dtype=np.float64):
     if weight is not None:
         y = y * np.asarray(weight, dtype=dtype)
     return y.astype(dtype)
+
+
+@_ieee
+def layer_norm_backward(grad, x, mean, rstd, normalized_shape, weight=None, *, dtype=np.float64):
+    """(dx, dweight, dbias) of layer_norm, from the forward's mean and rstd
+    (shape x.shape[:-k] + (1,) * k):
+
+      xhat = (x - mean) * rstd,  g = grad * weight
+      dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),
+      dweight = sum over rows of grad * xhat,  dbias = sum over rows of grad
+    """
+    x = np.asarray(x, dtype)                                     # (..., *normalized_shape)
+    g0 = np.asarray(grad, dtype)                                 # (..., *normalized_shape)
+    axes = _trailing_axes(x, normalized_shape)
+    k = len(axes)
+    lead = x.shape[: x.ndim - k]
+    mean = np.asarray(mean, dtype).reshape(lead + (1,) * k)      # (..., 1, ..., 1)
+    rstd = np.asarray(rstd, dtype).reshape(lead + (1,) * k)
+    xhat = (x - mean) * rstd
+    g = g0 if weight is None else g0 * np.asarray(weight, dtype)
+    rows = tuple(range(x.ndim - k))
+    if x.size == 0:
+        dx = np.zeros_like(x)
+    else:
+        dx = rstd * (g - np.mean(g, axis=axes, keepdims=True)
+                     - xhat * np.mean(g * xhat, axis=axes, keepdims=True))
+    dweight = np.sum(g0 * xhat, axis=rows)                       # normalized_shape
+    dbias = np.sum(g0, axis=rows)                                # normalized_shape
+    return dx.astype(dtype), dweight.astype(dtype), dbias.astype(dtype)
+
+
+@_ieee
+def rms_norm_backward(grad, x, rstd, normalized_shape, weight=None, *, dtype=np.float64):
+    """(dx, dweight) of rms_norm: xhat = x * rstd, g = grad * weight,
+    dx = rstd * (g - xhat * mean(g * xhat)), dweight = sum over rows of grad * xhat."""
+    x = np.asarray(x, dtype)
+    g0 = np.asarray(grad, dtype)
+    axes = _trailing_axes(x, normalized_shape)
+    k = len(axes)
+    rstd = np.asarray(rstd, dtype).reshape(x.shape[: x.ndim - k] + (1,) * k)
+    xhat = x * rstd
+    g = g0 if weight is None else g0 * np.asarray(weight, dtype)
+    dx = np.zeros_like(x) if x.size == 0 else rstd * (g - xhat * np.mean(g * xhat, axis=axes, keepdims=True))
+    dweight = np.sum(g0 * xhat, axis=tuple(range(x.ndim - k)))
+    return dx.astype(dtype), dweight.astype(dtype)
 
 
 def _mix32(x):
@@ -269,6 +347,58 @@ def gelu(x, approximate="none", *, dtype=np.float64):
 def silu(x, *, dtype=np.float64):
     x = np.asarray(x, dtype)
     return x * sigmoid(x, dtype=dtype)
+
+
+def relu_backward(grad, x, *, dtype=np.float64):
+    """grad where x > 0, 0 where x <= 0 (PyTorch's), NaN where x is NaN."""
+    x = np.asarray(x, dtype)
+    return np.where(x > 0, np.asarray(grad, dtype), np.where(np.isnan(x), x, 0)).astype(dtype)
+
+
+@_ieee
+def gelu_backward(grad, x, approximate="none", *, dtype=np.float64):
+    """grad * gelu'(x): Phi(x) + x phi(x), or the tanh approximation's
+    0.5 (1 + tanh u) + 0.5 x (1 - tanh(u)^2) u', u = sqrt(2/pi) (x + 0.044715 x^3)."""
+    x = np.asarray(x, dtype)
+    g = np.asarray(grad, dtype)
+    if approximate == "tanh":
+        k0 = np.sqrt(dtype(2) / dtype(np.pi))
+        u = k0 * (x + dtype(0.044715) * x**3)
+        t = np.tanh(u)
+        du = k0 * (1 + 3 * dtype(0.044715) * x**2)
+        return (g * (dtype(0.5) * (1 + t) + dtype(0.5) * x * (1 - t * t) * du)).astype(dtype)
+    erfc = np.vectorize(math.erfc, otypes=[np.float64])
+    cdf = (0.5 * erfc(-x / np.sqrt(2))).astype(dtype)          # Phi(x), the tails kept exact
+    pdf = np.exp(-x * x / 2) / np.sqrt(dtype(2) * dtype(np.pi))
+    return (g * (cdf + x * pdf)).astype(dtype)
+
+
+@_ieee
+def silu_backward(grad, x, *, dtype=np.float64):
+    """grad * s (1 + x (1 - s)), s = sigmoid(x)."""
+    x = np.asarray(x, dtype)
+    s = sigmoid(x, dtype=dtype)
+    return (np.asarray(grad, dtype) * s * (1 + x * (1 - s))).astype(dtype)
+
+
+def bias_activation_backward(grad, x, bias=None, activation=None, *, dtype=np.float64):
+    """(dx, dbias) of activation(x + bias): dx = grad * activation'(x + bias),
+    dbias = dx summed over every row (x.shape[-1],)."""
+    h = np.asarray(x, dtype)
+    if bias is not None:
+        h = h + np.asarray(bias, dtype)
+    g = np.asarray(grad, dtype)
+    if activation is None:
+        dx = g.copy()
+    elif activation == "relu":
+        dx = relu_backward(g, h, dtype=dtype)
+    elif activation in ("gelu", "gelu_tanh"):
+        dx = gelu_backward(g, h, "tanh" if activation == "gelu_tanh" else "none", dtype=dtype)
+    elif activation == "silu":
+        dx = silu_backward(g, h, dtype=dtype)
+    else:
+        raise ValueError(f"unknown activation {activation!r}")
+    return dx, dx.reshape(-1, h.shape[-1]).sum(axis=0).astype(dtype)
 
 
 def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, training=True,
