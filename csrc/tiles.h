@@ -23,16 +23,32 @@ enum { NR = NV * VLEN };
 static const real ACCUMULATE[12] = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
 _Static_assert(MR <= 12, "ACCUMULATE needs MR ones");
 
-/* C's first mr rows = acc, or alpha[i] * C + acc */
+/* C's first mr rows = acc, or alpha[i] * C + acc. acc is only ever indexed
+ * by constants, so that it stays in registers: a partial tile (mr < MR) goes
+ * through a buffer on the stack, whole, and its first mr rows on to C. */
 AK_INLINE void store_tile(real* c, int64_t ldc, vreal acc[MR][NV], int64_t mr, const real* alpha)
 {
-    for (int i = 0; i < mr; i++) {
+    real tile[MR * NR] __attribute__((aligned(64)));
+    real* dst = c;
+    int64_t ld = ldc;
+    if (mr < MR) {
+        dst = tile;
+        ld = NR;
+    }
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; i++)
 #pragma GCC unroll 4
         for (int j = 0; j < NV; j++) {
-            real* cp = c + i * ldc + j * VLEN;
-            v_store(cp, alpha ? v_fma(v_set1(alpha[i]), v_load(cp), acc[i][j]) : acc[i][j]);
+            real* cp = dst + i * ld + j * VLEN;
+            v_store(cp, alpha && mr == MR ? v_fma(v_set1(alpha[i]), v_load(cp), acc[i][j]) : acc[i][j]);
         }
-    }
+    if (mr == MR) return;
+    for (int64_t i = 0; i < mr; i++)
+        for (int j = 0; j < NV; j++) {
+            real* cp = c + i * ldc + j * VLEN;
+            const vreal t = v_load(tile + i * NR + j * VLEN);
+            v_store(cp, alpha ? v_fma(v_set1(alpha[i]), v_load(cp), t) : t);
+        }
 }
 
 /* ---------------------------------------------------------------------------
