@@ -233,6 +233,17 @@ cdef set_strides(attnkit_strides* s, cnp.ndarray a, str what):
     s.k = element_stride(a, 2, what)
 
 
+cdef bint same_shape_and_type(cnp.ndarray a, cnp.ndarray b) noexcept:
+    """Whether b has a's dtype and shape."""
+    if cnp.PyArray_TYPE(a) != cnp.PyArray_TYPE(b) or cnp.PyArray_NDIM(a) != cnp.PyArray_NDIM(b):
+        return False
+    cdef int d
+    for d in range(cnp.PyArray_NDIM(a)):
+        if cnp.PyArray_DIM(a, d) != cnp.PyArray_DIM(b, d):
+            return False
+    return True
+
+
 def softmax_backward_last_axis(object grad, object y, bint log):
     """softmax_backward (log=True: log_softmax_backward) over the last axis,
     into a new array, for plain arrays only (as softmax_last_axis): grad and
@@ -240,16 +251,10 @@ def softmax_backward_last_axis(object grad, object y, bint log):
     and dtype. Returns None for anything else, for the general path."""
     cdef cnp.ndarray a = plain_float_array(y)
     cdef cnp.ndarray g = plain_float_array(grad)
-    if a is None or g is None:
+    if a is None or g is None or not same_shape_and_type(a, g):
         return None
     cdef int ndim = cnp.PyArray_NDIM(a)
     cdef int type_num = cnp.PyArray_TYPE(a)
-    if cnp.PyArray_TYPE(g) != type_num or cnp.PyArray_NDIM(g) != ndim:
-        return None
-    cdef int d
-    for d in range(ndim):
-        if cnp.PyArray_DIM(g, d) != cnp.PyArray_DIM(a, d):
-            return None
     cdef cnp.ndarray out = cnp.PyArray_EMPTY(ndim, cnp.PyArray_DIMS(a), type_num, 0)
     cdef attnkit_softmax_backward_args args
     args.C = cnp.PyArray_DIM(a, ndim - 1)
@@ -483,6 +488,28 @@ cdef inline bint is_stats_vector(object v, cnp.ndarray x) noexcept:
     return True
 
 
+cdef int call_norm_backward(int type_num, void* pdx, void* pdw, void* pdb, const void* pdy,
+                            const void* pm, const void* pr, const void* px, const void* pw, int64_t N,
+                            int64_t C, int64_t dx_row, int64_t dy_row, int64_t x_row) noexcept nogil:
+    """The layer norm backward (pm, the mean, not NULL) or the RMS norm one (pm
+    NULL, pdb NULL) in x's precision."""
+    if type_num == cnp.NPY_FLOAT:
+        if pm == NULL:
+            return attnkit_rms_norm_backward_f32(<float*>pdx, <float*>pdw, <const float*>pdy,
+                                                 <const float*>pr, <const float*>px, <const float*>pw,
+                                                 N, C, dx_row, dy_row, x_row)
+        return attnkit_layer_norm_backward_f32(<float*>pdx, <float*>pdw, <float*>pdb, <const float*>pdy,
+                                               <const float*>pm, <const float*>pr, <const float*>px,
+                                               <const float*>pw, N, C, dx_row, dy_row, x_row)
+    if pm == NULL:
+        return attnkit_rms_norm_backward_f64(<double*>pdx, <double*>pdw, <const double*>pdy,
+                                             <const double*>pr, <const double*>px, <const double*>pw,
+                                             N, C, dx_row, dy_row, x_row)
+    return attnkit_layer_norm_backward_f64(<double*>pdx, <double*>pdw, <double*>pdb, <const double*>pdy,
+                                           <const double*>pm, <const double*>pr, <const double*>px,
+                                           <const double*>pw, N, C, dx_row, dy_row, x_row)
+
+
 def norm_backward_last_axis(object grad, object x, object mean, object rstd,
                             object normalized_shape, object weight):
     """layer_norm_backward (mean not None) or rms_norm_backward (mean None)
@@ -493,16 +520,10 @@ def norm_backward_last_axis(object grad, object x, object mean, object rstd,
     dweight, dbias) or (dx, dweight), or None for the general path."""
     cdef cnp.ndarray a = plain_float_array(x)
     cdef cnp.ndarray g = plain_float_array(grad)
-    if a is None or g is None:
+    if a is None or g is None or not same_shape_and_type(a, g):
         return None
     cdef int ndim = cnp.PyArray_NDIM(a)
     cdef int type_num = cnp.PyArray_TYPE(a)
-    if cnp.PyArray_TYPE(g) != type_num or cnp.PyArray_NDIM(g) != ndim:
-        return None
-    cdef int d
-    for d in range(ndim):
-        if cnp.PyArray_DIM(g, d) != cnp.PyArray_DIM(a, d):
-            return None
     cdef int64_t C = cnp.PyArray_DIM(a, ndim - 1)
     if type(normalized_shape) is tuple and len(<tuple>normalized_shape) == 1:
         normalized_shape = (<tuple>normalized_shape)[0]
@@ -525,28 +546,9 @@ def norm_backward_last_axis(object grad, object x, object mean, object rstd,
     cdef const void* pm = NULL if rms else cnp.PyArray_DATA(<cnp.ndarray>mean)
     cdef const void* pr = cnp.PyArray_DATA(<cnp.ndarray>rstd)
     cdef const void* pw = vector_data(weight)
-    cdef int status = 0
+    cdef int status
     with nogil:
-        if type_num == cnp.NPY_FLOAT:
-            if rms:
-                status = attnkit_rms_norm_backward_f32(<float*>pdx, <float*>pdw, <const float*>pg,
-                                                       <const float*>pr, <const float*>px,
-                                                       <const float*>pw, N, C, C, C, C)
-            else:
-                status = attnkit_layer_norm_backward_f32(<float*>pdx, <float*>pdw, <float*>pdb,
-                                                         <const float*>pg, <const float*>pm,
-                                                         <const float*>pr, <const float*>px,
-                                                         <const float*>pw, N, C, C, C, C)
-        else:
-            if rms:
-                status = attnkit_rms_norm_backward_f64(<double*>pdx, <double*>pdw, <const double*>pg,
-                                                       <const double*>pr, <const double*>px,
-                                                       <const double*>pw, N, C, C, C, C)
-            else:
-                status = attnkit_layer_norm_backward_f64(<double*>pdx, <double*>pdw, <double*>pdb,
-                                                         <const double*>pg, <const double*>pm,
-                                                         <const double*>pr, <const double*>px,
-                                                         <const double*>pw, N, C, C, C, C)
+        status = call_norm_backward(type_num, pdx, pdw, pdb, pg, pm, pr, px, pw, N, C, C, C, C)
     if status != 0:
         raise MemoryError(f"norm backward: could not allocate the workspace for {C} columns")
     return (dx, dw) if rms else (dx, dw, db)
@@ -588,26 +590,7 @@ def norm_backward(cnp.ndarray dx, object dweight, object dbias, cnp.ndarray dy, 
     cdef const void* px = cnp.PyArray_DATA(x)
     cdef int status
     with nogil:
-        if type_num == cnp.NPY_FLOAT:
-            if rms:
-                status = attnkit_rms_norm_backward_f32(<float*>pdx, <float*>pdw, <const float*>pdy,
-                                                       <const float*>pr, <const float*>px,
-                                                       <const float*>pw, N, C, os, ds, xs)
-            else:
-                status = attnkit_layer_norm_backward_f32(<float*>pdx, <float*>pdw, <float*>pdb,
-                                                         <const float*>pdy, <const float*>pm,
-                                                         <const float*>pr, <const float*>px,
-                                                         <const float*>pw, N, C, os, ds, xs)
-        else:
-            if rms:
-                status = attnkit_rms_norm_backward_f64(<double*>pdx, <double*>pdw, <const double*>pdy,
-                                                       <const double*>pr, <const double*>px,
-                                                       <const double*>pw, N, C, os, ds, xs)
-            else:
-                status = attnkit_layer_norm_backward_f64(<double*>pdx, <double*>pdw, <double*>pdb,
-                                                         <const double*>pdy, <const double*>pm,
-                                                         <const double*>pr, <const double*>px,
-                                                         <const double*>pw, N, C, os, ds, xs)
+        status = call_norm_backward(type_num, pdx, pdw, pdb, pdy, pm, pr, px, pw, N, C, os, ds, xs)
     if status != 0:
         raise MemoryError(f"{name}: could not allocate the workspace for {C} columns")
     return dx

@@ -170,19 +170,24 @@ def _normalize_axes(axis, ndim, func):
     return (normalize_axis_index(_index(axis, func, "axis"), ndim),)
 
 
+def _where_mask(where, shape, func, name):
+    """softmax's where= mask: bool, broadcast (not copied) to `shape`."""
+    where = np.asarray(where)
+    if where.dtype != np.bool_:
+        raise TypeError(f"{func}: where must be a bool array, got dtype {where.dtype} "
+                        f"(shape {where.shape})")
+    try:
+        return np.broadcast_to(where, shape)
+    except ValueError:
+        raise ValueError(f"{func}: where of shape {where.shape} does not broadcast to "
+                         f"the shape of {name}, {shape}") from None
+
+
 def _softmax(x, axis, where, out, log, func):
     x = _as_float_array(x, func)
     axes = _normalize_axes(axis, x.ndim, func)
     if where is not None:
-        where = np.asarray(where)
-        if where.dtype != np.bool_:
-            raise TypeError(f"{func}: where must be a bool array, got dtype {where.dtype} "
-                            f"(shape {where.shape})")
-        try:
-            where = np.broadcast_to(where, x.shape)
-        except ValueError:
-            raise ValueError(f"{func}: where of shape {where.shape} does not broadcast to "
-                             f"the shape of x, {x.shape}") from None
+        where = _where_mask(where, x.shape, func, "x")
     if out is not None:
         _check_out(out, x, func)
     if x.size == 0:
@@ -264,15 +269,7 @@ def _softmax_backward(grad, y, axis, where, out, log, func):
         raise TypeError(f"{func}: grad has dtype {dy.dtype} but the output y is {y.dtype}")
     axes = _normalize_axes(axis, y.ndim, func)
     if where is not None:
-        where = np.asarray(where)
-        if where.dtype != np.bool_:
-            raise TypeError(f"{func}: where must be a bool array, got dtype {where.dtype} "
-                            f"(shape {where.shape})")
-        try:
-            where = np.broadcast_to(where, y.shape)
-        except ValueError:
-            raise ValueError(f"{func}: where of shape {where.shape} does not broadcast to "
-                             f"the shape of y, {y.shape}") from None
+        where = _where_mask(where, y.shape, func, "y")
     if out is not None:
         _check_out(out, y, func)
     if y.size == 0:
