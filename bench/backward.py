@@ -24,6 +24,7 @@ median over rounds of the ratios attnkit/torch (below 1: attnkit is faster)
 and numpy/attnkit.
 """
 import argparse
+import os
 import statistics
 
 from worker import run_worker
@@ -31,48 +32,54 @@ from worker import run_worker
 OPS = ["softmax_backward", "log_softmax_backward", "layer_norm_backward"]
 SHAPES = [(4096, 1024), (12288, 128), (256, 32768), (8192, 768), (128, 384)]
 
-WORKER = r"""
-import json, os, statistics, sys, time, timeit
-import numpy as np
-contender, op, threads, rows, cols = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6])
-rng = np.random.default_rng(0)
-x = (rng.standard_normal((rows, cols)) * 3).astype(np.float32)
-grad = rng.standard_normal((rows, cols)).astype(np.float32)
-w = (1 + 0.1 * rng.standard_normal(cols)).astype(np.float32)
-b = (0.1 * rng.standard_normal(cols)).astype(np.float32)
-import attnkit
-from attnkit import reference
-attnkit.set_num_threads(threads)
-if op == "layer_norm_backward":
-    _, mean, rstd = attnkit.layer_norm(x, cols, w, b, return_stats=True)
-else:
-    y = (attnkit.softmax if op == "softmax_backward" else attnkit.log_softmax)(x)
-if contender == "attnkit":
+def make_call(contender, op, rows, cols, threads=None):
+    """A callable of no arguments: one backward of `op` on (rows, cols) float32
+    by `contender` (attnkit, numpy or torch), from what its forward saved."""
+    import numpy as np
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((rows, cols)) * 3).astype(np.float32)
+    grad = rng.standard_normal((rows, cols)).astype(np.float32)
+    w = (1 + 0.1 * rng.standard_normal(cols)).astype(np.float32)
+    b = (0.1 * rng.standard_normal(cols)).astype(np.float32)
+    import attnkit
+    from attnkit import reference
+    if threads:
+        attnkit.set_num_threads(threads)
     if op == "layer_norm_backward":
-        call = lambda: attnkit.layer_norm_backward(grad, x, mean, rstd, cols, w)
+        _, mean, rstd = attnkit.layer_norm(x, cols, w, b, return_stats=True)
     else:
+        y = (attnkit.softmax if op == "softmax_backward" else attnkit.log_softmax)(x)
+    if contender == "attnkit":
+        if op == "layer_norm_backward":
+            return lambda: attnkit.layer_norm_backward(grad, x, mean, rstd, cols, w)
         backward = getattr(attnkit, op)
-        call = lambda: backward(grad, y)
-elif contender == "numpy":
-    if op == "layer_norm_backward":
-        call = lambda: reference.layer_norm_backward(grad, x, mean, rstd, cols, w, dtype=np.float32)
-    else:
+        return lambda: backward(grad, y)
+    if contender == "numpy":
+        if op == "layer_norm_backward":
+            return lambda: reference.layer_norm_backward(grad, x, mean, rstd, cols, w, dtype=np.float32)
         backward = getattr(reference, op)
-        call = lambda: backward(grad, y, dtype=np.float32)
-else:
+        return lambda: backward(grad, y, dtype=np.float32)
     import torch
-    torch.set_num_threads(threads)
+    if threads:
+        torch.set_num_threads(threads)
     tg, tx, tw, tb = map(torch.from_numpy, (grad, x, w, b))
     if op == "layer_norm_backward":
         tm, tr = torch.from_numpy(mean), torch.from_numpy(rstd)
-        def call():
-            return torch.ops.aten.native_layer_norm_backward(tg, tx, [cols], tm, tr, tw, tb,
-                                                             [True, True, True])
-    else:
-        ty = torch.from_numpy(y)
-        kernel = (torch.ops.aten._softmax_backward_data if op == "softmax_backward"
-                  else torch.ops.aten._log_softmax_backward_data)
-        call = lambda: kernel(tg, ty, -1, torch.float32)
+        return lambda: torch.ops.aten.native_layer_norm_backward(tg, tx, [cols], tm, tr, tw, tb,
+                                                                 [True, True, True])
+    ty = torch.from_numpy(y)
+    kernel = (torch.ops.aten._softmax_backward_data if op == "softmax_backward"
+              else torch.ops.aten._log_softmax_backward_data)
+    return lambda: kernel(tg, ty, -1, torch.float32)
+
+
+WORKER = r"""
+import json, statistics, sys, time, timeit
+import numpy as np                        # first, as users do
+sys.path.insert(0, sys.argv[1])
+from backward import make_call
+contender, op, threads, rows, cols = sys.argv[2], sys.argv[3], *map(int, sys.argv[4:7])
+call = make_call(contender, op, rows, cols, threads)
 call()
 n = max(1, int(0.05 / max(timeit.timeit(call, number=1), 1e-6)))
 cpu0, wall0 = time.process_time(), time.perf_counter()
@@ -85,7 +92,8 @@ print(json.dumps(t))
 
 
 def measure(contender, op, threads, rows, cols):
-    return run_worker(WORKER, threads, contender, op, threads, rows, cols)
+    here = os.path.dirname(os.path.abspath(__file__))
+    return run_worker(WORKER, threads, here, contender, op, threads, rows, cols)
 
 
 def main(argv=None):
