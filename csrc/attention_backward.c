@@ -154,6 +154,9 @@ static void block_meets_tile(workspace* w, const job* jb, const query_block* blk
     const attnkit_attention_args* a = jb->a;
     const int64_t E = a->E, Ev = a->Ev, Ep = jb->Ep, Evp = jb->Evp, m = blk->rows;
     const int64_t panels = (m + NR - 1) / NR, cols = round_up(m, VLEN);
+    /* keys past the block's last query's causal limit take no part: a tile
+     * across the diagonal is cut there rather than computed whole */
+    if (a->causal) n = min_i64(n, blk->i0 + m + a->causal_offset - j0);
 
     /* the key tile, zero-padded to Ep columns, unless k's rows are that already */
     const real* kt = k + j0 * a->k_row;
