@@ -226,10 +226,15 @@ static void run_block(workspace* w, const attnkit_attention_args* a, const task*
 
     const int64_t tile = tile_size(t);
     for (int64_t j0 = t->j_begin; j0 < t->j_end; j0 += tile) {
-        const int64_t n = min_i64(tile, t->j_end - j0);
+        int64_t n = min_i64(tile, t->j_end - j0);
         if (!tile_visible(a, &t->blk, j0, n)) {
             skip_weights(a, t, j0, n);
             continue;
+        }
+        if (a->causal) { /* a tile across the diagonal: cut at the block's last visible key */
+            const int64_t seen = min_i64(n, t->blk.i0 + rows + a->causal_offset - j0);
+            skip_weights(a, t, j0 + seen, n - seen);
+            n = seen;
         }
 
         /* Rows of k and v far apart (heads side by side in a (N, L, H*E)
