@@ -2,7 +2,10 @@
 import doctest
 import pathlib
 
+import pytest
+
 import attnkit
+import attnkit.nn.loss
 
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 
@@ -13,6 +16,7 @@ def test_readme_examples():
     assert result.attempted > 0 and result.failed == 0
 
 
-def test_package_docstring_examples():
-    result = doctest.testmod(attnkit, optionflags=doctest.NORMALIZE_WHITESPACE)
+@pytest.mark.parametrize("module", [attnkit, attnkit.nn, attnkit.nn.loss], ids=lambda m: m.__name__)
+def test_package_docstring_examples(module):
+    result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0

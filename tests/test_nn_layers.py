@@ -954,6 +954,12 @@ def _seq(*shape):
 _gen = np.random.default_rng
 EMPTY_BATCH = [      # (class, build, make_inputs(n), the batch axis of each output)
     (nn.Module, lambda: nn.Sequential([]), _seq(None, 5, 8), (0,)),          # no layers: the identity
+    # losses, per element (reduction "none") and the gradient
+    (nn.CrossEntropyLoss, lambda: nn.CrossEntropyLoss(reduction="none"),
+     lambda n: (_seq(None, 4)(n)[0], np.zeros(n, np.int64)), (0,)),
+    (nn.BCEWithLogitsLoss, lambda: nn.BCEWithLogitsLoss(reduction="none"),
+     lambda n: _seq(None, 4)(n) * 2, (0,)),
+    (nn.MSELoss, lambda: nn.MSELoss(reduction="none"), lambda n: _seq(None, 4)(n) * 2, (0,)),
     (nn.Linear, lambda: nn.Linear(8, 3, rng=_gen(0)), _seq(None, 5, 8), (0,)),
     (nn.LayerNorm, lambda: nn.LayerNorm(8), _seq(None, 5, 8), (0,)),
     (nn.RMSNorm, lambda: nn.RMSNorm(8), _seq(None, 5, 8), (0,)),

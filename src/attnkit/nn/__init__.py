@@ -28,6 +28,7 @@ from .layers import (
     Tanh,
     get_activation,
 )
+from .loss import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
 from .module import Module, ModuleList, Sequential
 from .positional import (
     LearnedPositionalEmbedding,
@@ -52,4 +53,5 @@ __all__ = [
     "sinusoidal_positional_encoding", "SinusoidalPositionalEncoding", "LearnedPositionalEmbedding",
     "RotaryEmbedding", "alibi_slopes", "alibi_bias",
     "TransformerEncoderLayer", "TransformerDecoderLayer", "TransformerEncoder", "TransformerDecoder",
+    "CrossEntropyLoss", "BCEWithLogitsLoss", "MSELoss",
 ]
