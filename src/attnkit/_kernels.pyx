@@ -156,6 +156,35 @@ def softmax_last_axis(object x, bint log):
     return out
 
 
+cdef set_strides(attnkit_strides* s, cnp.ndarray a, str what):
+    s.n = element_stride(a, 0, what)
+    s.c = element_stride(a, 1, what)
+    s.k = element_stride(a, 2, what)
+
+
+cdef const uint8_t* where_mask(object where, cnp.ndarray like, attnkit_strides* strides, str func,
+                               str like_name) except? NULL:
+    """softmax's (and its backward's) where: None, or a bool array of like's
+    (N, C, K) shape with any strides, 0 for broadcast dimensions. Sets its
+    strides (all 0 for None) and gives its data pointer (NULL for None)."""
+    strides.n = strides.c = strides.k = 0
+    if where is None:
+        return NULL
+    if not isinstance(where, cnp.ndarray):
+        raise TypeError(f"{func} where: expected an ndarray or None, got {type(where).__name__}")
+    cdef cnp.ndarray w = <cnp.ndarray>where
+    if cnp.PyArray_TYPE(w) != cnp.NPY_BOOL or cnp.PyArray_NDIM(w) != 3:
+        raise TypeError(f"{func} where: expected a 3-d bool array, got {w.dtype} {shape_of(w)}")
+    cdef int d
+    for d in range(3):
+        if w.shape[d] != like.shape[d]:
+            raise ValueError(f"{func}: where shape {shape_of(w)} differs from {like_name} {shape_of(like)}")
+    strides.n = cnp.PyArray_STRIDE(w, 0)
+    strides.c = cnp.PyArray_STRIDE(w, 1)
+    strides.k = cnp.PyArray_STRIDE(w, 2)
+    return <const uint8_t*>cnp.PyArray_DATA(w)
+
+
 def softmax(cnp.ndarray out, cnp.ndarray x, object where, bint log):
     """softmax along axis 1 of the (N, C, K) array x, into out (N, C, K).
 
@@ -179,12 +208,8 @@ def softmax(cnp.ndarray out, cnp.ndarray x, object where, bint log):
     args.log = log
     if args.N == 0 or args.C == 0 or args.K == 0:
         return out
-    args.x_strides.n = element_stride(x, 0, "softmax input")
-    args.x_strides.c = element_stride(x, 1, "softmax input")
-    args.x_strides.k = element_stride(x, 2, "softmax input")
-    args.out_strides.n = element_stride(out, 0, "softmax output")
-    args.out_strides.c = element_stride(out, 1, "softmax output")
-    args.out_strides.k = element_stride(out, 2, "softmax output")
+    set_strides(&args.x_strides, x, "softmax input")
+    set_strides(&args.out_strides, out, "softmax output")
     if args.K > 1 and (args.x_strides.k != 1 or args.out_strides.k != 1):
         raise ValueError(f"softmax: the inner axis must be contiguous (input strides {(<object>x).strides}, "
                          f"output strides {(<object>out).strides})")
@@ -197,25 +222,7 @@ def softmax(cnp.ndarray out, cnp.ndarray x, object where, bint log):
         args.x_strides.c = 1
         args.out_strides.c = 1
 
-    cdef const uint8_t* pw = NULL
-    cdef cnp.ndarray w
-    if where is not None:
-        if not isinstance(where, cnp.ndarray):
-            raise TypeError(f"softmax where: expected an ndarray or None, got {type(where).__name__}")
-        w = <cnp.ndarray>where
-        if cnp.PyArray_TYPE(w) != cnp.NPY_BOOL or cnp.PyArray_NDIM(w) != 3:
-            raise TypeError(f"softmax where: expected a 3-d bool array, got {w.dtype} {shape_of(w)}")
-        for d in range(3):
-            if w.shape[d] != x.shape[d]:
-                raise ValueError(f"softmax: where shape {shape_of(w)} differs from input shape {shape_of(x)}")
-        args.where_strides.n = cnp.PyArray_STRIDE(w, 0)
-        args.where_strides.c = cnp.PyArray_STRIDE(w, 1)
-        args.where_strides.k = cnp.PyArray_STRIDE(w, 2)
-        pw = <const uint8_t*>cnp.PyArray_DATA(w)
-    else:
-        args.where_strides.n = 0
-        args.where_strides.c = 0
-        args.where_strides.k = 0
+    cdef const uint8_t* pw = where_mask(where, x, &args.where_strides, "softmax", "input shape")
 
     cdef void* po = cnp.PyArray_DATA(out)
     cdef const void* px = cnp.PyArray_DATA(x)
@@ -227,12 +234,6 @@ def softmax(cnp.ndarray out, cnp.ndarray x, object where, bint log):
     return out
 
 
-cdef set_strides(attnkit_strides* s, cnp.ndarray a, str what):
-    s.n = element_stride(a, 0, what)
-    s.c = element_stride(a, 1, what)
-    s.k = element_stride(a, 2, what)
-
-
 cdef bint same_shape_and_type(cnp.ndarray a, cnp.ndarray b) noexcept:
     """Whether b has a's dtype and shape."""
     if cnp.PyArray_TYPE(a) != cnp.PyArray_TYPE(b) or cnp.PyArray_NDIM(a) != cnp.PyArray_NDIM(b):
@@ -242,6 +243,15 @@ cdef bint same_shape_and_type(cnp.ndarray a, cnp.ndarray b) noexcept:
         if cnp.PyArray_DIM(a, d) != cnp.PyArray_DIM(b, d):
             return False
     return True
+
+
+cdef void call_softmax_backward(int type_num, void* pdx, const void* pdy, const void* py,
+                                const uint8_t* pw, const attnkit_softmax_backward_args* args) noexcept nogil:
+    """softmax's (or log_softmax's) backward kernel in y's precision."""
+    if type_num == cnp.NPY_FLOAT:
+        attnkit_softmax_backward_f32(<float*>pdx, <const float*>pdy, <const float*>py, pw, args)
+    else:
+        attnkit_softmax_backward_f64(<double*>pdx, <const double*>pdy, <const double*>py, pw, args)
 
 
 def softmax_backward_last_axis(object grad, object y, bint log):
@@ -273,10 +283,7 @@ def softmax_backward_last_axis(object grad, object y, bint log):
     cdef const void* pg = cnp.PyArray_DATA(g)
     cdef const void* py = cnp.PyArray_DATA(a)
     with nogil:
-        if type_num == cnp.NPY_FLOAT:
-            attnkit_softmax_backward_f32(<float*>po, <const float*>pg, <const float*>py, NULL, &args)
-        else:
-            attnkit_softmax_backward_f64(<double*>po, <const double*>pg, <const double*>py, NULL, &args)
+        call_softmax_backward(type_num, po, pg, py, NULL, &args)
     return out
 
 
@@ -314,28 +321,12 @@ def softmax_backward(cnp.ndarray dx, cnp.ndarray dy, cnp.ndarray y, object where
     args.dx_strides.k = args.dy_strides.k = args.y_strides.k = 1
     if args.K == 1:
         args.dx_strides.c = args.dy_strides.c = args.y_strides.c = 1
-    cdef const uint8_t* pw = NULL
-    cdef cnp.ndarray w
-    args.where_strides.n = args.where_strides.c = args.where_strides.k = 0
-    if where is not None:
-        w = <cnp.ndarray?>where
-        if cnp.PyArray_TYPE(w) != cnp.NPY_BOOL or cnp.PyArray_NDIM(w) != 3:
-            raise TypeError(f"softmax_backward where: expected a 3-d bool array, got {w.dtype} {shape_of(w)}")
-        for d in range(3):
-            if w.shape[d] != y.shape[d]:
-                raise ValueError(f"softmax_backward: where shape {shape_of(w)} differs from {shape_of(y)}")
-        args.where_strides.n = cnp.PyArray_STRIDE(w, 0)
-        args.where_strides.c = cnp.PyArray_STRIDE(w, 1)
-        args.where_strides.k = cnp.PyArray_STRIDE(w, 2)
-        pw = <const uint8_t*>cnp.PyArray_DATA(w)
+    cdef const uint8_t* pw = where_mask(where, y, &args.where_strides, "softmax_backward", "output shape")
     cdef void* pdx = cnp.PyArray_DATA(dx)
     cdef const void* pdy = cnp.PyArray_DATA(dy)
     cdef const void* py = cnp.PyArray_DATA(y)
     with nogil:
-        if type_num == cnp.NPY_FLOAT:
-            attnkit_softmax_backward_f32(<float*>pdx, <const float*>pdy, <const float*>py, pw, &args)
-        else:
-            attnkit_softmax_backward_f64(<double*>pdx, <const double*>pdy, <const double*>py, pw, &args)
+        call_softmax_backward(type_num, pdx, pdy, py, pw, &args)
     return dx
 
 

@@ -190,16 +190,22 @@ def _softmax(x, axis, where, out, log, func):
         where = _where_mask(where, x.shape, func, "x")
     if out is not None:
         _check_out(out, x, func)
+    return _along_axes((x,), where, axes, out,
+                       lambda dest, x3, where3: _kernels.softmax(dest, x3, where3, log))
+
+
+def _along_axes(inputs, where, axes, out, kernel):
+    """kernel(dest, *inputs3, where3) over the (N, C, K) layout of the
+    same-shaped checked `inputs`, C being the reduced `axes` (normalized,
+    sorted): softmax and its backward. Reduced axes that are not next to each
+    other are first moved to the end. Returns out, or a new array."""
+    x = inputs[0]
     if x.size == 0:
         return out if out is not None else np.empty(x.shape, x.dtype)
-
-    # Lay x out as (N, C, K), C being the reduced axes. Reduced axes that are
-    # not next to each other are first moved to the end.
     if axes and axes != tuple(range(axes[0], axes[-1] + 1)):
         moved = tuple(range(x.ndim - len(axes), x.ndim))
-        x_m = np.moveaxis(x, axes, moved)
-        where_m = None if where is None else np.moveaxis(where, axes, moved)
-        result = _softmax(x_m, moved, where_m, None, log, func)
+        result = _along_axes(tuple(np.moveaxis(a, axes, moved) for a in inputs),
+                             None if where is None else np.moveaxis(where, axes, moved), moved, None, kernel)
         result = np.moveaxis(result, moved, axes)
         if out is None:
             return np.ascontiguousarray(result)
@@ -212,10 +218,10 @@ def _softmax(x, axis, where, out, log, func):
     shape3 = (math.prod(x.shape[:first]), math.prod(x.shape[first:last]),
               math.prod(x.shape[last:]))
     unit_axis = 1 if shape3[2] == 1 else 2
-    x3 = _readable_as(x, shape3, unit_axis)
+    inputs3 = tuple(_readable_as(a, shape3, unit_axis) for a in inputs)
     where3 = None if where is None else where.reshape(shape3)
-    return _run_into(out, shape3, unit_axis, (x3, where3), x.shape, x.dtype,
-                     lambda dest: _kernels.softmax(dest, x3, where3, log))
+    return _run_into(out, shape3, unit_axis, inputs3 + (where3,), x.shape, x.dtype,
+                     lambda dest: kernel(dest, *inputs3, where3))
 
 
 def softmax(x, axis=-1, *, where=None, out=None):
@@ -272,28 +278,8 @@ def _softmax_backward(grad, y, axis, where, out, log, func):
         where = _where_mask(where, y.shape, func, "y")
     if out is not None:
         _check_out(out, y, func)
-    if y.size == 0:
-        return out if out is not None else np.empty(y.shape, y.dtype)
-    # (N, C, K) as in _softmax, reduced axes that are apart moved to the end first
-    if axes and axes != tuple(range(axes[0], axes[-1] + 1)):
-        moved = tuple(range(y.ndim - len(axes), y.ndim))
-        result = _softmax_backward(np.moveaxis(dy, axes, moved), np.moveaxis(y, axes, moved), moved,
-                                   None if where is None else np.moveaxis(where, axes, moved),
-                                   None, log, func)
-        result = np.moveaxis(result, moved, axes)
-        if out is None:
-            return np.ascontiguousarray(result)
-        out[...] = result
-        return out
-    first, last = (axes[0], axes[-1] + 1) if axes else (y.ndim, y.ndim)
-    shape3 = (math.prod(y.shape[:first]), math.prod(y.shape[first:last]),
-              math.prod(y.shape[last:]))
-    unit_axis = 1 if shape3[2] == 1 else 2
-    y3 = _readable_as(y, shape3, unit_axis)
-    dy3 = _readable_as(dy, shape3, unit_axis)
-    where3 = None if where is None else where.reshape(shape3)
-    return _run_into(out, shape3, unit_axis, (dy3, y3, where3), y.shape, y.dtype,
-                     lambda dest: _kernels.softmax_backward(dest, dy3, y3, where3, log))
+    return _along_axes((dy, y), where, axes, out,
+                       lambda dest, dy3, y3, where3: _kernels.softmax_backward(dest, dy3, y3, where3, log))
 
 
 def softmax_backward(grad, y, axis=-1, *, where=None, out=None):
