@@ -69,22 +69,31 @@ typedef struct {
     void* block;
 } workspace;
 
+/* One 64-byte-aligned allocation cut into n arrays of sizes[i] reals, each
+ * starting on a cache line: *parts[i] points at array i. Returns the block to
+ * free, or NULL when it cannot be allocated. */
+static void* alloc_parts(real** parts[], const int64_t sizes[], int n)
+{
+    int64_t total = 0;
+    for (int i = 0; i < n; i++) total += round_up(sizes[i] * (int64_t)sizeof(real), 64);
+    char* p = NULL;
+    if (posix_memalign((void**)&p, 64, (size_t)(total > 0 ? total : 64)) != 0) return NULL;
+    void* block = p;
+    for (int i = 0; i < n; i++) {
+        *parts[i] = (real*)p;
+        p += round_up(sizes[i] * (int64_t)sizeof(real), 64);
+    }
+    return block;
+}
+
 static int workspace_alloc(workspace* w, int64_t E, int64_t Ev)
 {
     const int64_t Ep = round_up(E, NR), Evp = round_up(Ev, NR);
     const int64_t sizes[10] = {BLB * E, BLB * Ep, BLB * Ev, BLB * Evp, BSB * Ep,
                                BSB * BLB, BSB * BLB, BSB * BLB, BLB, BLB};
-    int64_t total = 0;
-    for (int i = 0; i < 10; i++) total += round_up(sizes[i] * (int64_t)sizeof(real), 64);
-    char* p = NULL;
-    if (posix_memalign((void**)&p, 64, (size_t)total) != 0) return -1;
-    w->block = p;
     real** parts[10] = {&w->qt, &w->qr, &w->dot, &w->dor, &w->kp, &w->st, &w->pd, &w->ds, &w->lse, &w->d};
-    for (int i = 0; i < 10; i++) {
-        *parts[i] = (real*)p;
-        p += round_up(sizes[i] * (int64_t)sizeof(real), 64);
-    }
-    return 0;
+    w->block = alloc_parts(parts, sizes, 10);
+    return w->block ? 0 : -1;
 }
 
 typedef struct {
@@ -92,6 +101,7 @@ typedef struct {
     real* dk;         /* (B, Hkv, S, E) */
     real* dv;         /* (B, Hkv, S, Ev) */
     const real* dout; /* (B, H, L, Ev) */
+    const real* out;  /* (B, H, L, Ev) */
     const real* lse;  /* (B, H, L) */
     const real* q;
     const real* k;
@@ -105,13 +115,28 @@ typedef struct {
     real* dv_acc;     /* (B, Hkv, S, Evp), or dv itself */
 } job;
 
+/* fn over rows [0, rows), shared out among threads in chunks (each row is
+ * computed whole by one thread, so who takes a chunk does not matter) */
+static void over_rows(const job* jb, int64_t rows, int64_t work_per_row,
+                      void (*fn)(const job*, int64_t, int64_t))
+{
+    const int threads = attnkit_plan_threads(rows, work_per_row);
+    if (threads <= 1) {
+        fn(jb, 0, rows);
+        return;
+    }
+    const int64_t chunk = attnkit_chunk_size(rows, threads);
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+    for (int64_t r = 0; r < (rows + chunk - 1) / chunk; r++) fn(jb, r * chunk, min_i64(rows, (r + 1) * chunk));
+}
+
 /* rows [begin, end) of D = rowsum(dO * O), summed in double */
-static void d_rows(const job* jb, const real* out, int64_t begin, int64_t end)
+static void d_rows(const job* jb, int64_t begin, int64_t end)
 {
     const int64_t Ev = jb->a->Ev;
     for (int64_t r = begin; r < end; r++) {
         const real* g = jb->dout + r * Ev;
-        const real* o = out + r * Ev;
+        const real* o = jb->out + r * Ev;
         double sum = 0.0;
         for (int64_t e = 0; e < Ev; e++) sum += (double)g[e] * o[e];
         jb->D[r] = (real)sum;
@@ -328,39 +353,26 @@ int KERNEL(attention_backward)(real* dq, real* dk, real* dv, const real* dout, c
         return 0;
     }
     const int64_t Ep = round_up(E, NR), Evp = round_up(Ev, NR), tiles = (S + BSB - 1) / BSB;
-    job jb = {dq, dk, dv, dout, lse, q, k, v, mask, a, Ep, Evp, key_chunks(a, tiles, Ep), tiles,
+    job jb = {dq, dk, dv, dout, out, lse, q, k, v, mask, a, Ep, Evp, key_chunks(a, tiles, Ep), tiles,
               NULL, NULL, NULL, NULL};
     /* one block for D and every padded copy the shapes need */
     const int own_dq = jb.chunks > 1 || Ep != E;
     const int64_t sizes[4] = {B * H * L, own_dq ? B * H * jb.chunks * L * Ep : 0, Ep != E ? B * Hkv * S * Ep : 0,
                               Evp != Ev ? B * Hkv * S * Evp : 0};
-    int64_t total = 0;
-    for (int i = 0; i < 4; i++) total += round_up(sizes[i] * (int64_t)sizeof(real), 64);
-    char* p = NULL;
-    if (posix_memalign((void**)&p, 64, (size_t)total) != 0) return -1;
-    void* block = p;
-    jb.D = (real*)p;
-    p += round_up(sizes[0] * (int64_t)sizeof(real), 64);
-    jb.dq_acc = own_dq ? (real*)p : dq;
-    p += round_up(sizes[1] * (int64_t)sizeof(real), 64);
-    jb.dk_acc = Ep != E ? (real*)p : dk;
-    p += round_up(sizes[2] * (int64_t)sizeof(real), 64);
-    jb.dv_acc = Evp != Ev ? (real*)p : dv;
+    real* padded[3];
+    real** parts[4] = {&jb.D, &padded[0], &padded[1], &padded[2]};
+    void* block = alloc_parts(parts, sizes, 4);
+    if (!block) return -1;
+    jb.dq_acc = own_dq ? padded[0] : dq;
+    jb.dk_acc = Ep != E ? padded[1] : dk;
+    jb.dv_acc = Evp != Ev ? padded[2] : dv;
 
     const int64_t rows = B * H * L;
-    int threads = attnkit_plan_threads(rows, Ev);
-    if (threads <= 1) {
-        d_rows(&jb, out, 0, rows);
-    } else {
-        const int64_t chunk = attnkit_chunk_size(rows, threads);
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
-        for (int64_t r = 0; r < (rows + chunk - 1) / chunk; r++)
-            d_rows(&jb, out, r * chunk, min_i64(rows, (r + 1) * chunk));
-    }
+    over_rows(&jb, rows, Ev, d_rows);
 
     const int64_t tasks = B * Hkv * jb.chunks;
     const int64_t work = (H / Hkv) * L * ((S + jb.chunks - 1) / jb.chunks) * (2 * E + 3 * Ev);
-    threads = attnkit_plan_threads(tasks, work);
+    const int threads = attnkit_plan_threads(tasks, work);
     int failed = 0;
     if (threads <= 1) {
         workspace w;
@@ -386,17 +398,7 @@ int KERNEL(attention_backward)(real* dq, real* dk, real* dv, const real* dout, c
             if (ok) free(w.block);
         }
     }
-    if (!failed && jb.chunks > 1) {
-        threads = attnkit_plan_threads(rows, E * jb.chunks);
-        if (threads <= 1) {
-            sum_chunks(&jb, 0, rows);
-        } else {
-            const int64_t chunk = attnkit_chunk_size(rows, threads);
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
-            for (int64_t r = 0; r < (rows + chunk - 1) / chunk; r++)
-                sum_chunks(&jb, r * chunk, min_i64(rows, (r + 1) * chunk));
-        }
-    }
+    if (!failed && jb.chunks > 1) over_rows(&jb, rows, E * jb.chunks, sum_chunks);
     free(block);
     return failed ? -1 : 0;
 }
