@@ -498,8 +498,9 @@ static void make_task(task* t, const job* jb, int64_t index)
 
 /* Rows [begin, end) of the weights: each (b, h, i) row normalised, or with
  * weights_mean each (b, i) row the mean of its heads' normalised rows. */
-static void finish_weights_rows(const job* jb, int64_t begin, int64_t end)
+static void finish_weights_rows(const void* ctx, int64_t begin, int64_t end)
 {
+    const job* jb = ctx;
     const attnkit_attention_args* a = jb->a;
     const int64_t L = a->L, S = a->S, H = a->H;
     if (!a->weights_mean) {
@@ -549,15 +550,7 @@ static void finish_weights(const job* jb)
     const attnkit_attention_args* a = jb->a;
     const int64_t rows = a->B * a->L * (a->weights_mean ? 1 : a->H);
     const int64_t per_row = a->S * (a->weights_mean ? a->H : 1) * 4;
-    const int threads = attnkit_plan_threads(rows, per_row);
-    if (threads <= 1) {
-        finish_weights_rows(jb, 0, rows);
-        return;
-    }
-    const int64_t chunk = attnkit_chunk_size(rows, threads);
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
-    for (int64_t k = 0; k < (rows + chunk - 1) / chunk; k++)
-        finish_weights_rows(jb, k * chunk, min_i64(rows, (k + 1) * chunk));
+    over_rows(jb, rows, per_row, finish_weights_rows);
 }
 
 static void run_tasks(const job* jb, workspace* w, int64_t begin, int64_t end)

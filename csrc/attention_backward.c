@@ -115,24 +115,10 @@ typedef struct {
     real* dv_acc;     /* (B, Hkv, S, Evp), or dv itself */
 } job;
 
-/* fn over rows [0, rows), shared out among threads in chunks (each row is
- * computed whole by one thread, so who takes a chunk does not matter) */
-static void over_rows(const job* jb, int64_t rows, int64_t work_per_row,
-                      void (*fn)(const job*, int64_t, int64_t))
-{
-    const int threads = attnkit_plan_threads(rows, work_per_row);
-    if (threads <= 1) {
-        fn(jb, 0, rows);
-        return;
-    }
-    const int64_t chunk = attnkit_chunk_size(rows, threads);
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
-    for (int64_t r = 0; r < (rows + chunk - 1) / chunk; r++) fn(jb, r * chunk, min_i64(rows, (r + 1) * chunk));
-}
-
 /* rows [begin, end) of D = rowsum(dO * O), summed in double */
-static void d_rows(const job* jb, int64_t begin, int64_t end)
+static void d_rows(const void* ctx, int64_t begin, int64_t end)
 {
+    const job* jb = ctx;
     const int64_t Ev = jb->a->Ev;
     for (int64_t r = begin; r < end; r++) {
         const real* g = jb->dout + r * Ev;
@@ -313,8 +299,9 @@ static void run_task(workspace* w, const job* jb, int64_t index)
 }
 
 /* dq rows [begin, end) of (B*H*L) = scale * the sum of the chunks' copies, in chunk order */
-static void sum_chunks(const job* jb, int64_t begin, int64_t end)
+static void sum_chunks(const void* ctx, int64_t begin, int64_t end)
 {
+    const job* jb = ctx;
     const attnkit_attention_args* a = jb->a;
     const int64_t L = a->L, E = a->E, Ep = jb->Ep, chunks = jb->chunks;
     const real scale = (real)a->scale;

@@ -2,7 +2,8 @@
  * attention_tiles.h: what attention's forward (attention.c) and backward
  * (attention_backward.c) share about a block of query rows meeting a tile of
  * keys: whether any query sees the tile (causal limit, mask), the mask and
- * the causal limit applied to the scores, and dropout replayed from its hash.
+ * the causal limit applied to the scores, dropout replayed from its hash, and
+ * passes over rows shared among threads.
  * Include after simd.h and tiles.h.
  */
 #ifndef ATTNKIT_ATTENTION_TILES_H
@@ -86,6 +87,22 @@ static inline void drop_scores(real* st, int64_t key_step, int64_t query_step,
             *p = attnkit_dropout_keep(key, (uint32_t)(j0 + j), threshold) ? *p * keep_scale : 0;
         }
     }
+}
+
+/* fn(ctx, begin, end) over rows [0, rows), shared out among threads in
+ * chunks; each row is computed whole by one thread, so who takes a chunk
+ * does not change the result */
+static inline void over_rows(const void* ctx, int64_t rows, int64_t work_per_row,
+                             void (*fn)(const void*, int64_t, int64_t))
+{
+    const int threads = attnkit_plan_threads(rows, work_per_row);
+    if (threads <= 1) {
+        fn(ctx, 0, rows);
+        return;
+    }
+    const int64_t chunk = attnkit_chunk_size(rows, threads);
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+    for (int64_t r = 0; r < (rows + chunk - 1) / chunk; r++) fn(ctx, r * chunk, min_i64(rows, (r + 1) * chunk));
 }
 
 #endif

@@ -170,6 +170,17 @@ def _normalize_axes(axis, ndim, func):
     return (normalize_axis_index(_index(axis, func, "axis"), ndim),)
 
 
+def _gradient_for(grad, a, func, what):
+    """grad, the gradient of `a` (described as `what` in errors), as a float
+    array of a's shape and dtype."""
+    dy = _as_float_array(grad, func, "grad")
+    if dy.shape != a.shape:
+        raise ValueError(f"{func}: grad has shape {dy.shape} but {what} has shape {a.shape}")
+    if dy.dtype != a.dtype:
+        raise TypeError(f"{func}: grad has dtype {dy.dtype} but {what} is {a.dtype}")
+    return dy
+
+
 def _where_mask(where, shape, func, name):
     """softmax's where= mask: bool, broadcast (not copied) to `shape`."""
     where = np.asarray(where)
@@ -268,11 +279,7 @@ def log_softmax(x, axis=-1, *, where=None, out=None):
 
 def _softmax_backward(grad, y, axis, where, out, log, func):
     y = _as_float_array(y, func, "output")
-    dy = _as_float_array(grad, func, "grad")
-    if dy.shape != y.shape:
-        raise ValueError(f"{func}: grad has shape {dy.shape} but the output y has shape {y.shape}")
-    if dy.dtype != y.dtype:
-        raise TypeError(f"{func}: grad has dtype {dy.dtype} but the output y is {y.dtype}")
+    dy = _gradient_for(grad, y, func, "the output y")
     axes = _normalize_axes(axis, y.ndim, func)
     if where is not None:
         where = _where_mask(where, y.shape, func, "y")
@@ -455,11 +462,7 @@ def _norm_backward_operands(grad, x, stats, normalized_shape, weight, func):
     """Checked (N, C) rows of grad and x, the statistics as (N) vectors, the
     weight as a (C) vector or None, and the normalized shape."""
     x = _as_float_array(x, func, "input")
-    dy = _as_float_array(grad, func, "grad")
-    if dy.shape != x.shape:
-        raise ValueError(f"{func}: grad has shape {dy.shape} but the input has shape {x.shape}")
-    if dy.dtype != x.dtype:
-        raise TypeError(f"{func}: grad has dtype {dy.dtype} but the input is {x.dtype}")
+    dy = _gradient_for(grad, x, func, "the input")
     shape = _normalized_shape(normalized_shape, x, func)
     w = _parameter(weight, shape, x.dtype, func, "weight")
     lead = x.shape[: x.ndim - len(shape)]
@@ -1039,11 +1042,7 @@ def _activation_backward(grad, x, bias, name, func, want_dbias):
     """dx = grad * f'(x + bias) by the kernel, and the column sums of dx when
     want_dbias; arguments checked here."""
     x = _as_float_array(x, func, "input")
-    dy = _as_float_array(grad, func, "grad")
-    if dy.shape != x.shape:
-        raise ValueError(f"{func}: grad has shape {dy.shape} but the input has shape {x.shape}")
-    if dy.dtype != x.dtype:
-        raise TypeError(f"{func}: grad has dtype {dy.dtype} but the input is {x.dtype}")
+    dy = _gradient_for(grad, x, func, "the input")
     cols = x.shape[-1] if x.ndim else 1
     if bias is not None:
         bias = _as_float_array(bias, func, "bias")
