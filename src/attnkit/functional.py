@@ -1110,11 +1110,20 @@ def dropout(x, p=0.5, training=True, *, rng=None):
         raise ValueError(f"dropout: p must be in [0, 1], got {p}")
     if not training or p == 0.0:
         return x
+    return _dropped(x, _dropout_keep(x.shape, p, rng), p)
+
+
+def _dropout_keep(shape, p, rng):
+    """Which elements dropout keeps: each with probability 1 - p, drawn from rng."""
+    if p == 1.0:
+        return np.zeros(shape, bool)
+    return (rng if rng is not None else np.random.default_rng()).random(shape) >= p
+
+
+def _dropped(x, keep, p):
+    """x where keep, scaled by 1/(1-p); 0 elsewhere (dropout's forward, and its backward)."""
     if p == 1.0:
         return np.zeros_like(x)
-    if rng is None:
-        rng = np.random.default_rng()
-    keep = rng.random(x.shape) >= p
     return np.where(keep, x / x.dtype.type(1 - p), 0).astype(x.dtype, copy=False)
 
 
@@ -1130,6 +1139,12 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     which normalises each sample over its own features and so behaves the
     same for a batch of one, and for any sequence length.
     """
+    return _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)[0]
+
+
+def _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps):
+    """batch_norm's output and the statistics it used, per channel in
+    float64: (out, mean, rstd = 1 / sqrt(var + eps)), what its backward needs."""
     func = "batch_norm"
     x = _as_float_array(x, func, "input")
     if x.ndim not in (2, 3):
@@ -1150,7 +1165,7 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
         # nothing to normalise and no statistics to take: PyTorch returns the
         # empty batch and leaves the running averages alone (and C = 0 must
         # not reach the division below)
-        return np.empty_like(x)
+        return np.empty_like(x), np.zeros(C), np.ones(C)
     if training:
         count = x.size // C
         if count <= 1:
@@ -1168,10 +1183,10 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
         if running_mean is None or running_var is None:
             raise ValueError(f"{func}: evaluation needs running_mean and running_var")
         mean, var = np.asarray(running_mean, np.float64), np.asarray(running_var, np.float64)
-    scale = 1 / np.sqrt(var + eps)
-    if weight is not None:
-        scale = scale * weight
+    rstd = 1 / np.sqrt(var + eps)
+    scale = rstd if weight is None else rstd * weight
     shift = -mean * scale
     if bias is not None:
         shift = shift + bias
-    return (x * scale.reshape(shape).astype(x.dtype) + shift.reshape(shape).astype(x.dtype))
+    out = x * scale.reshape(shape).astype(x.dtype) + shift.reshape(shape).astype(x.dtype)
+    return out, mean, rstd

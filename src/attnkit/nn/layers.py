@@ -43,7 +43,11 @@ def _input(layer, x):
 
 class Identity(Module):
     def forward(self, x):
+        self._save(np.shape(x))
         return x
+
+    def _backward(self, grad):
+        return np.asarray(grad)
 
 
 class Linear(Module):
@@ -71,7 +75,19 @@ class Linear(Module):
         """x (..., in_features) -> (..., out_features). residual (an attnkit
         extension): an array of the output's shape added in the same pass
         (F.linear's residual), for a skip connection."""
-        return F.linear(_input(self, x), self.weight, self.bias, residual=residual)
+        x = _input(self, x)
+        out = F.linear(x, self.weight, self.bias, residual=residual)
+        self._save(x, out.shape)
+        return out
+
+    def _backward(self, grad):
+        """d_input = grad @ weight; weight.grad += grad^T x; bias.grad += sum of
+        grad's rows. (A residual's gradient is grad itself.)"""
+        x, shape = self._saved
+        grad = self._check_grad(grad, shape, x.dtype)
+        dx, _, _ = F.linear_backward(grad, x, self.weight, weight_grad=self._grad_buffer("weight"),
+                                     bias_grad=self._grad_buffer("bias"))
+        return dx
 
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -92,7 +108,22 @@ class LayerNorm(Module):
                                 if elementwise_affine and bias else None)
 
     def forward(self, x):
-        return F.layer_norm(_input(self, x), self.normalized_shape, self.weight, self.bias, self.eps)
+        x = _input(self, x)
+        if not self.training:
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        out, mean, rstd = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps,
+                                       return_stats=True)
+        self._save(x, mean, rstd)
+        return out
+
+    def _backward(self, grad):
+        x, mean, rstd = self._saved
+        grad = self._check_grad(grad, x.shape, x.dtype)
+        dx, dweight, dbias = F.layer_norm_backward(grad, x, mean, rstd, self.normalized_shape,
+                                                   self.weight)
+        self._accumulate("weight", dweight)
+        self._accumulate("bias", dbias)
+        return dx
 
     def extra_repr(self):
         return f"{self.normalized_shape}, eps={self.eps}"
@@ -111,7 +142,19 @@ class RMSNorm(Module):
                                 if elementwise_affine else None)
 
     def forward(self, x):
-        return F.rms_norm(_input(self, x), self.normalized_shape, self.weight, self.eps)
+        x = _input(self, x)
+        if not self.training:
+            return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
+        out, rstd = F.rms_norm(x, self.normalized_shape, self.weight, self.eps, return_stats=True)
+        self._save(x, rstd)
+        return out
+
+    def _backward(self, grad):
+        x, rstd = self._saved
+        grad = self._check_grad(grad, x.shape, x.dtype)
+        dx, dweight = F.rms_norm_backward(grad, x, rstd, self.normalized_shape, self.weight)
+        self._accumulate("weight", dweight)
+        return dx
 
     def extra_repr(self):
         return f"{self.normalized_shape}, eps={self.eps}"
@@ -150,8 +193,30 @@ class BatchNorm1d(Module):
             self.num_batches_tracked += 1
             if momentum is None:  # a cumulative average, as PyTorch's momentum=None
                 momentum = 1.0 / float(self.num_batches_tracked)
-        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                            use_batch, momentum, self.eps)
+        out, mean, rstd = F._batch_norm(x, self.running_mean, self.running_var, self.weight,
+                                        self.bias, use_batch, momentum, self.eps)
+        self._save(x, mean, rstd, use_batch)
+        return out
+
+    def _backward(self, grad):
+        """With the batch's statistics (per channel c, over the n values of
+        the batch and length axes): xhat = (x - mean) * rstd, g = grad * weight,
+        dx = rstd * (g - mean(g) - xhat * mean(g * xhat)); with the running
+        ones (track_running_stats=False never gets here) dx = g * rstd."""
+        x, mean, rstd, use_batch = self._saved
+        grad = self._check_grad(grad, x.shape, x.dtype)
+        if x.size == 0:
+            return np.zeros_like(x)
+        axes = (0,) if x.ndim == 2 else (0, 2)
+        shape = (1, -1) if x.ndim == 2 else (1, -1, 1)
+        g64 = grad.astype(np.float64)
+        xhat = (x - mean.reshape(shape)) * rstd.reshape(shape)                  # float64
+        self._accumulate("weight", (g64 * xhat).sum(axis=axes).astype(x.dtype))
+        self._accumulate("bias", g64.sum(axis=axes).astype(x.dtype))
+        g = g64 if self.weight is None else g64 * self.weight.reshape(shape)
+        if use_batch:
+            g = g - g.mean(axis=axes, keepdims=True) - xhat * (g * xhat).mean(axis=axes, keepdims=True)
+        return (g * rstd.reshape(shape)).astype(x.dtype)
 
     def extra_repr(self):
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
@@ -169,7 +234,19 @@ class Dropout(Module):
         self.rng = rng if rng is not None else np.random.default_rng()
 
     def forward(self, x):
-        return F.dropout(x, self.p, self.training, rng=self.rng)
+        x = F._as_float_array(x, "Dropout", "input")
+        if not self.training or self.p == 0.0:
+            self._save(None, x.shape, x.dtype)
+            return x
+        keep = F._dropout_keep(x.shape, self.p, self.rng)
+        self._save(keep, x.shape, x.dtype)
+        return F._dropped(x, keep, self.p)
+
+    def _backward(self, grad):
+        """The same elements dropped, the rest scaled by 1/(1-p), as forward."""
+        keep, shape, dtype = self._saved
+        grad = self._check_grad(grad, shape, dtype)
+        return grad if keep is None else F._dropped(grad, keep, self.p)
 
     def extra_repr(self):
         return f"p={self.p}"
@@ -201,18 +278,54 @@ class Embedding(Module):
         if indices.size and (indices.min() < 0 or indices.max() >= self.num_embeddings):
             raise IndexError(f"Embedding: indices must be in [0, {self.num_embeddings}), got "
                              f"values from {indices.min()} to {indices.max()}")
+        self._save(indices)
         return self.weight[indices]
+
+    def _backward(self, grad):
+        """Adds each row of grad into the weight row it was read from (rows
+        read several times get the sum, added in index order, so the result
+        does not depend on threads); the padding_idx row gets nothing.
+        Returns None: integer indices have no gradient."""
+        indices = self._saved[0]
+        grad = self._check_grad(grad, indices.shape + (self.embedding_dim,), self.weight.dtype)
+        buffer = self._grad_buffer("weight")
+        if buffer is False:
+            return None
+        rows = indices.reshape(-1)
+        grad = grad.reshape(-1, self.embedding_dim)
+        if self.padding_idx is not None:
+            used = rows != self.padding_idx
+            rows, grad = rows[used], grad[used]
+        np.add.at(buffer, rows, grad)
+        return None
 
     def extra_repr(self):
         return f"{self.num_embeddings}, {self.embedding_dim}"
 
 
-class ReLU(Module):
+class _Activation(Module):
+    """An elementwise activation; backward from the saved input (or output)."""
+
     def forward(self, x):
+        x = F._as_float_array(x, type(self).__name__, "input")
+        out = self._apply(x)
+        self._save(x, out)
+        return out
+
+    def _backward(self, grad):
+        x, out = self._saved
+        return self._derivative(self._check_grad(grad, x.shape, x.dtype), x, out)
+
+
+class ReLU(_Activation):
+    def _apply(self, x):
         return F.relu(x)
 
+    def _derivative(self, grad, x, out):
+        return F.relu_backward(grad, x)
 
-class GELU(Module):
+
+class GELU(_Activation):
     """x * Phi(x) (approximate="none") or its tanh approximation ("tanh")."""
 
     def __init__(self, approximate="none"):
@@ -221,23 +334,38 @@ class GELU(Module):
             raise ValueError(f"GELU: approximate must be 'none' or 'tanh', got {approximate!r}")
         self.approximate = approximate
 
-    def forward(self, x):
+    def _apply(self, x):
         return F.gelu(x, self.approximate)
 
+    def _derivative(self, grad, x, out):
+        return F.gelu_backward(grad, x, self.approximate)
 
-class SiLU(Module):
-    def forward(self, x):
+    def extra_repr(self):
+        return f"approximate={self.approximate!r}"
+
+
+class SiLU(_Activation):
+    def _apply(self, x):
         return F.silu(x)
 
+    def _derivative(self, grad, x, out):
+        return F.silu_backward(grad, x)
 
-class Sigmoid(Module):
-    def forward(self, x):
+
+class Sigmoid(_Activation):
+    def _apply(self, x):
         return F.sigmoid(x)
 
+    def _derivative(self, grad, x, out):
+        return grad * out * (1 - out)                     # s' = s (1 - s)
 
-class Tanh(Module):
-    def forward(self, x):
-        return np.tanh(F._as_float_array(x, "tanh"))
+
+class Tanh(_Activation):
+    def _apply(self, x):
+        return np.tanh(x)
+
+    def _derivative(self, grad, x, out):
+        return grad * (1 - out * out)                     # tanh' = 1 - tanh^2
 
 
 def gelu_tanh(x, *, out=None):

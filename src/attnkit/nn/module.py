@@ -6,8 +6,15 @@ submodules likewise, so a user reads and sets them directly
 PyTorch's, so `module.load_state_dict({k: v.numpy() for k, v in
 torch_module.state_dict().items()})` loads a PyTorch model's weights.
 
-There is no autograd here: `freeze` marks parameters that training code
-should leave alone, and `trainable_parameters` lists the rest.
+Training without autograd: each module writes its own backward. In training
+mode (`module.train()`, the default, as PyTorch's) forward keeps what the
+gradient needs; `module.backward(grad_output)` then returns the gradient of
+the forward's array input(s) and adds the parameters' gradients into
+`module.grads()`, a module passing the gradient through its children in
+reverse order so that each child's backward runs. In eval mode forward keeps
+nothing and takes the fused inference paths. `freeze` marks parameters that
+get no gradient (and cost no gradient work); `trainable_parameters` lists the
+rest, which attnkit.optim updates.
 """
 import collections
 
@@ -41,6 +48,8 @@ class Module:
         object.__setattr__(self, "_buffers", collections.OrderedDict())
         object.__setattr__(self, "_modules", collections.OrderedDict())
         object.__setattr__(self, "_frozen", set())
+        object.__setattr__(self, "_grads", {})        # parameter name -> accumulated gradient
+        object.__setattr__(self, "_saved", None)      # what the last training forward kept
         object.__setattr__(self, "training", True)
 
     # -- registration -------------------------------------------------------
@@ -148,9 +157,13 @@ class Module:
 
     # -- modes and dtype -----------------------------------------------------
     def train(self, mode=True):
+        """Training mode (True) or evaluation mode, for this module and every
+        submodule. Leaving training mode drops what forward kept for backward."""
         mode = F._flag(mode, type(self).__name__, "train(mode)")
         for _, module in self.named_modules():
             object.__setattr__(module, "training", mode)
+            if not mode:
+                object.__setattr__(module, "_saved", None)
         return self
 
     def eval(self):
@@ -248,6 +261,84 @@ class Module:
     def __call__(self, *args, **kwargs):
         return self.forward(*args, **kwargs)
 
+    # -- gradients -------------------------------------------------------------
+    def backward(self, grad_output):
+        """The gradient of the last training-mode forward call's array input
+        (a tuple in argument order when forward took several), given
+        grad_output, the gradient of its output. The parameters' gradients
+        are added into grads(): they accumulate over calls until zero_grad().
+        Calling backward twice after one forward adds the parameters'
+        gradients twice, as two losses of the same output would."""
+        name = type(self).__name__
+        if not self.training:
+            raise RuntimeError(f"{name}.backward: the module is in eval mode, whose forward keeps "
+                               "nothing for backward; call module.train() before the forward")
+        if self._saved is None:
+            raise RuntimeError(f"{name}.backward: there is no training-mode forward call to take "
+                               "the gradient of; call the module on an input first")
+        return self._backward(grad_output)
+
+    def _backward(self, grad_output):
+        raise NotImplementedError(f"{type(self).__name__} does not define backward")
+
+    def _save(self, *saved):
+        """Keep what backward needs, in training mode only (so eval-mode
+        inference holds on to nothing)."""
+        if self.training:
+            object.__setattr__(self, "_saved", saved)
+
+    def _check_grad(self, grad, shape, dtype, what="grad_output"):
+        """grad as an array of the forward's output's shape and dtype."""
+        name = type(self).__name__
+        grad = F._as_float_array(grad, f"{name}.backward", what)
+        if grad.shape != tuple(shape):
+            raise ValueError(f"{name}.backward: {what} has shape {grad.shape}, but the forward's "
+                             f"output was {tuple(shape)}")
+        return grad if grad.dtype == dtype else grad.astype(dtype)
+
+    def _wants_grad(self, name):
+        """Whether parameter `name` (of this module) takes a gradient."""
+        return self._parameters.get(name) is not None and name not in self._frozen
+
+    def _grad_buffer(self, name):
+        """The array parameter `name`'s gradient accumulates in (made zero on
+        first use), or False when it is frozen or absent: F.linear_backward's
+        convention for "skip this one"."""
+        if not self._wants_grad(name):
+            return False
+        buffer = self._grads.get(name)
+        value = self._parameters[name]
+        if buffer is None or buffer.shape != value.shape or buffer.dtype != value.dtype:
+            buffer = self._grads[name] = np.zeros(value.shape, value.dtype)
+        return buffer
+
+    def _accumulate(self, name, grad):
+        """grads()[name] += grad, unless the parameter is frozen."""
+        buffer = self._grad_buffer(name)
+        if buffer is not False and grad is not None:
+            buffer += grad
+
+    def grads(self):
+        """name -> gradient, for exactly the parameters of named_parameters(),
+        each of its parameter's shape and dtype: what backward calls have
+        accumulated since zero_grad() (zeros where none has; a frozen
+        parameter's stays zero). The arrays are the module's own."""
+        out = collections.OrderedDict()
+        for prefix, module in self.named_modules():
+            for name, value in module._parameters.items():
+                if value is None:
+                    continue
+                grad = module._grad_buffer(name)           # kept, so that later
+                if grad is False:                          # backward calls add to it
+                    grad = np.zeros(value.shape, value.dtype)
+                out[(prefix + "." if prefix else "") + name] = grad
+        return out
+
+    def zero_grad(self):
+        """Forget the accumulated gradients (of every submodule too)."""
+        for _, module in self.named_modules():
+            module._grads.clear()
+
     def extra_repr(self):
         return ""
 
@@ -282,12 +373,18 @@ class ModuleList(Module):
 
 
 class Sequential(ModuleList):
-    """Modules applied one after another."""
+    """Modules applied one after another; backward runs them in reverse."""
 
     def forward(self, x):
         for module in self:
             x = module(x)
+        self._save(True)
         return x
+
+    def _backward(self, grad):
+        for module in reversed(list(self)):
+            grad = module.backward(grad)
+        return grad
 
 
 def _check_float(x, what):
