@@ -7,7 +7,12 @@ of Hugging Face's BertModel, so its checkpoints load as they are.
     attention:   query/key/value projections, heads of hidden/heads features,
                  scores / sqrt(head dim), padded keys masked out
 
-Inference only: dropout is a no-op.
+In eval mode (what from_pretrained returns) dropout is off and the fused
+paths run. In training mode (model.train()) dropout is on, with the
+config's probabilities as Hugging Face's, and each module calls its children
+so that model.backward(grad) can call their backwards in reverse, leaving
+every parameter's gradient in model.grads(). Layers whose parameters, and all
+below them, are frozen (model.freeze(...)) are not differentiated at all.
 """
 import json
 import os
@@ -17,7 +22,8 @@ import numpy as np
 
 from .. import functional as F
 from ..io import load_state_dict
-from ..nn import Embedding, LayerNorm, Linear, Module, ModuleList
+from ..nn import Dropout, Embedding, LayerNorm, Linear, Module, ModuleList
+from ..nn.layers import ACTIVATION_BACKWARDS, get_activation
 
 __all__ = ["BertConfig", "BertModel"]
 
@@ -36,6 +42,8 @@ class BertConfig:
     layer_norm_eps: float = 1e-12
     pad_token_id: int = 0
     position_embedding_type: str = "absolute"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
 
     @classmethod
     def from_json(cls, path):
@@ -81,6 +89,7 @@ class BertEmbeddings(Module):
         self.position_embeddings = Embedding(c.max_position_embeddings, c.hidden_size, dtype=dtype, rng=rng)
         self.token_type_embeddings = Embedding(c.type_vocab_size, c.hidden_size, dtype=dtype, rng=rng)
         self.LayerNorm = LayerNorm(c.hidden_size, eps=c.layer_norm_eps, dtype=dtype)
+        self.dropout = Dropout(c.hidden_dropout_prob, rng=rng)
 
     def forward(self, input_ids, token_type_ids):
         L = input_ids.shape[1]
@@ -91,8 +100,20 @@ class BertEmbeddings(Module):
                              "the model knows")
         x = self.word_embeddings(input_ids)                                   # (N, L, hidden)
         x += self.token_type_embeddings(token_type_ids)
-        x += self.position_embeddings.weight[:L]                              # positions 0..L-1
-        return self.LayerNorm(x)
+        if self.training:                          # the child called, for its backward
+            x += self.position_embeddings(np.arange(L))
+        else:
+            x += self.position_embeddings.weight[:L]                          # positions 0..L-1
+        out = self.dropout(self.LayerNorm(x))
+        self._save(out.shape, out.dtype)
+        return out
+
+    def _backward(self, grad):
+        grad = self.LayerNorm.backward(self.dropout.backward(grad))
+        self.word_embeddings.backward(grad)
+        self.token_type_embeddings.backward(grad)
+        self.position_embeddings.backward(grad.sum(axis=0))   # every sequence read positions 0..L-1
+        return None
 
 
 class BertSelfAttention(Module):
@@ -103,6 +124,8 @@ class BertSelfAttention(Module):
         self.query = Linear(c.hidden_size, c.hidden_size, dtype=dtype, rng=rng)
         self.key = Linear(c.hidden_size, c.hidden_size, dtype=dtype, rng=rng)
         self.value = Linear(c.hidden_size, c.hidden_size, dtype=dtype, rng=rng)
+        self.dropout_p = c.attention_probs_dropout_prob
+        self.rng = rng if rng is not None else np.random.default_rng()
 
     def forward(self, x, key_mask):
         """x (N, L, hidden), key_mask (N, 1, 1, L) bool True = attend."""
@@ -112,9 +135,34 @@ class BertSelfAttention(Module):
         def heads(projection):                       # (N, L, hidden) -> (N, H, L, d), a view
             return projection(x).reshape(N, L, H, d).transpose(0, 2, 1, 3)
 
-        context = F.scaled_dot_product_attention(heads(self.query), heads(self.key), heads(self.value),
-                                                 attn_mask=key_mask)      # (N, H, L, d)
+        q, k, v = heads(self.query), heads(self.key), heads(self.value)
+        if not self.training:
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)   # (N, H, L, d)
+        else:
+            # dropout of the weights, replayed by backward from the same seed
+            p = self.dropout_p
+            seed = int(self.rng.integers(2**32)) if p > 0 else None
+            context, lse = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=p,
+                                                          dropout_seed=seed, return_lse=True)
+            self._save(q, k, v, key_mask, context, lse, seed)
         return context.transpose(0, 2, 1, 3).reshape(N, L, hidden)         # heads side by side
+
+    def _backward(self, grad):
+        """d_x: the attention's gradients to its queries, keys and values go
+        back through the three projections, and add."""
+        q, k, v, key_mask, context, lse, seed = self._saved
+        N, H, L, d = q.shape
+        grad = self._check_grad(grad, (N, L, H * d), q.dtype)
+        dq, dk, dv = F.scaled_dot_product_attention_backward(
+            grad.reshape(N, L, H, d).transpose(0, 2, 1, 3), q, k, v, context, lse,
+            attn_mask=key_mask, dropout_p=self.dropout_p if seed is not None else 0.0,
+            dropout_seed=seed)
+
+        def merged(g):                               # (N, H, L, d) -> (N, L, hidden)
+            return g.transpose(0, 2, 1, 3).reshape(N, L, H * d)
+
+        return (self.query.backward(merged(dq)) + self.key.backward(merged(dk))
+                + self.value.backward(merged(dv)))
 
 
 class BertOutputBlock(Module):
@@ -124,9 +172,19 @@ class BertOutputBlock(Module):
         super().__init__()
         self.dense = Linear(in_features, c.hidden_size, dtype=dtype, rng=rng)
         self.LayerNorm = LayerNorm(c.hidden_size, eps=c.layer_norm_eps, dtype=dtype)
+        self.dropout = Dropout(c.hidden_dropout_prob, rng=rng)
 
     def forward(self, x, residual):
-        return self.LayerNorm(self.dense(x, residual=residual))       # the residual added in the GEMM's pass
+        if not self.training:
+            return self.LayerNorm(self.dense(x, residual=residual))   # the residual added in the GEMM's pass
+        out = self.LayerNorm(self.dropout(self.dense(x)) + residual)
+        self._save(True)
+        return out
+
+    def _backward(self, grad):
+        """(d_x, d_residual)."""
+        grad = self.LayerNorm.backward(grad)
+        return self.dense.backward(self.dropout.backward(grad)), grad
 
 
 class BertLayer(Module):
@@ -142,9 +200,22 @@ class BertLayer(Module):
 
     def forward(self, x, key_mask):
         a = self.attention.output(getattr(self.attention, "self")(x, key_mask), x)
-        dense = self.intermediate.dense                    # bias and activation in one pass
-        h = F.linear(a, dense.weight, dense.bias, activation=self.activation)  # (N, L, intermediate)
-        return self.output(h, a)
+        dense = self.intermediate.dense
+        if not self.training:                              # bias and activation in one pass
+            h = F.linear(a, dense.weight, dense.bias, activation=self.activation)  # (N, L, intermediate)
+            return self.output(h, a)
+        pre = dense(a)
+        out = self.output(get_activation(self.activation)(pre), a)
+        self._save(pre)
+        return out
+
+    def _backward(self, grad):
+        (pre,) = self._saved
+        dh, da = self.output.backward(grad)
+        da = da + self.intermediate.dense.backward(
+            ACTIVATION_BACKWARDS[get_activation(self.activation)](dh, pre))
+        ds, dx = self.attention.output.backward(da)
+        return dx + getattr(self.attention, "self").backward(ds)
 
 
 class BertModel(Module):
@@ -195,7 +266,33 @@ class BertModel(Module):
         x = self.embeddings(input_ids, token_type_ids)
         for layer in self.encoder.layer:
             x = layer(x, key_mask)
+        self._save(x.shape, x.dtype)
         return x
+
+    def _backward(self, grad):
+        """Runs every layer's backward, last first, stopping where nothing
+        below is trainable (a frozen lower stack costs nothing); the token ids
+        have no gradient, so this returns None."""
+        grad = self._check_grad(grad, *self._saved)
+        layers = list(self.encoder.layer)
+        trainable_below = self._trainable_below(layers)
+        for i in reversed(range(len(layers))):
+            if not trainable_below[i]:
+                return None
+            grad = layers[i].backward(grad)
+        if any(True for _ in self.embeddings.trainable_parameters()):
+            self.embeddings.backward(grad)
+        return None
+
+    def _trainable_below(self, layers):
+        """For each layer i: whether it, a layer under it or the embeddings
+        has a parameter that is not frozen."""
+        below = bool(self.embeddings.trainable_parameters())
+        flags = []
+        for layer in layers:
+            below = below or bool(layer.trainable_parameters())
+            flags.append(below)
+        return flags
 
     def extra_repr(self):
         c = self.config

@@ -378,8 +378,21 @@ def gelu_tanh(x, *, out=None):
     return F.gelu(x, "tanh", out=out)
 
 
+def gelu_tanh_backward(grad, x):
+    """The gradient of gelu_tanh, F.gelu_backward(grad, x, "tanh")."""
+    return F.gelu_backward(grad, x, "tanh")
+
+
+def sigmoid_backward(grad, x):
+    s = F.sigmoid(x)
+    return grad * s * (1 - s)
+
+
 _ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "gelu_tanh": gelu_tanh,
                 "silu": F.silu, "sigmoid": F.sigmoid}
+# each named activation's gradient, (grad, x) -> grad * f'(x), keyed by the function
+ACTIVATION_BACKWARDS = {F.relu: F.relu_backward, F.gelu: F.gelu_backward, gelu_tanh: gelu_tanh_backward,
+                        F.silu: F.silu_backward, F.sigmoid: sigmoid_backward}
 # the ones F.linear can apply in the same pass as its bias; keyed by the
 # functions themselves, which unpickling resolves by name to these same objects
 LINEAR_ACTIVATION_NAMES = {_ACTIVATIONS[name]: name for name in ("relu", "gelu", "gelu_tanh", "silu")}
