@@ -164,3 +164,12 @@ def test_errors_name_the_problem(rng):
     criterion(x, x)
     with pytest.raises(ValueError, match=r"grad_output has shape \(3,\), expected the loss's \(4, 3\)"):
         criterion.backward(np.ones(3))
+
+
+def test_a_target_of_the_wrong_kind_is_named():
+    x = np.zeros((3, 4), np.float32)
+    with pytest.raises(ValueError, match=r"class indices must be an integer array"):
+        nn.CrossEntropyLoss()(x, np.array([0.0, 1.0, 2.0]))
+    for criterion in (nn.BCEWithLogitsLoss(), nn.MSELoss()):
+        with pytest.raises(TypeError, match=r"target must be numbers, got dtype <U1"):
+            criterion(x, np.full((3, 4), "a"))

@@ -30,7 +30,7 @@ finally:
     for _name in _defaults:
         _os.environ.pop(_name, None)
 
-from . import io, nn, reference
+from . import io, nn, optim, reference
 from ._runtime import (
     get_num_threads,
     set_num_threads,
@@ -66,6 +66,7 @@ __all__ = [
     "rms_norm_backward",
     "reference",
     "nn",
+    "optim",
     "io",
     "show_config",
     "simd_path",

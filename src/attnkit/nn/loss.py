@@ -69,7 +69,10 @@ class _Loss(Module):
 def _input_and_target(input, target, name):
     """input as a float array, and target as one of its dtype and shape."""
     x = F._as_float_array(input, name, "input")
-    y = np.asarray(target, dtype=x.dtype)
+    y = np.asarray(target)
+    if y.dtype.kind not in "fiub":
+        raise TypeError(f"{name}: target must be numbers, got dtype {y.dtype} (shape {y.shape})")
+    y = y.astype(x.dtype, copy=False)
     if y.shape != x.shape:
         raise ValueError(f"{name}: target must have input's shape {x.shape}, got {y.shape}")
     return x, y
@@ -146,7 +149,10 @@ class CrossEntropyLoss(_Loss):
         else:
             t = F._as_float_array(target, name, "target")
             if t.shape != x.shape:
-                raise ValueError(f"{name}: probability target must have input's shape {x.shape}, got {t.shape}")
+                hint = (" (class indices must be an integer array: target.astype(np.int64))"
+                        if t.shape == rest else "")
+                raise ValueError(f"{name}: probability target must have input's shape {x.shape}, "
+                                 f"got {t.shape}{hint}")
             coef = t * (1 - eps) + eps / C
             if w_b is not None:
                 coef = coef * w_b
