@@ -132,6 +132,14 @@ class MultiHeadAttention(Module):
     added to the scores in both. is_causal=True hides later keys (it needs no
     attn_mask here, unlike PyTorch's, which takes it as a hint about the
     mask). A query left with nothing to attend to gets output 0, not NaN.
+
+    Training: after a training-mode forward, backward(grad_output) takes the
+    gradient of the output (the attention weights returned take none) and
+    returns (d_query, d_key, d_value), each in the layout of its argument;
+    for self-attention, mha(x, x, x), x's gradient is their sum. Dropout in
+    backward drops the weights the forward dropped. A forward with a
+    kv_cache is for decoding: backward refuses it. In eval mode forward
+    keeps nothing and runs the fused inference path.
     """
 
     def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False,
@@ -230,6 +238,7 @@ class MultiHeadAttention(Module):
             raise ValueError(f"MultiHeadAttention: query, key and value must all be batched or "
                              f"all unbatched, got shapes {q.shape}, {k.shape}, {v.shape}")
         batched = q.ndim == 3
+        checked = (q, k, v)      # as the caller laid them out, for the training backward
 
         def batch_first(x):  # everything below works on (N, length, features) views
             return x[None] if not batched else x if self.batch_first else x.swapaxes(0, 1)
@@ -273,6 +282,10 @@ class MultiHeadAttention(Module):
             kh, vh = kv_cache.append(kh, vh)
         S_total = kh.shape[2]
         mask = self._merged_mask(attn_mask, key_padding_mask, N, L, S_total, extra)
+        if self.training and kv_cache is None:
+            layout = "unbatched" if not batched else "batch_first" if self.batch_first else "seq_first"
+            return self._training_forward(checked, qh, kh, vh, mask, S, is_causal, need_weights,
+                                          average_attn_weights, layout)
 
         results = F.scaled_dot_product_attention(
             qh, kh, vh, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
@@ -289,7 +302,118 @@ class MultiHeadAttention(Module):
             out = np.ascontiguousarray(out.swapaxes(0, 1))
         if weights is not None and not batched:                           # (N, L, S') averaged,
             weights = weights[0]                                          # or (N, H, L, S')
+        if self.training:      # with a kv_cache: a forward for decoding, which backward refuses
+            self._save("kv_cache")
         return out, weights
+
+    # -- training ------------------------------------------------------------------
+    # The training forward works like the inference one above, but calls out_proj as a
+    # child module (so that its backward runs), keeps what backward needs, and lays the
+    # merged heads out in the caller's layout (a (L, N, E) input gives a (L, N, E)
+    # product, no transposed copy before or after out_proj).
+
+    @staticmethod
+    def _heads_view(a, layout):
+        """(N, Hx, T, d) heads as a view in the caller's layout: (T, Hx, d)
+        unbatched, (N, T, Hx, d) batch first, (T, N, Hx, d) otherwise."""
+        if layout == "unbatched":
+            return a[0].transpose(1, 0, 2)
+        return a.transpose(0, 2, 1, 3) if layout == "batch_first" else a.transpose(2, 0, 1, 3)
+
+    @classmethod
+    def _merge_heads(cls, a, layout):
+        """(N, Hx, T, d) heads side by side in the caller's layout, (..., Hx d): a new array."""
+        view = cls._heads_view(a, layout)
+        return view.reshape(view.shape[:-2] + (view.shape[-2] * view.shape[-1],))
+
+    @staticmethod
+    def _split_heads(g, heads, layout):
+        """_merge_heads undone: (..., Hx d) in the caller's layout -> (N, Hx, T, d), a view."""
+        d = g.shape[-1] // heads
+        if layout == "unbatched":
+            return g.reshape(g.shape[0], heads, d).transpose(1, 0, 2)[None]
+        if layout == "batch_first":
+            return g.reshape(g.shape[0], g.shape[1], heads, d).transpose(0, 2, 1, 3)
+        return g.reshape(g.shape[0], g.shape[1], heads, d).transpose(1, 2, 0, 3)
+
+    def _training_forward(self, checked, qh, kh, vh, mask, S, is_causal, need_weights,
+                          average_attn_weights, layout):
+        H, Hkv = self.num_heads, self.num_kv_heads
+        dropout_p = self.dropout
+        # the same draw as the inference path's rng=self.rng makes, so that a
+        # seeded module drops the same weights as before; kept for backward
+        seed = int(self.rng.integers(0, 2**32, dtype=np.uint64)) if dropout_p > 0 else None
+        results = F.scaled_dot_product_attention(
+            qh, kh, vh, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
+            enable_gqa=Hkv != H,
+            return_weights=("mean" if average_attn_weights else True) if need_weights else False,
+            return_lse=True, dropout_seed=seed)
+        heads, weights, lse = results if need_weights else (results[0], None, results[1])
+        out = self.out_proj(self._merge_heads(heads, layout))            # the query's layout
+        if weights is not None and layout == "unbatched":
+            weights = weights[0]
+        q_in, k_in, v_in = checked
+        packed = q_in is k_in and k_in is v_in and self._qkv_same_embed_dim
+        self._save(layout, packed, q_in, k_in, v_in, qh, kh, vh, heads, lse, mask, S, is_causal,
+                   dropout_p, seed)
+        return out, weights
+
+    def _backward(self, grad_output):
+        """(d_query, d_key, d_value) for the gradient of the output (the
+        weights the forward returned take no gradient: only the output's is
+        given), each in the layout the forward was called with. For
+        self-attention (one array passed as query, key and value) these are
+        the three arguments' gradients: the array's is their sum. The
+        parameters' gradients (projections, biases, bias_k/bias_v, out_proj)
+        are added into grads(). Not after a forward with a kv_cache, which is
+        for decoding."""
+        if self._saved[0] == "kv_cache":
+            raise RuntimeError("MultiHeadAttention.backward: the last forward used a kv_cache, "
+                               "which is for inference (the cached keys and values of earlier "
+                               "calls would get no gradient); train on whole sequences "
+                               "(is_causal=True) and decode with the cache in eval mode")
+        (layout, packed, q_in, k_in, v_in, qh, kh, vh, heads, lse, mask, S, is_causal, dropout_p,
+         seed) = self._saved
+        grad = self._check_grad(grad_output, q_in.shape, q_in.dtype)
+        H, Hkv, E = self.num_heads, self.num_kv_heads, self.embed_dim
+        kv = Hkv * self.head_dim
+        d_merged = self.out_proj.backward(grad)                           # the query's layout
+        dqh, dkh, dvh = F.scaled_dot_product_attention_backward(
+            self._split_heads(d_merged, H, layout), qh, kh, vh, heads, lse, mask, dropout_p,
+            is_causal, enable_gqa=Hkv != H, dropout_seed=seed)          # (N, H|Hkv, S', d)
+        if self.bias_k is not None:                                       # key/value row S
+            for name, dh in (("bias_k", dkh), ("bias_v", dvh)):
+                if self._wants_grad(name):
+                    self._accumulate(name, dh[:, :, S].sum(axis=0).reshape(1, 1, kv))
+        dkh, dvh = dkh[:, :, :S], dvh[:, :, :S]                          # drop bias and zero rows
+
+        w_grad, b_grad = self._grad_buffer("in_proj_weight"), self._grad_buffer("in_proj_bias")
+        bounds = ((0, E), (E, E + kv), (E + kv, E + 2 * kv))
+        b_grads = [False if b_grad is False else b_grad[a:b] for a, b in bounds]
+        (Wq, Wk, Wv), _ = self._weights()
+        if packed:
+            # one (..., 3E) gradient of the packed projection: one dW product
+            # over it; each argument's gradient is its own third times W's
+            view = self._heads_view(dqh, layout)
+            dqkv = np.empty(view.shape[:-2] + (3, H, self.head_dim), q_in.dtype)
+            for i, dh in enumerate((dqh, dkh, dvh)):
+                dqkv[..., i, :, :] = self._heads_view(dh, layout)
+            dqkv = dqkv.reshape(view.shape[:-2] + (3 * E,))
+            if w_grad is not False or b_grad is not False:
+                F.linear_backward(dqkv, q_in, self.in_proj_weight, input_grad=False,
+                                  weight_grad=w_grad, bias_grad=b_grad)
+            rows = dqkv.reshape(-1, 3 * E)
+            return tuple(F._linear_rows(rows[:, a:b], W.T, None).reshape(q_in.shape)
+                         for (a, b), W in zip(bounds, (Wq, Wk, Wv)))
+        if self._qkv_same_embed_dim:
+            w_grads = [False if w_grad is False else w_grad[a:b] for a, b in bounds]
+        else:
+            w_grads = [self._grad_buffer(name) for name in ("q_proj_weight", "k_proj_weight",
+                                                             "v_proj_weight")]
+        return tuple(F.linear_backward(self._merge_heads(dh, layout), x, W, weight_grad=wg,
+                                       bias_grad=bg)[0]
+                     for dh, x, W, wg, bg in zip((dqh, dkh, dvh), (q_in, k_in, v_in), (Wq, Wk, Wv),
+                                                 w_grads, b_grads))
 
     def _merged_mask(self, attn_mask, key_padding_mask, N, L, S, extra):
         """attn_mask and key_padding_mask (PyTorch's MHA meaning: True = hide)
@@ -374,6 +498,9 @@ class Attention(Module):
 
     Call (query (..., L, dq), key (..., S, dk), value (..., S, dv),
     mask=None) -> (output (..., L, dv), weights (..., L, S)).
+
+    Training: backward(grad_output) takes the gradient of the output (the
+    weights returned take none) and returns (d_query, d_key, d_value).
     """
 
     def __init__(self, query_dim, key_dim=None, score="scaled_dot", normalizer="softmax",
@@ -411,4 +538,56 @@ class Attention(Module):
             if mask is not None:
                 w = np.where(mask, w, 0).astype(w.dtype)
         value = F._as_float_array(value, "Attention", "value")
-        return w @ value, w                                              # (..., L, dv), (..., L, S)
+        out = w @ value                                                  # (..., L, dv)
+        if self.training:
+            self._save(np.asarray(query), np.asarray(key), value, s, w, mask, out.shape, out.dtype)
+        return out, w                                                    # (..., L, dv), (..., L, S)
+
+    def _backward(self, grad_output):
+        """(d_query, d_key, d_value) for the gradient of the output (the
+        returned weights take no gradient: only the output's is given); the
+        score's parameters' gradients are added into grads(). Masked-out
+        scores pass no gradient."""
+        q, k, value, s, w, mask, shape, dtype = self._saved
+        g = self._check_grad(grad_output, shape, dtype)
+        d_value = F._sum_to_shape(np.swapaxes(w, -1, -2) @ g, value.shape)     # (..., S, dv)
+        dw = F._sum_to_shape(g @ np.swapaxes(value, -1, -2), w.shape).astype(w.dtype, copy=False)
+        if self.normalizer == "softmax":
+            ds = F.softmax_backward(dw, w, axis=-1, where=mask)
+        else:
+            ds = dw * (w * (1 - w) if self.normalizer == "sigmoid" else (s > 0))
+            if mask is not None:
+                ds = np.where(mask, ds, 0)
+        ds = F._sum_to_shape(ds, s.shape).astype(s.dtype, copy=False)             # (..., L, S)
+        if self.score == "scaled_dot":
+            ds = ds / ds.dtype.type(math.sqrt(q.shape[-1]))
+        if self.score in ("scaled_dot", "dot"):
+            dq, dk = ds @ k, np.swapaxes(ds, -1, -2) @ q
+        elif self.score == "general":
+            W = self.weight
+            dqW = ds @ k                                                 # d(q @ W), (..., L, dk)
+            dq, dk = dqW @ W.T, np.swapaxes(ds, -1, -2) @ (q @ W)
+            if self._wants_grad("weight"):
+                self._accumulate("weight", _rows(q, dqW).T @ _rows(dqW))
+        else:   # additive: s = tanh(hq_l + hk_s) . v
+            Wq, Wk, v = self.w_query, self.w_key, self.v
+            t = np.tanh((q @ Wq.T)[..., :, None, :] + (k @ Wk.T)[..., None, :, :])   # (..., L, S, h)
+            if self._wants_grad("v"):
+                self._accumulate("v", ds.reshape(-1) @ t.reshape(-1, t.shape[-1]))
+            dpre = ds[..., None] * v * (1 - t * t)                       # (..., L, S, h)
+            dhq, dhk = dpre.sum(axis=-2), dpre.sum(axis=-3)              # (..., L, h), (..., S, h)
+            dq, dk = dhq @ Wq, dhk @ Wk
+            if self._wants_grad("w_query"):
+                self._accumulate("w_query", _rows(dhq).T @ _rows(q, dhq))
+            if self._wants_grad("w_key"):
+                self._accumulate("w_key", _rows(dhk).T @ _rows(k, dhk))
+        return (F._sum_to_shape(dq, q.shape).astype(q.dtype, copy=False),
+                F._sum_to_shape(dk, k.shape).astype(k.dtype, copy=False),
+                d_value.astype(value.dtype, copy=False))
+
+
+def _rows(x, like=None):
+    """x (..., n) broadcast to like's leading dimensions, as (rows, n)."""
+    if like is not None:
+        x = np.broadcast_to(x, like.shape[:-1] + x.shape[-1:])
+    return x.reshape(-1, x.shape[-1])

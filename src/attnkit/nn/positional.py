@@ -91,7 +91,13 @@ class SinusoidalPositionalEncoding(Module):
             table = sinusoidal_positional_encoding(L, self.dim, self.base, offset=offset, dtype=x.dtype)
         else:
             table = self._table[offset:offset + L].astype(x.dtype, copy=False)
+        self._save(x.shape, x.dtype)
         return x + table
+
+    def _backward(self, grad_output):
+        """The gradient passes through to x unchanged (the table is constant)."""
+        shape, dtype = self._saved
+        return self._check_grad(grad_output, shape, dtype)
 
 
 class LearnedPositionalEmbedding(Module):
@@ -114,7 +120,20 @@ class LearnedPositionalEmbedding(Module):
             raise ValueError(f"LearnedPositionalEmbedding: positions {offset}..{offset + L - 1} "
                              f"(offset {offset}, length {L}) are beyond the {self.max_length} "
                              f"it was made for")
-        return x + self.weight[offset:offset + L]
+        out = x + self.weight[offset:offset + L]
+        self._save(offset, x.shape, x.dtype, out.dtype)
+        return out
+
+    def _backward(self, grad_output):
+        """The gradient passes through to x; weight rows offset .. offset + L - 1
+        get it summed over the leading (batch) dimensions."""
+        offset, shape, x_dtype, dtype = self._saved
+        grad = self._check_grad(grad_output, shape, dtype)
+        buffer = self._grad_buffer("weight")
+        L = shape[-2]
+        if buffer is not False and L:
+            buffer[offset:offset + L] += grad.reshape(-1, L, self.dim).sum(axis=0)
+        return grad.astype(x_dtype, copy=False)
 
 
 class RotaryEmbedding(Module):
@@ -176,6 +195,12 @@ class RotaryEmbedding(Module):
             raise ValueError(f"RotaryEmbedding: positions must be ({L},), got {positions.shape}")
         angle = self._angles(positions)
         cos, sin = np.cos(angle).astype(x.dtype), np.sin(angle).astype(x.dtype)   # (L, d/2)
+        self._save(cos, sin, x.shape, x.dtype)
+        return self._rotate(x, cos, sin)
+
+    def _rotate(self, x, cos, sin):
+        """Each feature pair (a, b) of x (..., L, d) rotated by the angle whose
+        cosine and sine are cos, sin (L, d/2)."""
         if self.interleaved:
             a, b = x[..., 0::2], x[..., 1::2]
         else:
@@ -187,6 +212,13 @@ class RotaryEmbedding(Module):
         else:
             out[..., : self.head_dim // 2], out[..., self.head_dim // 2:] = ra, rb
         return out
+
+    def _backward(self, grad_output):
+        """A rotation's transpose is the rotation by the opposite angle: the
+        gradient's pairs rotated back (cos, -sin)."""
+        cos, sin, shape, dtype = self._saved
+        grad = self._check_grad(grad_output, shape, dtype)
+        return self._rotate(grad, cos, -sin)
 
 
 def alibi_slopes(num_heads):

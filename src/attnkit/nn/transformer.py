@@ -11,6 +11,11 @@ names, so their state dicts load.
     the decoder layer adds, between the two, cross-attention to the encoder's
     output ("memory"): multihead_attn(x, memory, memory) with norm2, and its
     feed-forward block uses norm3.
+
+In eval mode a layer takes the fused paths (bias, activation and residual in
+the products' own passes). In training mode it calls each child in turn, so
+that backward can call each child's backward in reverse: a layer's gradient is
+its children's, chained, and their parameters' gradients land in their grads().
 """
 import copy
 
@@ -18,7 +23,14 @@ import numpy as np
 
 from .. import functional as F
 from .attention import MultiHeadAttention
-from .layers import LINEAR_ACTIVATION_NAMES, Dropout, LayerNorm, Linear, get_activation
+from .layers import (
+    ACTIVATION_BACKWARDS,
+    LINEAR_ACTIVATION_NAMES,
+    Dropout,
+    LayerNorm,
+    Linear,
+    get_activation,
+)
 from .module import Module, ModuleList
 
 __all__ = ["TransformerEncoderLayer", "TransformerDecoderLayer", "TransformerEncoder",
@@ -48,6 +60,30 @@ class _FeedForward:
 
     def _feed_forward(self, x):
         return self.linear2(self._feed_forward_hidden(x))
+
+    # training: each child called, and its backward in reverse
+    def _feed_forward_train(self, x):
+        """linear2(dropout(activation(linear1(x)))), and the activation's input
+        (which the layer saves for _feed_forward_backward)."""
+        pre = self.linear1(x)
+        return self.linear2(self.dropout(self.activation(pre))), pre
+
+    def _feed_forward_backward(self, grad, pre):
+        g = self.dropout.backward(self.linear2.backward(grad))
+        if isinstance(self.activation, Module):
+            g = self.activation.backward(g)
+        else:
+            try:
+                derivative = ACTIVATION_BACKWARDS.get(self.activation)
+            except TypeError:                               # an unhashable callable
+                derivative = None
+            if derivative is None:
+                raise NotImplementedError(
+                    f"{type(self).__name__}.backward: the activation {self.activation!r} has no "
+                    "backward; give the layer an activation by name ('relu', 'gelu', 'gelu_tanh', "
+                    "'silu', 'sigmoid') or an attnkit.nn module (nn.GELU('tanh'))")
+            g = derivative(g, pre)
+        return self.linear1.backward(g)
 
     def _feed_forward_residual(self, x, residual, dropout):
         """residual + dropout(feed_forward(x)): when that dropout is idle
@@ -82,6 +118,8 @@ class TransformerEncoderLayer(Module, _FeedForward):
         return self.dropout1(out)
 
     def forward(self, src, src_mask=None, src_key_padding_mask=None, is_causal=False):
+        if self.training:
+            return self._forward_train(src, src_mask, src_key_padding_mask, is_causal)
         x = src
         if self.norm_first:
             x = x + self._self_attention(self.norm1(x), src_mask, src_key_padding_mask, is_causal)
@@ -89,12 +127,46 @@ class TransformerEncoderLayer(Module, _FeedForward):
         x = self.norm1(x + self._self_attention(x, src_mask, src_key_padding_mask, is_causal))
         return self.norm2(self._feed_forward_residual(x, x, self.dropout2))
 
+    def _forward_train(self, src, mask, key_padding_mask, is_causal):
+        x = F._as_float_array(src, type(self).__name__, "src")
+        if self.norm_first:
+            x = x + self._self_attention(self.norm1(x), mask, key_padding_mask, is_causal)
+            ff, pre = self._feed_forward_train(self.norm2(x))
+            out = x + self.dropout2(ff)
+        else:
+            x = self.norm1(x + self._self_attention(x, mask, key_padding_mask, is_causal))
+            ff, pre = self._feed_forward_train(x)
+            out = self.norm2(x + self.dropout2(ff))
+        self._save(out.shape, out.dtype, pre)
+        return out
+
+    def _backward(self, grad):
+        """d_src. Self-attention got src three times (query, key, value): its
+        three gradients add."""
+        shape, dtype, pre = self._saved
+        grad = self._check_grad(grad, shape, dtype)
+        if self.norm_first:       # out = x1 + ff(norm2(x1)),  x1 = src + sa(norm1(src))
+            g1 = grad + self.norm2.backward(self._feed_forward_backward(self.dropout2.backward(grad), pre))
+            return g1 + self.norm1.backward(self._self_attention_backward(g1))
+        g = self.norm2.backward(grad)  # out = norm2(x1 + ff(x1)),  x1 = norm1(src + sa(src))
+        g = self.norm1.backward(g + self._feed_forward_backward(self.dropout2.backward(g), pre))
+        return g + self._self_attention_backward(g)
+
+    def _self_attention_backward(self, grad):
+        dq, dk, dv = self.self_attn.backward(self.dropout1.backward(grad))
+        return dq + dk + dv
+
 
 class TransformerDecoderLayer(Module, _FeedForward):
     """Self-attention, cross-attention to memory, then feed-forward.
     forward(tgt, memory, tgt_mask=None, memory_mask=None,
     tgt_key_padding_mask=None, memory_key_padding_mask=None,
-    tgt_is_causal=False, memory_is_causal=False)."""
+    tgt_is_causal=False, memory_is_causal=False, kv_cache=None).
+
+    kv_cache (an attnkit extension, for decoding one step at a time): a
+    KVCache of this layer's self-attention keys and values. tgt then holds
+    only the new positions; they attend causally to everything cached and to
+    each other. Inference only (eval mode): backward refuses it."""
 
     def __init__(self, d_model, nhead, dim_feedforward=2048, dropout=0.1, activation="relu",
                  layer_norm_eps=1e-5, batch_first=False, norm_first=False, bias=True, *,
@@ -113,9 +185,9 @@ class TransformerDecoderLayer(Module, _FeedForward):
         self.dropout2 = Dropout(dropout, rng=rng)
         self.dropout3 = Dropout(dropout, rng=rng)
 
-    def _self_attention(self, x, mask, key_padding_mask, is_causal):
+    def _self_attention(self, x, mask, key_padding_mask, is_causal, kv_cache=None):
         out, _ = self.self_attn(x, x, x, attn_mask=mask, key_padding_mask=key_padding_mask,
-                                need_weights=False, is_causal=is_causal)
+                                need_weights=False, is_causal=is_causal, kv_cache=kv_cache)
         return self.dropout1(out)
 
     def _cross_attention(self, x, memory, mask, key_padding_mask, is_causal):
@@ -125,17 +197,65 @@ class TransformerDecoderLayer(Module, _FeedForward):
         return self.dropout2(out)
 
     def forward(self, tgt, memory, tgt_mask=None, memory_mask=None, tgt_key_padding_mask=None,
-                memory_key_padding_mask=None, tgt_is_causal=False, memory_is_causal=False):
+                memory_key_padding_mask=None, tgt_is_causal=False, memory_is_causal=False,
+                kv_cache=None):
+        if self.training:
+            if kv_cache is not None:
+                raise ValueError(f"{type(self).__name__}: kv_cache is for decoding in eval mode; "
+                                 "call .eval() first (training takes whole sequences)")
+            return self._forward_train(tgt, memory, tgt_mask, memory_mask, tgt_key_padding_mask,
+                                       memory_key_padding_mask, tgt_is_causal, memory_is_causal)
+        if kv_cache is not None:
+            tgt_is_causal = True           # new positions see the cache and their own past
         x = tgt
+        if self.norm_first:
+            x = x + self._self_attention(self.norm1(x), tgt_mask, tgt_key_padding_mask, tgt_is_causal,
+                                         kv_cache)
+            x = x + self._cross_attention(self.norm2(x), memory, memory_mask,
+                                          memory_key_padding_mask, memory_is_causal)
+            return self._feed_forward_residual(self.norm3(x), x, self.dropout3)
+        x = self.norm1(x + self._self_attention(x, tgt_mask, tgt_key_padding_mask, tgt_is_causal,
+                                                kv_cache))
+        x = self.norm2(x + self._cross_attention(x, memory, memory_mask, memory_key_padding_mask,
+                                                 memory_is_causal))
+        return self.norm3(self._feed_forward_residual(x, x, self.dropout3))
+
+    def _forward_train(self, tgt, memory, tgt_mask, memory_mask, tgt_key_padding_mask,
+                       memory_key_padding_mask, tgt_is_causal, memory_is_causal):
+        x = F._as_float_array(tgt, type(self).__name__, "tgt")
+        memory = F._as_float_array(memory, type(self).__name__, "memory")
         if self.norm_first:
             x = x + self._self_attention(self.norm1(x), tgt_mask, tgt_key_padding_mask, tgt_is_causal)
             x = x + self._cross_attention(self.norm2(x), memory, memory_mask,
                                           memory_key_padding_mask, memory_is_causal)
-            return self._feed_forward_residual(self.norm3(x), x, self.dropout3)
-        x = self.norm1(x + self._self_attention(x, tgt_mask, tgt_key_padding_mask, tgt_is_causal))
-        x = self.norm2(x + self._cross_attention(x, memory, memory_mask, memory_key_padding_mask,
-                                                 memory_is_causal))
-        return self.norm3(self._feed_forward_residual(x, x, self.dropout3))
+            ff, pre = self._feed_forward_train(self.norm3(x))
+            out = x + self.dropout3(ff)
+        else:
+            x = self.norm1(x + self._self_attention(x, tgt_mask, tgt_key_padding_mask, tgt_is_causal))
+            x = self.norm2(x + self._cross_attention(x, memory, memory_mask, memory_key_padding_mask,
+                                                     memory_is_causal))
+            ff, pre = self._feed_forward_train(x)
+            out = self.norm3(x + self.dropout3(ff))
+        self._save(out.shape, out.dtype, pre)
+        return out
+
+    def _backward(self, grad):
+        """(d_tgt, d_memory): memory is cross-attention's key and value, so
+        its gradient is the sum of those two."""
+        shape, dtype, pre = self._saved
+        grad = self._check_grad(grad, shape, dtype)
+        if self.norm_first:
+            g2 = grad + self.norm3.backward(self._feed_forward_backward(self.dropout3.backward(grad), pre))
+            dq, dk, dv = self.multihead_attn.backward(self.dropout2.backward(g2))
+            g1 = g2 + self.norm2.backward(dq)
+            dq1, dk1, dv1 = self.self_attn.backward(self.dropout1.backward(g1))
+            return g1 + self.norm1.backward(dq1 + dk1 + dv1), dk + dv
+        g = self.norm3.backward(grad)
+        g = self.norm2.backward(g + self._feed_forward_backward(self.dropout3.backward(g), pre))
+        dq, dk, dv = self.multihead_attn.backward(self.dropout2.backward(g))
+        g = self.norm1.backward(g + dq)
+        dq1, dk1, dv1 = self.self_attn.backward(self.dropout1.backward(g))
+        return g + dq1 + dk1 + dv1, dk + dv
 
 
 def _clones(layer, num_layers):
@@ -166,14 +286,28 @@ class TransformerEncoder(Module):
         x = src
         for layer in self.layers:
             x = layer(x, src_mask=mask, src_key_padding_mask=src_key_padding_mask, is_causal=is_causal)
-        return x if self.norm is None else self.norm(x)
+        x = x if self.norm is None else self.norm(x)
+        self._save(True)
+        return x
+
+    def _backward(self, grad):
+        """d_src: through the final norm, then each layer in reverse."""
+        if self.norm is not None:
+            grad = self.norm.backward(grad)
+        for layer in reversed(list(self.layers)):
+            grad = layer.backward(grad)
+        return grad
 
 
 class TransformerDecoder(Module):
     """num_layers copies of decoder_layer and an optional final norm.
     forward(tgt, memory, tgt_mask=None, memory_mask=None,
     tgt_key_padding_mask=None, memory_key_padding_mask=None,
-    tgt_is_causal=False, memory_is_causal=False)."""
+    tgt_is_causal=False, memory_is_causal=False, kv_caches=None).
+
+    kv_caches (eval mode, for decoding a step at a time): one KVCache per
+    layer, e.g. [nn.KVCache() for _ in range(decoder.num_layers)]; tgt then
+    holds only the new positions (see TransformerDecoderLayer)."""
 
     def __init__(self, decoder_layer, num_layers, norm=None):
         super().__init__()
@@ -182,11 +316,29 @@ class TransformerDecoder(Module):
         self.norm = norm
 
     def forward(self, tgt, memory, tgt_mask=None, memory_mask=None, tgt_key_padding_mask=None,
-                memory_key_padding_mask=None, tgt_is_causal=False, memory_is_causal=False):
+                memory_key_padding_mask=None, tgt_is_causal=False, memory_is_causal=False,
+                kv_caches=None):
+        if kv_caches is not None and len(kv_caches) != self.num_layers:
+            raise ValueError(f"TransformerDecoder: kv_caches needs one KVCache per layer "
+                             f"({self.num_layers}), got {len(kv_caches)}")
         x = tgt
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             x = layer(x, memory, tgt_mask=tgt_mask, memory_mask=memory_mask,
                       tgt_key_padding_mask=tgt_key_padding_mask,
                       memory_key_padding_mask=memory_key_padding_mask,
-                      tgt_is_causal=tgt_is_causal, memory_is_causal=memory_is_causal)
-        return x if self.norm is None else self.norm(x)
+                      tgt_is_causal=tgt_is_causal, memory_is_causal=memory_is_causal,
+                      kv_cache=None if kv_caches is None else kv_caches[i])
+        x = x if self.norm is None else self.norm(x)
+        self._save(True)
+        return x
+
+    def _backward(self, grad):
+        """(d_tgt, d_memory): every layer reads memory, so its gradient is the
+        sum of theirs."""
+        if self.norm is not None:
+            grad = self.norm.backward(grad)
+        d_memory = None
+        for layer in reversed(list(self.layers)):
+            grad, d = layer.backward(grad)
+            d_memory = d if d_memory is None else d_memory + d
+        return grad, d_memory
