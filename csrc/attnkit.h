@@ -264,6 +264,27 @@ enum { ATTNKIT_GELU_ERF = 0, ATTNKIT_GELU_TANH = 1, ATTNKIT_SILU = 2, ATTNKIT_ID
  * ------------------------------------------------------------------------- */
 
 /* ---------------------------------------------------------------------------
+ * Adam's and AdamW's update of one parameter, in place, as torch.optim's
+ * single-tensor implementation computes it, operation for operation (each
+ * scalar rounded to REAL first, as PyTorch's CPU kernels take it):
+ *   decoupled weight decay (AdamW): p = p * (1 - lr wd)
+ *   L2 weight decay (Adam):         g = p * wd + g
+ *   m = lerp(m, g, 1 - beta1)       (m + (g - m) w, or g - (g - m)(1 - w) when w >= 0.5)
+ *   v = v * beta2 + (g * (1 - beta2)) * g
+ *   amsgrad: vmax = max(vmax, v), used in place of v
+ *   p = p + (m * -step_size) / (sqrt(v) / bias_correction2_sqrt + eps)
+ * param, exp_avg (m), exp_avg_sq (v), grad and max_exp_avg_sq (vmax, or NULL
+ * without amsgrad) are n contiguous elements; grad is not changed. Every
+ * element on its own, so the result is the same at any thread count.
+ * ------------------------------------------------------------------------- */
+typedef struct {
+    double lr, beta1, beta2, eps, weight_decay;
+    double step_size;             /* lr / (1 - beta1^step)                           */
+    double bias_correction2_sqrt; /* sqrt(1 - beta2^step)                            */
+    int decoupled;                /* 1: AdamW's weight decay; 0: Adam's L2 term     */
+} attnkit_adam_args;
+
+/* ---------------------------------------------------------------------------
  * The entry points, declared from the one list of kernels (kernels.def):
  * attnkit_<name>_f32 with REAL = float and attnkit_<name>_f64 with double.
  * ------------------------------------------------------------------------- */

@@ -14,6 +14,7 @@ import pytest
 
 from attnkit import nn, optim
 from accuracy import torch_or_skip
+from threads import thread_count
 
 DTYPES = [np.float32, np.float64]
 TOL = {np.dtype(np.float32): 1e-6, np.dtype(np.float64): 1e-12}
@@ -584,3 +585,55 @@ def test_step_checks_before_writing():
     for name, value in model.named_parameters():  # nothing written, no state made
         assert value.tobytes() == before[name].tobytes()
     assert opt.state_dict()["state"] == {}
+
+
+# ---------------------------------------------------------------------------
+# The Adam kernel (csrc/optim.c) against its NumPy oracle, bit for bit
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("decoupled", [False, True])
+@pytest.mark.parametrize("amsgrad", [False, True])
+@pytest.mark.parametrize("beta1", [0.9, 0.3])                 # torch.lerp's two forms
+@pytest.mark.parametrize("weight_decay", [0.0, 0.05])
+def test_adam_kernel_is_its_reference_bit_for_bit(simd, dtype, decoupled, amsgrad, beta1, weight_decay):
+    from attnkit import _kernels, reference
+    rng = np.random.default_rng(0)
+    n = 40000 + 3                                          # several chunks and a tail
+    p = rng.standard_normal(n).astype(dtype)
+    g = (rng.standard_normal(n) * 10.0 ** rng.integers(-6, 3, n)).astype(dtype)
+    m = (rng.standard_normal(n) * 0.1).astype(dtype)
+    v = np.abs(rng.standard_normal(n) * 0.01).astype(dtype)
+    vmax = np.maximum(v, np.abs(rng.standard_normal(n) * 0.01).astype(dtype)) if amsgrad else None
+    if amsgrad:
+        vmax[:3] = np.nan                                   # np.maximum's NaN rule
+    hyper = dict(lr=3e-3, betas=(beta1, 0.98), eps=1e-8, weight_decay=weight_decay, step=7,
+                 decoupled=decoupled)
+    expected = reference.adam_step(p, g, m, v, vmax, **hyper)
+    g_before = g.copy()
+    for threads in (1, 2):
+        got = [p.copy(), m.copy(), v.copy(), None if vmax is None else vmax.copy()]
+        with thread_count(threads):
+            _kernels.adam_step(got[0], got[1], got[2], got[3], g, hyper["lr"], beta1, 0.98, 1e-8,
+                               weight_decay, 3e-3 / (1 - beta1 ** 7), (1 - 0.98 ** 7) ** 0.5, decoupled)
+        for name, a, b in zip(("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"), got, expected):
+            if b is not None:
+                np.testing.assert_array_equal(a, b, err_msg=f"{name} at {threads} thread(s)")
+    np.testing.assert_array_equal(g, g_before)
+
+
+def test_adam_kernel_refuses_what_it_cannot_take():
+    from attnkit import _kernels
+    p = np.zeros(4, np.float32)
+    args = (1e-3, 0.9, 0.999, 1e-8, 0.0, 1e-2, 0.1, True)
+    with pytest.raises(TypeError, match="one dtype"):
+        _kernels.adam_step(p, np.zeros(4), np.zeros(4, np.float32), None, np.zeros(4, np.float32), *args)
+    with pytest.raises(ValueError, match="shape"):
+        _kernels.adam_step(p, np.zeros(5, np.float32), np.zeros(4, np.float32), None, np.zeros(4, np.float32), *args)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        _kernels.adam_step(p, np.zeros(8, np.float32)[::2], np.zeros(4, np.float32), None,
+                           np.zeros(4, np.float32), *args)
+    frozen = np.zeros(4, np.float32)
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match="writable"):
+        _kernels.adam_step(frozen, np.zeros(4, np.float32), np.zeros(4, np.float32), None,
+                           np.zeros(4, np.float32), *args)

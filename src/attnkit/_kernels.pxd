@@ -14,6 +14,9 @@ cdef extern from "attnkit.h" nogil:
         attnkit_strides dx_strides, dy_strides, y_strides, where_strides
         int log
 
+    ctypedef struct attnkit_adam_args:
+        double lr, beta1, beta2, eps, weight_decay, step_size, bias_correction2_sqrt
+        int decoupled
     ctypedef struct attnkit_attention_args:
         int64_t B, H, Hkv, L, S, E, Ev
         const int64_t* q_batch
@@ -82,4 +85,6 @@ cdef extern from "attnkit.h" nogil:
     int attnkit_linear_backward_f64(double* dx, double* dw, double* dbias, const double* dy, const double* x, const double* w, int64_t M, int64_t N, int64_t K, int64_t x_row, int64_t w_n, int64_t w_k, int64_t dw_n, int64_t dw_k) noexcept
     int attnkit_attention_backward_f32(float* dq, float* dk, float* dv, const float* dout, const float* out, const float* lse, const float* q, const float* k, const float* v, const void* mask, const attnkit_attention_args* args) noexcept
     int attnkit_attention_backward_f64(double* dq, double* dk, double* dv, const double* dout, const double* out, const double* lse, const double* q, const double* k, const double* v, const void* mask, const attnkit_attention_args* args) noexcept
+    void attnkit_adam_step_f32(float* param, float* exp_avg, float* exp_avg_sq, float* max_exp_avg_sq, const float* grad, int64_t n, const attnkit_adam_args* args) noexcept
+    void attnkit_adam_step_f64(double* param, double* exp_avg, double* exp_avg_sq, double* max_exp_avg_sq, const double* grad, int64_t n, const attnkit_adam_args* args) noexcept
     # --- end of generated declarations ---

@@ -1069,6 +1069,50 @@ def attention_backward(cnp.ndarray dq, cnp.ndarray dk, cnp.ndarray dv, cnp.ndarr
 # ---------------------------------------------------------------------------
 # Instruction sets, threads, build
 
+# ---------------------------------------------------------------------------
+# Optimisers
+
+def adam_step(cnp.ndarray param, cnp.ndarray exp_avg, cnp.ndarray exp_avg_sq, object max_exp_avg_sq,
+              cnp.ndarray grad, double lr, double beta1, double beta2, double eps,
+              double weight_decay, double step_size, double bias_correction2_sqrt, bint decoupled):
+    """Adam's (decoupled: AdamW's) update of param, the moments and
+    max_exp_avg_sq (None without amsgrad) in place from grad: every array
+    C-contiguous, aligned, of param's shape and float dtype."""
+    cdef int type_num = cnp.PyArray_TYPE(param)
+    cdef list arrays = [param, exp_avg, exp_avg_sq, grad]
+    if max_exp_avg_sq is not None:
+        if type(max_exp_avg_sq) is not cnp.ndarray:
+            raise TypeError(f"adam_step: max_exp_avg_sq must be an ndarray or None")
+        arrays.append(max_exp_avg_sq)
+    cdef cnp.ndarray a
+    for i, a in enumerate(arrays):
+        if not is_native_float(a) or cnp.PyArray_TYPE(a) != type_num:
+            raise TypeError(f"adam_step: expected native float32 or float64 arrays of one dtype, "
+                            f"got {a.dtype} beside {param.dtype}")
+        if (<object>a).shape != (<object>param).shape:
+            raise ValueError(f"adam_step: shape {shape_of(a)} differs from the parameter's {shape_of(param)}")
+        if not cnp.PyArray_CHKFLAGS(a, cnp.NPY_ARRAY_C_CONTIGUOUS | cnp.NPY_ARRAY_ALIGNED):
+            raise ValueError("adam_step: arrays must be C-contiguous and aligned")
+        if i != 3 and not cnp.PyArray_ISWRITEABLE(a):
+            raise ValueError("adam_step: the parameter and the moments must be writable")
+    cdef attnkit_adam_args args
+    args.lr, args.beta1, args.beta2, args.eps = lr, beta1, beta2, eps
+    args.weight_decay, args.step_size = weight_decay, step_size
+    args.bias_correction2_sqrt, args.decoupled = bias_correction2_sqrt, decoupled
+    cdef void* p = cnp.PyArray_DATA(param)
+    cdef void* m = cnp.PyArray_DATA(exp_avg)
+    cdef void* v = cnp.PyArray_DATA(exp_avg_sq)
+    cdef void* vmax = NULL if max_exp_avg_sq is None else cnp.PyArray_DATA(<cnp.ndarray>max_exp_avg_sq)
+    cdef const void* g = cnp.PyArray_DATA(grad)
+    cdef int64_t n = cnp.PyArray_SIZE(param)
+    with nogil:
+        if type_num == cnp.NPY_FLOAT:
+            attnkit_adam_step_f32(<float*>p, <float*>m, <float*>v, <float*>vmax, <const float*>g, n, &args)
+        else:
+            attnkit_adam_step_f64(<double*>p, <double*>m, <double*>v, <double*>vmax, <const double*>g,
+                                  n, &args)
+
+
 def isa_names():
     """Names of the compiled instruction-set paths, lowest first."""
     return [attnkit_isa_name(i).decode() for i in range(ATTNKIT_ISA_COUNT)]

@@ -41,7 +41,9 @@ import math
 
 import numpy as np
 
+from . import _kernels
 from . import functional as F
+from .functional import _contiguous
 
 __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "clip_grad_norm",
            "LRSchedule", "LinearWarmupCosine", "InverseSqrt"]
@@ -231,10 +233,11 @@ class Optimizer:
             if buffer.shape != param.shape:
                 raise ValueError(f"{type(self).__name__}.step: the state {key!r} of {name!r} has "
                                  f"shape {buffer.shape}, but the parameter has {param.shape}")
-            if buffer.dtype != param.dtype:
-                # the module was converted (module.astype) since the last step;
-                # state follows the parameter's dtype, as in PyTorch
-                state[key] = buffer.astype(param.dtype)
+            if buffer.dtype != param.dtype or not buffer.flags.c_contiguous:
+                # the module was converted (module.astype) since the last step:
+                # state follows the parameter's dtype, as in PyTorch (and the
+                # kernels take contiguous state)
+                state[key] = np.ascontiguousarray(buffer, dtype=param.dtype)
         return state
 
     def _new_state(self, param):
@@ -415,46 +418,18 @@ class Adam(Optimizer):
         return state
 
     def _update(self, p, g, state):
+        """One pass of the C kernel (csrc/optim.c), torch's operations in
+        torch's order: attnkit.reference.adam_step is the same in NumPy."""
         h = self._hyper
-        lr, (beta1, beta2), eps, weight_decay = h["lr"], h["betas"], h["eps"], h["weight_decay"]
-        m, v, step = state["exp_avg"], state["exp_avg_sq"], state["step"]
-        scalar = p.dtype.type
-        if weight_decay != 0:
-            if self._decoupled:
-                p *= 1 - lr * weight_decay  # before the gradient step, as PyTorch
-            else:
-                t = np.multiply(p, weight_decay)
-                t += g
-                g = t  # a new array: the module's gradient is not changed
-        # m = lerp(m, g, 1 - beta1) in torch.lerp's two forms (the one for a
-        # weight >= 0.5 is the more accurate there), the weight in p's dtype
-        weight = scalar(1 - beta1)
-        t = np.subtract(g, m)
-        if abs(weight) < 0.5:
-            t *= weight
-            m += t
-        else:
-            t *= scalar(1) - weight
-            np.subtract(g, t, out=m)
-        # v = beta2 * v + ((1 - beta2) * g) * g: addcmul's order
-        v *= beta2
-        np.multiply(g, 1 - beta2, out=t)
-        t *= g
-        v += t
-        if h["amsgrad"]:
-            v = np.maximum(state["max_exp_avg_sq"], v, out=state["max_exp_avg_sq"])
+        beta1, beta2 = h["betas"]
+        step = state["step"]
         # the bias corrections in Python floats, as PyTorch computes them
-        bias_correction1 = 1 - beta1 ** step
-        bias_correction2 = 1 - beta2 ** step
-        step_size = lr / bias_correction1
-        bias_correction2_sqrt = bias_correction2 ** 0.5
-        denom = np.sqrt(v, out=t)
-        denom /= bias_correction2_sqrt
-        denom += eps
-        # p += (-step_size * m) / denom: addcdiv's order
-        u = np.multiply(m, -step_size)
-        u /= denom
-        p += u
+        step_size = h["lr"] / (1 - beta1 ** step)
+        bias_correction2_sqrt = (1 - beta2 ** step) ** 0.5
+        _kernels.adam_step(p, state["exp_avg"], state["exp_avg_sq"],
+                           state["max_exp_avg_sq"] if h["amsgrad"] else None, _contiguous(g),
+                           h["lr"], beta1, beta2, h["eps"], h["weight_decay"], step_size,
+                           bias_correction2_sqrt, self._decoupled)
 
 
 class AdamW(Adam):

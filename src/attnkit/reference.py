@@ -17,7 +17,7 @@ __all__ = ["softmax", "log_softmax", "layer_norm", "rms_norm", "scaled_dot_produ
            "dropout_keep_mask", "linear", "relu", "sigmoid", "gelu", "silu", "batch_norm",
            "multi_head_attention", "softmax_backward", "log_softmax_backward", "layer_norm_backward",
            "rms_norm_backward", "relu_backward", "gelu_backward", "silu_backward",
-           "bias_activation_backward"]
+           "bias_activation_backward", "adam_step"]
 
 
 def _ieee(func):
@@ -483,3 +483,39 @@ def multi_head_attention(query, key, value, state, num_heads, key_padding_mask=N
     if unbatched:
         return out[0], weights[0]
     return (out if batch_first else out.swapaxes(0, 1)), weights
+
+
+def adam_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, lr, betas, eps,
+              weight_decay, step, decoupled):
+    """Adam's update (AdamW's with decoupled=True) as torch.optim's
+    single-tensor implementation computes it, operation for operation in
+    param's dtype, each scalar rounded to it first: the oracle of the C
+    kernel (csrc/optim.c), which must agree bit for bit. `step` counts this
+    update (1 for the first). Returns new arrays (param, exp_avg, exp_avg_sq,
+    max_exp_avg_sq or None); nothing given is changed.
+    """
+    p, g, m, v = (np.array(a) for a in (param, grad, exp_avg, exp_avg_sq))
+    vmax = None if max_exp_avg_sq is None else np.array(max_exp_avg_sq)
+    beta1, beta2 = betas
+    scalar = p.dtype.type
+    if weight_decay != 0:
+        if decoupled:
+            p *= 1 - lr * weight_decay                  # before the gradient step
+        else:
+            g = p * weight_decay + g
+    # m = lerp(m, g, 1 - beta1) in torch.lerp's two forms (the one for a
+    # weight >= 0.5 is the more accurate there), the weight in p's dtype
+    weight = scalar(1 - beta1)
+    t = g - m
+    if abs(weight) < 0.5:
+        m += t * weight
+    else:
+        m = g - t * (scalar(1) - weight)
+    v = v * beta2 + (g * (1 - beta2)) * g           # addcmul's order
+    if vmax is not None:
+        vmax = np.maximum(vmax, v)
+    # the bias corrections in Python floats, as PyTorch computes them
+    step_size = lr / (1 - beta1 ** step)
+    denom = np.sqrt(v if vmax is None else vmax) / (1 - beta2 ** step) ** 0.5 + eps
+    p += (m * -step_size) / denom                   # addcdiv's order
+    return p, m, v, vmax
