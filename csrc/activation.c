@@ -451,3 +451,38 @@ int KERNEL(bias_activation_backward)(real* dx, real* dbias, const real* dy, cons
     colsum_finish(&sums, out);
     return 0;
 }
+
+/* ---------------------------------------------------------------------------
+ * Dropout (the contract is in attnkit.h): a row of ATTNKIT_DROPOUT_ROW
+ * elements shares one hash key, and each element's decision is one more
+ * mix of it with the column, which the compiler vectorises. */
+
+static void dropout_rows(real* out, const real* x, int64_t n, uint32_t threshold, real scale,
+                         uint32_t seed, int64_t first_row, int64_t end_row)
+{
+    for (int64_t r = first_row; r < end_row; r++) {
+        const uint32_t key = attnkit_dropout_row_key(seed, 0, (uint32_t)r);
+        const int64_t begin = r * ATTNKIT_DROPOUT_ROW;
+        const int64_t count = min_i64(n - begin, ATTNKIT_DROPOUT_ROW);
+        real* o = out + begin;
+        const real* in = x + begin;
+        for (int64_t j = 0; j < count; j++)
+            o[j] = attnkit_dropout_keep(key, (uint32_t)j, threshold) ? in[j] * scale : (real)0;
+    }
+}
+
+void KERNEL(dropout)(real* out, const real* x, int64_t n, double p, uint32_t seed)
+{
+    if (n <= 0) return;
+    const uint32_t threshold = (uint32_t)ceil(p * 16777216.0);       /* p as a 24-bit fraction */
+    const real scale = p < 1 ? (real)(1.0 / (1.0 - p)) : (real)0;
+    const int64_t rows = (n + ATTNKIT_DROPOUT_ROW - 1) / ATTNKIT_DROPOUT_ROW;
+    const int threads = attnkit_plan_threads(rows, 4 * ATTNKIT_DROPOUT_ROW);
+    if (threads <= 1) {
+        dropout_rows(out, x, n, threshold, scale, seed, 0, rows);
+        return;
+    }
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < rows; r++)
+        dropout_rows(out, x, n, threshold, scale, seed, r, r + 1);
+}

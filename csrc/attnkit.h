@@ -245,6 +245,14 @@ enum { ATTNKIT_GELU_ERF = 0, ATTNKIT_GELU_TANH = 1, ATTNKIT_SILU = 2, ATTNKIT_ID
  * or -1 when dbias's workspace cannot be allocated.
  */
 
+/* Dropout of n contiguous elements, out = x * (1 / (1 - p)) where element i
+ * is kept, 0 where it is dropped (a dropped NaN too); out may be x. Element i
+ * is kept by attention's hash (attnkit_dropout_keep above) with bh = 0, row
+ * i / ATTNKIT_DROPOUT_ROW and column i % ATTNKIT_DROPOUT_ROW: a function of
+ * (seed, i) alone, so dropout's backward is this same call on the gradient
+ * with the same seed, and nothing is stored between them. */
+enum { ATTNKIT_DROPOUT_ROW = 4096 };
+
 /* ---------------------------------------------------------------------------
  * A linear layer, torch.nn.functional.linear with its tail fused, and its
  * backward (llm.c's matmul_forward / matmul_backward):

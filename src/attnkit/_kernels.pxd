@@ -79,6 +79,8 @@ cdef extern from "attnkit.h" nogil:
     int attnkit_rms_norm_backward_f64(double* dx, double* dweight, const double* dy, const double* rrms, const double* x, const double* weight, int64_t N, int64_t C, int64_t dx_row_stride, int64_t dy_row_stride, int64_t x_row_stride) noexcept
     int attnkit_bias_activation_backward_f32(float* dx, float* dbias, const float* dy, const float* x, const float* bias, int64_t rows, int64_t cols, int kind) noexcept
     int attnkit_bias_activation_backward_f64(double* dx, double* dbias, const double* dy, const double* x, const double* bias, int64_t rows, int64_t cols, int kind) noexcept
+    void attnkit_dropout_f32(float* out, const float* x, int64_t n, double p, uint32_t seed) noexcept
+    void attnkit_dropout_f64(double* out, const double* x, int64_t n, double p, uint32_t seed) noexcept
     int attnkit_linear_f32(float* out, const float* x, const float* w, const float* bias, const float* residual, int64_t M, int64_t N, int64_t K, int64_t x_row, int64_t w_n, int64_t w_k, int kind) noexcept
     int attnkit_linear_f64(double* out, const double* x, const double* w, const double* bias, const double* residual, int64_t M, int64_t N, int64_t K, int64_t x_row, int64_t w_n, int64_t w_k, int kind) noexcept
     int attnkit_linear_backward_f32(float* dx, float* dw, float* dbias, const float* dy, const float* x, const float* w, int64_t M, int64_t N, int64_t K, int64_t x_row, int64_t w_n, int64_t w_k, int64_t dw_n, int64_t dw_k) noexcept

@@ -628,6 +628,32 @@ def bias_activation(cnp.ndarray out, cnp.ndarray x, object bias, str name):
     return out
 
 
+def dropout(cnp.ndarray out, cnp.ndarray x, double p, uint32_t seed):
+    """out = x / (1 - p) where the hash of (seed, element) keeps it, else 0;
+    x and out C-contiguous, aligned, of one shape and float dtype (out may be x)."""
+    cdef int type_num = cnp.PyArray_TYPE(x)
+    if not is_native_float(x) or cnp.PyArray_TYPE(out) != type_num or not cnp.PyArray_ISNOTSWAPPED(out):
+        raise TypeError(f"dropout: expected native float32 or float64 arrays, got {x.dtype}, {out.dtype}")
+    if (<object>out).shape != (<object>x).shape:
+        raise ValueError(f"dropout: output shape {shape_of(out)} differs from input {shape_of(x)}")
+    for arr in (x, out):
+        if not cnp.PyArray_CHKFLAGS(arr, cnp.NPY_ARRAY_C_CONTIGUOUS | cnp.NPY_ARRAY_ALIGNED):
+            raise ValueError("dropout: arrays must be C-contiguous and aligned")
+    if not cnp.PyArray_ISWRITEABLE(out):
+        raise ValueError("dropout: output is read-only")
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout: p must be in [0, 1], got {p}")
+    cdef int64_t n = cnp.PyArray_SIZE(x)
+    cdef void* po = cnp.PyArray_DATA(out)
+    cdef const void* px = cnp.PyArray_DATA(x)
+    with nogil:
+        if type_num == cnp.NPY_FLOAT:
+            attnkit_dropout_f32(<float*>po, <const float*>px, n, p, seed)
+        else:
+            attnkit_dropout_f64(<double*>po, <const double*>px, n, p, seed)
+    return out
+
+
 def bias_activation_backward(cnp.ndarray dx, object dbias, cnp.ndarray dy, cnp.ndarray x,
                              object bias, str name):
     """dx = dy * f'(x + bias) elementwise, f one of ACTIVATIONS, and dbias (x's

@@ -725,11 +725,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                 raise ValueError(f"{func}: pass rng or dropout_seed, not both")
             seed = _dropout_seed(dropout_seed, func)
         else:
-            if rng is None:
-                rng = np.random.default_rng()
-            elif not isinstance(rng, np.random.Generator):
-                raise TypeError(f"{func}: rng must be a numpy.random.Generator, got {type(rng).__name__}")
-            seed = int(rng.integers(0, 2**32, dtype=np.uint64))
+            seed = _draw_dropout_seed(rng, func)
 
     want_weights = mean_weights or return_weights
     # The kernel works on E, Ev >= 1. With E = 0 every score is an empty dot
@@ -1099,32 +1095,43 @@ def bias_activation_backward(grad, x, bias=None, activation=None):
     return _activation_backward(grad, x, bias, activation or "identity", func, True)
 
 
-def dropout(x, p=0.5, training=True, *, rng=None):
+def dropout(x, p=0.5, training=True, *, rng=None, seed=None):
     """Zero each element with probability p and scale the rest by 1/(1-p)
-    when training; x itself otherwise. rng: a NumPy Generator (seeded for
-    reproducible masks)."""
-    x = _as_float_array(x, "dropout")
-    p = _real(p, "dropout", "p")
-    training = _flag(training, "dropout", "training")
+    when training; x itself otherwise.
+
+    Which elements are dropped is a hash of (seed, element index), computed
+    in C in the same pass (the same hash as attention's dropout; the NumPy
+    reference is attnkit.reference.dropout). seed: an int in [0, 2**32), or
+    None to draw one from rng (a NumPy Generator; seeded for reproducible
+    masks) or, without rng, from a fresh one. Dropout's backward is this same
+    function applied to the gradient with the same seed:
+    dropout(grad, p, seed=seed) drops what the forward dropped.
+    """
+    func = "dropout"
+    x = _as_float_array(x, func)
+    p = _real(p, func, "p")
+    training = _flag(training, func, "training")
     if not 0.0 <= p <= 1.0:
-        raise ValueError(f"dropout: p must be in [0, 1], got {p}")
+        raise ValueError(f"{func}: p must be in [0, 1], got {p}")
+    if seed is not None:
+        if rng is not None:
+            raise ValueError(f"{func}: pass rng or seed, not both")
+        seed = _dropout_seed(seed, func)
     if not training or p == 0.0:
         return x
-    return _dropped(x, _dropout_keep(x.shape, p, rng), p)
+    if seed is None:
+        seed = _draw_dropout_seed(rng, func)
+    x = _contiguous(x)
+    return _kernels.dropout(np.empty_like(x), x, p, seed)
 
 
-def _dropout_keep(shape, p, rng):
-    """Which elements dropout keeps: each with probability 1 - p, drawn from rng."""
-    if p == 1.0:
-        return np.zeros(shape, bool)
-    return (rng if rng is not None else np.random.default_rng()).random(shape) >= p
-
-
-def _dropped(x, keep, p):
-    """x where keep, scaled by 1/(1-p); 0 elsewhere (dropout's forward, and its backward)."""
-    if p == 1.0:
-        return np.zeros_like(x)
-    return np.where(keep, x / x.dtype.type(1 - p), 0).astype(x.dtype, copy=False)
+def _draw_dropout_seed(rng, func):
+    """A dropout seed drawn from rng (a fresh generator if None): one number a call."""
+    if rng is None:
+        rng = np.random.default_rng()
+    elif not isinstance(rng, np.random.Generator):
+        raise TypeError(f"{func}: rng must be a numpy.random.Generator, got {type(rng).__name__}")
+    return int(rng.integers(0, 2**32, dtype=np.uint64))
 
 
 def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False,

@@ -17,7 +17,7 @@ __all__ = ["softmax", "log_softmax", "layer_norm", "rms_norm", "scaled_dot_produ
            "dropout_keep_mask", "linear", "relu", "sigmoid", "gelu", "silu", "batch_norm",
            "multi_head_attention", "softmax_backward", "log_softmax_backward", "layer_norm_backward",
            "rms_norm_backward", "relu_backward", "gelu_backward", "silu_backward",
-           "bias_activation_backward", "adam_step"]
+           "bias_activation_backward", "adam_step", "dropout"]
 
 
 def _ieee(func):
@@ -215,6 +215,19 @@ def dropout_keep_mask(seed, shape, p):
         h = _mix32(key[:, :, None] ^ j[None, None, :])                       # (BH, L, S)
     threshold = np.ceil(p * 16777216.0)
     return ((h >> np.uint32(8)) >= threshold).reshape(shape)
+
+
+def dropout(x, p, seed, *, dtype=np.float64):
+    """Dropout as attnkit.dropout(x, p, seed=seed) computes it: element i of
+    the flattened x is kept when dropout_keep_mask's hash of (seed, bh = 0,
+    row i // 4096, column i % 4096) keeps it, and kept elements are scaled by
+    1 / (1 - p) (0 for p = 1), dropped ones are 0."""
+    x = np.asarray(x, dtype=dtype)
+    n, row = x.size, 4096
+    rows = -(-n // row)
+    keep = dropout_keep_mask(seed, (1, rows, row), p).reshape(-1)[:n].reshape(x.shape)
+    scale = dtype(1 / (1 - p)) if p < 1 else dtype(0)
+    return np.where(keep, x * scale, dtype(0))
 
 
 @_ieee

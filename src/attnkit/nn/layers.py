@@ -238,15 +238,16 @@ class Dropout(Module):
         if not self.training or self.p == 0.0:
             self._save(None, x.shape, x.dtype)
             return x
-        keep = F._dropout_keep(x.shape, self.p, self.rng)
-        self._save(keep, x.shape, x.dtype)
-        return F._dropped(x, keep, self.p)
+        seed = F._draw_dropout_seed(self.rng, "Dropout")   # all that backward needs: no mask kept
+        self._save(seed, x.shape, x.dtype)
+        return F.dropout(x, self.p, seed=seed)
 
     def _backward(self, grad):
-        """The same elements dropped, the rest scaled by 1/(1-p), as forward."""
-        keep, shape, dtype = self._saved
+        """The same elements dropped, the rest scaled by 1/(1-p), as forward:
+        dropout of the gradient with the forward's seed."""
+        seed, shape, dtype = self._saved
         grad = self._check_grad(grad, shape, dtype)
-        return grad if keep is None else F._dropped(grad, keep, self.p)
+        return grad if seed is None else F.dropout(grad, self.p, seed=seed)
 
     def extra_repr(self):
         return f"p={self.p}"
