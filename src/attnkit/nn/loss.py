@@ -137,6 +137,18 @@ class CrossEntropyLoss(_Loss):
                 raise ValueError(f"{name}: target holds class {int(t[bad].flat[0])}, outside [0, {C}) "
                                  f"(and not ignore_index={self.ignore_index})")
             safe = np.where(counted, t, 0)
+            picked_weight = np.where(counted, 1.0 if w is None else w[safe], 0)
+            divisor = float(np.sum(picked_weight, dtype=np.float64))
+            if eps == 0:
+                # one class counts per element: gather its logp rather than
+                # spell out a dense one-hot coefficient (class count times larger)
+                index = np.expand_dims(safe, axis)
+                picked = np.take_along_axis(logp, index, axis=axis).squeeze(axis)       # rest
+                # an ignored element adds 0, even where its stand-in class's logp is -inf
+                per_element = np.multiply(-picked, picked_weight.astype(x.dtype), where=counted,
+                                          out=np.zeros(rest, x.dtype))
+                self._saved = (logp, (index, picked_weight.astype(x.dtype)), axis, divisor, rest)
+                return self._reduced(per_element.astype(x.dtype), divisor)
             onehot = np.expand_dims(safe, axis) == np.arange(C).reshape((C,) + (1,) * (x.ndim - axis - 1))
             # the coefficient of each logp in the loss, per element: (1 - e) at the
             # target class and e / C everywhere, times the class weights
@@ -144,8 +156,6 @@ class CrossEntropyLoss(_Loss):
             if w_b is not None:
                 coef = coef * w_b
             coef = np.where(np.expand_dims(counted, axis), coef, 0).astype(x.dtype)
-            picked_weight = np.where(counted, 1.0 if w is None else w[safe], 0)
-            divisor = float(np.sum(picked_weight, dtype=np.float64))
         else:
             t = F._as_float_array(target, name, "target")
             if t.shape != x.shape:
@@ -173,6 +183,15 @@ class CrossEntropyLoss(_Loss):
         if self.reduction == "mean":
             g = g / divisor if divisor else 0.0 * g
         scale = np.expand_dims(g, axis) if self.reduction == "none" else g
+        if isinstance(coef, tuple):
+            # one class per element, coefficient w at it: log_softmax's backward
+            # of -w scale there is (softmax - onehot) w scale
+            index, picked_weight = coef
+            factor = (np.expand_dims(picked_weight, axis) * scale).astype(logp.dtype)
+            dx = np.exp(logp)
+            dx *= factor
+            np.put_along_axis(dx, index, np.take_along_axis(dx, index, axis=axis) - factor, axis=axis)
+            return dx
         return log_softmax_backward((-coef * scale).astype(logp.dtype), logp, axis=axis)
 
 
