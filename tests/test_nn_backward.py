@@ -207,3 +207,14 @@ def test_a_trained_module_pickles_with_its_gradients():
     lin.backward(np.ones((1, 2), np.float32))
     clone = pickle.loads(pickle.dumps(lin))
     np.testing.assert_array_equal(clone.grads()["weight"], lin.grads()["weight"])
+
+
+def test_a_copy_carries_no_activations():
+    import copy
+    lin = nn.Linear(3, 2, rng=np.random.default_rng(16))
+    lin(np.ones((4, 3), np.float32))
+    for clone in (pickle.loads(pickle.dumps(lin)), copy.deepcopy(lin)):
+        assert clone._saved is None
+        with pytest.raises(RuntimeError, match="no training-mode forward"):
+            clone.backward(np.ones((4, 2), np.float32))
+    assert lin._saved is not None                              # the original keeps its own

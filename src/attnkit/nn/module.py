@@ -261,6 +261,13 @@ class Module:
     def __call__(self, *args, **kwargs):
         return self.forward(*args, **kwargs)
 
+    def __getstate__(self):
+        # what a forward kept for backward is not part of the model: a pickle
+        # or a deep copy carries parameters, buffers and gradients, not activations
+        state = self.__dict__.copy()
+        state["_saved"] = None
+        return state
+
     # -- gradients -------------------------------------------------------------
     def backward(self, grad_output):
         """The gradient of the last training-mode forward call's array input
