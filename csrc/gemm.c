@@ -381,6 +381,15 @@ static void product_task(const product_workspace* ws, real* c, int64_t ldc, cons
             for (int64_t m = 0; m < rows; m += MR) {
                 const int64_t mr = min_i64(MR, rows - m);
                 real* dst = ws->a + m * kc;
+                if (a_row == 1 && mr == MR) {
+                    /* A stored transposed (dy^T, for dw): each k's MR values are
+                     * side by side, so copy them a k at a time, not gather a row
+                     * at a time down a column */
+                    const real* src = a + m0 + m + k0 * a_k;
+                    for (int64_t kk = 0; kk < kc; kk++)
+                        for (int64_t i = 0; i < MR; i++) dst[kk * MR + i] = src[kk * a_k + i];
+                    continue;
+                }
                 for (int64_t i = 0; i < MR; i++) {
                     const real* src = a + (m0 + m + (i < mr ? i : mr - 1)) * a_row + k0 * a_k;
                     for (int64_t kk = 0; kk < kc; kk++) dst[kk * MR + i] = src[kk * a_k];
