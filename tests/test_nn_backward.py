@@ -218,3 +218,10 @@ def test_a_copy_carries_no_activations():
         with pytest.raises(RuntimeError, match="no training-mode forward"):
             clone.backward(np.ones((4, 2), np.float32))
     assert lin._saved is not None                              # the original keeps its own
+
+
+def test_grads_of_the_trainable_parameters_only():
+    model = nn.Sequential([nn.Linear(3, 4, rng=np.random.default_rng(17)), nn.Linear(4, 2)])
+    model.freeze("0")
+    assert list(model.grads(trainable_only=True)) == ["1.weight", "1.bias"]
+    assert list(model.grads()) == ["0.weight", "0.bias", "1.weight", "1.bias"]

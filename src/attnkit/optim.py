@@ -195,7 +195,7 @@ class Optimizer:
 
     def _work(self, owner):
         """(name, parameter, gradient) for the trainable parameters, checked."""
-        grads = self._module.grads()
+        grads = self._module.grads(trainable_only=True)
         seen = {}
         work = []
         for name, param in self._module.trainable_parameters():
@@ -479,7 +479,7 @@ def clip_grad_norm(module, max_norm, norm_type=2.0, error_if_nonfinite=False):
     if not p > 0:
         raise ValueError(f"{owner}: norm_type must be a positive number or inf, got {norm_type!r}")
     error_if_nonfinite = F._flag(error_if_nonfinite, owner, "error_if_nonfinite")
-    all_grads = module.grads()
+    all_grads = module.grads(trainable_only=True)
     grads = [all_grads[name] for name, _ in module.trainable_parameters()]
     if not grads:
         return 0.0

@@ -325,11 +325,13 @@ class Module:
         if buffer is not False and grad is not None:
             buffer += grad
 
-    def grads(self):
+    def grads(self, trainable_only=False):
         """name -> gradient, for exactly the parameters of named_parameters(),
         each of its parameter's shape and dtype: what backward calls have
         accumulated since zero_grad() (zeros where none has; a frozen
-        parameter's stays zero). The arrays are the module's own."""
+        parameter's stays zero). The arrays are the module's own.
+        trainable_only=True leaves the frozen ones out (what an optimiser
+        reads, without making their zeros)."""
         out = collections.OrderedDict()
         for prefix, module in self.named_modules():
             for name, value in module._parameters.items():
@@ -337,6 +339,8 @@ class Module:
                     continue
                 grad = module._grad_buffer(name)           # kept, so that later
                 if grad is False:                          # backward calls add to it
+                    if trainable_only:
+                        continue
                     grad = np.zeros(value.shape, value.dtype)
                 out[(prefix + "." if prefix else "") + name] = grad
         return out
