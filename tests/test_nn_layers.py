@@ -542,7 +542,7 @@ def test_dropout_train_and_eval(rng):
     assert y.dtype == np.float32 and y.shape == x.shape
     kept = y != 0
     assert abs(kept.mean() - 0.7) < 0.01, kept.mean()
-    np.testing.assert_array_equal(y[kept], x[kept] / np.float32(0.7))
+    np.testing.assert_array_equal(y[kept], x[kept] * np.float32(1 / 0.7))   # scaled by 1/(1-p)
     drop.eval()
     np.testing.assert_array_equal(drop(x), x)
     drop.train()
