@@ -44,6 +44,7 @@ import numpy as np
 from . import _kernels
 from . import functional as F
 from .functional import _contiguous
+from .nn.module import key_mismatch
 
 __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "clip_grad_norm",
            "LRSchedule", "LinearWarmupCosine", "InverseSqrt"]
@@ -110,12 +111,7 @@ def _same_keys(given, expected, owner, what):
     missing = [k for k in expected if k not in given]
     unexpected = [k for k in given if k not in expected]
     if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {', '.join(map(str, missing))}")
-        if unexpected:
-            parts.append(f"unexpected keys: {', '.join(map(str, unexpected))}")
-        raise KeyError(f"{owner}: {what}: " + "; ".join(parts))
+        raise KeyError(f"{owner}: {what}: " + key_mismatch(missing, unexpected))
 
 
 # ---------------------------------------------------------------------------

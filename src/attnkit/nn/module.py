@@ -27,6 +27,17 @@ __all__ = ["Module", "Sequential", "ModuleList"]
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
 
+def key_mismatch(missing, unexpected):
+    """"missing keys: ...; unexpected keys: ...", the part of a state-dict
+    error that lists them (Module's and the optimisers' load_state_dict)."""
+    parts = []
+    if missing:
+        parts.append(f"missing keys: {', '.join(map(str, missing))}")
+    if unexpected:
+        parts.append(f"unexpected keys: {', '.join(map(str, unexpected))}")
+    return "; ".join(parts)
+
+
 def _as_numpy(value, key):
     """A state-dict value as an ndarray: NumPy arrays, anything with
     __array__, and PyTorch tensors (detached, moved to the CPU) without
@@ -226,12 +237,8 @@ class Module:
         missing = [k for k in own if k not in state_dict]
         unexpected = [k for k in state_dict if k not in own]
         if strict and (missing or unexpected):
-            parts = []
-            if missing:
-                parts.append(f"missing keys: {', '.join(missing)}")
-            if unexpected:
-                parts.append(f"unexpected keys: {', '.join(unexpected)}")
-            raise KeyError(f"load_state_dict for {type(self).__name__}: " + "; ".join(parts))
+            raise KeyError(f"load_state_dict for {type(self).__name__}: "
+                           + key_mismatch(missing, unexpected))
         for key, target in own.items():
             if key not in state_dict:
                 continue
