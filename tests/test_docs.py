@@ -7,6 +7,7 @@ import pytest
 import attnkit
 import attnkit.nn.loss
 import attnkit.optim
+import attnkit.plot
 
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 
@@ -17,7 +18,8 @@ def test_readme_examples():
     assert result.attempted > 0 and result.failed == 0
 
 
-@pytest.mark.parametrize("module", [attnkit, attnkit.nn, attnkit.nn.loss, attnkit.optim],
+@pytest.mark.parametrize("module", [attnkit, attnkit.nn, attnkit.nn.loss, attnkit.optim,
+                                    attnkit.plot],
                          ids=lambda m: m.__name__)
 def test_package_docstring_examples(module):
     result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)

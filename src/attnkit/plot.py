@@ -1,0 +1,150 @@
+"""attnkit.plot: pictures of what attention computes, with matplotlib.
+
+matplotlib is an optional extra (`pip install "attnkit[plot]"`); `import
+attnkit` never imports it, and this module imports it only when a function
+here is called.
+
+    >>> import numpy as np
+    >>> from attnkit import plot
+    >>> w = np.array([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1]])
+    >>> ax = plot.attention_heatmap(w, query_tokens=["the", "cat"],
+    ...                             key_tokens=["le", "chat", "noir"])
+    >>> [t.get_text() for t in ax.get_xticklabels()]
+    ['le', 'chat', 'noir']
+
+Each function draws into the axes (or figure) it is given, or a new one,
+and returns it, so a caller can add to it, save it (`ax.figure.savefig(...)`)
+or show it.
+"""
+import numpy as np
+
+__all__ = ["attention_heatmap", "attention_grid", "positional_encoding_heatmap"]
+
+
+def _pyplot():
+    try:
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ImportError("attnkit.plot needs matplotlib: pip install \"attnkit[plot]\" "
+                          "(or pip install matplotlib)") from None
+    return plt
+
+
+def _labels(tokens, length, name, func):
+    if tokens is None:
+        return None
+    tokens = [str(t) for t in tokens]
+    if len(tokens) != length:
+        raise ValueError(f"{func}: {name} has {len(tokens)} tokens but the weights have {length} "
+                         f"{'rows' if name == 'query_tokens' else 'columns'}")
+    return tokens
+
+
+def attention_heatmap(weights, query_tokens=None, key_tokens=None, *, ax=None, title=None,
+                      cmap="viridis", colorbar=True, annotate=False):
+    """One head's weights (L, S) as a heatmap: row i is what query i attends
+    to, column j key j; darker is less. query_tokens (L) and key_tokens (S)
+    label the rows and columns (key_tokens defaults to query_tokens for
+    self-attention). annotate=True writes each weight in its cell (for small
+    matrices). Returns the axes."""
+    func = "attention_heatmap"
+    w = np.asarray(weights)
+    if w.ndim != 2:
+        raise ValueError(f"{func}: weights must be (L, S), one head's; got shape {w.shape} "
+                         "(for several heads or layers, use attention_grid)")
+    if key_tokens is None and query_tokens is not None and w.shape[0] == w.shape[1]:
+        key_tokens = query_tokens
+    rows = _labels(query_tokens, w.shape[0], "query_tokens", func)
+    cols = _labels(key_tokens, w.shape[1], "key_tokens", func)
+    plt = _pyplot()
+    if ax is None:
+        _, ax = plt.subplots(figsize=(1.0 + 0.45 * w.shape[1], 0.8 + 0.4 * w.shape[0]))
+    image = ax.imshow(w, cmap=cmap, vmin=0.0, vmax=max(1e-12, float(np.nanmax(w))) if w.size else 1.0,
+                      aspect="auto")
+    ax.set_xticks(range(w.shape[1]))
+    ax.set_yticks(range(w.shape[0]))
+    if cols is not None:
+        ax.set_xticklabels(cols, rotation=60, ha="right")
+    if rows is not None:
+        ax.set_yticklabels(rows)
+    ax.set_xlabel("key (attended to)")
+    ax.set_ylabel("query (attending)")
+    if annotate:
+        for i in range(w.shape[0]):
+            for j in range(w.shape[1]):
+                ax.text(j, i, f"{w[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if w[i, j] < 0.5 * np.nanmax(w) else "black")
+    if title:
+        ax.set_title(title)
+    if colorbar:
+        ax.figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    return ax
+
+
+def attention_grid(attentions, tokens=None, *, layers=None, heads=None, cmap="viridis",
+                   cell_size=1.6, title=None):
+    """Every head of every layer, a grid of heatmaps: rows are layers,
+    columns heads. attentions: one sample's weights per layer, a sequence of
+    (H, L, L) arrays (e.g. [a[n] for a in BertModel(..., output_attentions=
+    True).attentions]), or one (layers, H, L, L) array, or one layer's (H, L,
+    S). tokens (L) label the axes of the outer cells. layers, heads: which to
+    draw (indices; default all). Returns the figure."""
+    func = "attention_grid"
+    stack = np.asarray(attentions) if not isinstance(attentions, (list, tuple)) else \
+        np.stack([np.asarray(a) for a in attentions])
+    if stack.ndim == 3:
+        stack = stack[None]
+    if stack.ndim != 4:
+        raise ValueError(f"{func}: attentions must be (layers, heads, L, S) or a sequence of "
+                         f"(heads, L, S) per layer, for one sample; got shape {stack.shape}")
+    layers = range(stack.shape[0]) if layers is None else list(layers)
+    heads = range(stack.shape[1]) if heads is None else list(heads)
+    layers, heads = list(layers), list(heads)
+    if not layers or not heads:
+        raise ValueError(f"{func}: nothing to draw (layers {layers}, heads {heads})")
+    labels = _labels(tokens, stack.shape[2], "tokens", func)
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(layers), len(heads), squeeze=False,
+                             figsize=(cell_size * len(heads) + 1, cell_size * len(layers) + 0.5))
+    for r, layer in enumerate(layers):
+        for c, head in enumerate(heads):
+            ax = axes[r, c]
+            ax.imshow(stack[layer, head], cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(f"head {head}", fontsize=8)
+            if c == 0:
+                ax.set_ylabel(f"layer {layer}", fontsize=8)
+            if labels is not None and r == len(layers) - 1 and stack.shape[3] == len(labels):
+                ax.set_xticks(range(len(labels)))
+                ax.set_xticklabels(labels, rotation=90, fontsize=6)
+            if labels is not None and c == 0:
+                ax.set_yticks(range(len(labels)))
+                ax.set_yticklabels(labels, fontsize=6)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def positional_encoding_heatmap(table, *, ax=None, title="positional encoding", cmap="RdBu_r"):
+    """A position-encoding table (positions, dim), e.g.
+    nn.sinusoidal_positional_encoding(64, 128) or a learned embedding's
+    weight, as a heatmap: a row per position, a column per feature (the
+    sinusoidal one's low features turn fast, its high ones slowly). Returns
+    the axes."""
+    t = np.asarray(table)
+    if t.ndim != 2:
+        raise ValueError(f"positional_encoding_heatmap: table must be (positions, dim), got shape {t.shape}")
+    plt = _pyplot()
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 4))
+    limit = max(1e-12, float(np.nanmax(np.abs(t)))) if t.size else 1.0
+    image = ax.imshow(t, cmap=cmap, vmin=-limit, vmax=limit, aspect="auto")
+    ax.set_xlabel("feature")
+    ax.set_ylabel("position")
+    if title:
+        ax.set_title(title)
+    ax.figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    return ax

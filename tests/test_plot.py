@@ -1,0 +1,77 @@
+"""attnkit.plot draws what it is given (the pixels' data are the weights,
+the labels the tokens), says clearly what it wants, and importing attnkit
+never imports matplotlib."""
+import subprocess
+import sys
+
+import matplotlib
+import numpy as np
+import pytest
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from attnkit import nn, plot  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def close_figures():
+    yield
+    plt.close("all")
+
+
+def test_heatmap_shows_the_weights_and_the_tokens():
+    w = np.random.default_rng(0).dirichlet(np.ones(4), size=3)             # (3, 4), rows sum to 1
+    ax = plot.attention_heatmap(w, query_tokens=["a", "b", "c"], key_tokens=list("wxyz"),
+                                title="one head", annotate=True)
+    np.testing.assert_array_equal(ax.images[0].get_array(), w)
+    assert [t.get_text() for t in ax.get_xticklabels()] == list("wxyz")
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["a", "b", "c"]
+    assert ax.get_title() == "one head" and len(ax.texts) == 12
+
+
+def test_heatmap_of_self_attention_labels_both_axes_with_the_tokens():
+    ax = plot.attention_heatmap(np.eye(3), query_tokens=["x", "y", "z"])
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["x", "y", "z"]
+
+
+def test_grid_draws_every_layer_and_head():
+    rng = np.random.default_rng(1)
+    attentions = [rng.dirichlet(np.ones(5), size=(2, 5)) for _ in range(3)]    # 3 layers of (2, 5, 5)
+    fig = plot.attention_grid(attentions, tokens=list("abcde"), title="all heads")
+    assert len(fig.axes) == 6
+    np.testing.assert_array_equal(fig.axes[3].images[0].get_array(), attentions[1][1])  # layer 1, head 1
+    fig = plot.attention_grid(np.stack(attentions), layers=[2], heads=[0])
+    assert len(fig.axes) == 1
+    np.testing.assert_array_equal(fig.axes[0].images[0].get_array(), attentions[2][0])
+
+
+def test_grid_of_a_real_multi_head_attention():
+    m = nn.MultiHeadAttention(8, 2, batch_first=True, rng=np.random.default_rng(2)).eval()
+    x = np.random.default_rng(3).standard_normal((1, 4, 8)).astype(np.float32)
+    _, weights = m(x, x, x, average_attn_weights=False)                      # (1, 2, 4, 4)
+    fig = plot.attention_grid(weights[0], tokens=["I", "saw", "a", "cat"])
+    assert len(fig.axes) == 2
+
+
+def test_positional_encoding_heatmap():
+    table = nn.sinusoidal_positional_encoding(16, 8)
+    ax = plot.positional_encoding_heatmap(table)
+    np.testing.assert_array_equal(ax.images[0].get_array(), table)
+
+
+def test_bad_input_says_what_is_wanted():
+    with pytest.raises(ValueError, match=r"weights must be \(L, S\).*attention_grid"):
+        plot.attention_heatmap(np.ones((2, 3, 3)))
+    with pytest.raises(ValueError, match="query_tokens has 2 tokens but the weights have 3 rows"):
+        plot.attention_heatmap(np.ones((3, 3)), query_tokens=["a", "b"])
+    with pytest.raises(ValueError, match=r"\(layers, heads, L, S\)"):
+        plot.attention_grid(np.ones((3, 3)))
+    with pytest.raises(ValueError, match=r"\(positions, dim\)"):
+        plot.positional_encoding_heatmap(np.ones(4))
+
+
+def test_importing_attnkit_does_not_import_matplotlib():
+    code = "import sys, attnkit, attnkit.nn, attnkit.models; print('matplotlib' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
