@@ -14,7 +14,7 @@ does what sentence-transformers does for all-MiniLM-L6-v2: mean pooling over
 the tokens the attention mask keeps, then L2 normalisation. Nothing is
 fetched from the network.
 """
-from .bert import BertConfig, BertModel
+from .bert import BertConfig, BertModel, BertOutput
 from .sentence import SentenceEncoder, find_checkpoint
 
-__all__ = ["BertConfig", "BertModel", "SentenceEncoder", "find_checkpoint"]
+__all__ = ["BertConfig", "BertModel", "BertOutput", "SentenceEncoder", "find_checkpoint"]

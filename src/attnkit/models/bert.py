@@ -25,7 +25,7 @@ from ..io import load_state_dict
 from ..nn import Dropout, Embedding, LayerNorm, Linear, Module, ModuleList
 from ..nn.layers import ACTIVATION_BACKWARDS, get_activation
 
-__all__ = ["BertConfig", "BertModel"]
+__all__ = ["BertConfig", "BertModel", "BertOutput"]
 
 
 @dataclass
@@ -75,6 +75,24 @@ class BertConfig:
 # Hugging Face's hidden_act names -> F.linear's activation names
 _ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
                 "relu": "relu", "silu": "silu", "swish": "silu"}
+
+
+@dataclass(frozen=True)
+class BertOutput:
+    """What BertModel.forward returns when asked for more than the last
+    hidden states (Hugging Face's BaseModelOutput, without the pooler).
+
+    last_hidden_state: (N, L, hidden), what forward returns by default.
+    hidden_states: with output_hidden_states, a tuple of num_layers + 1
+        arrays (N, L, hidden): the embeddings' output, then each layer's
+        output (the last is last_hidden_state); else None.
+    attentions: with output_attentions, a tuple of num_layers arrays
+        (N, heads, L, L): each layer's softmax weights, padded keys masked
+        out (weight 0), before dropout; else None.
+    """
+    last_hidden_state: np.ndarray
+    hidden_states: tuple = None
+    attentions: tuple = None
 
 
 class _Container(Module):
@@ -127,8 +145,10 @@ class BertSelfAttention(Module):
         self.dropout_p = c.attention_probs_dropout_prob
         self.rng = rng if rng is not None else np.random.default_rng()
 
-    def forward(self, x, key_mask):
-        """x (N, L, hidden), key_mask (N, 1, 1, L) bool True = attend."""
+    def forward(self, x, key_mask, output_attentions=False):
+        """x (N, L, hidden), key_mask (N, 1, 1, L) bool True = attend ->
+        (N, L, hidden); with output_attentions, (that, the softmax weights
+        (N, H, L, L) before dropout)."""
         N, L, hidden = x.shape
         H, d = self.num_heads, self.head_dim
 
@@ -136,16 +156,30 @@ class BertSelfAttention(Module):
             return projection(x).reshape(N, L, H, d).transpose(0, 2, 1, 3)
 
         q, k, v = heads(self.query), heads(self.key), heads(self.value)
+        weights = None
         if not self.training:
-            context = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)   # (N, H, L, d)
+            if output_attentions:
+                context, weights = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask,
+                                                                  return_weights=True)
+            else:
+                context = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)  # (N, H, L, d)
         else:
             # dropout of the weights, replayed by backward from the same seed
             p = self.dropout_p
             seed = int(self.rng.integers(2**32)) if p > 0 else None
-            context, lse = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=p,
-                                                          dropout_seed=seed, return_lse=True)
+            if output_attentions and seed is None:       # no dropout: the weights are the ones used
+                context, weights, lse = F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=key_mask, return_weights=True, return_lse=True)
+            else:
+                context, lse = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=p,
+                                                              dropout_seed=seed, return_lse=True)
+                if output_attentions:
+                    # the kernel's weights would include the dropout; these are before it
+                    _, weights = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask,
+                                                                return_weights=True)
             self._save(q, k, v, key_mask, context, lse, seed)
-        return context.transpose(0, 2, 1, 3).reshape(N, L, hidden)         # heads side by side
+        out = context.transpose(0, 2, 1, 3).reshape(N, L, hidden)          # heads side by side
+        return (out, weights) if output_attentions else out
 
     def _backward(self, grad):
         """d_x: the attention's gradients to its queries, keys and values go
@@ -198,16 +232,24 @@ class BertLayer(Module):
         self.output = BertOutputBlock(c.intermediate_size, c, dtype, rng)
         self.activation = _ACTIVATIONS[c.hidden_act]
 
-    def forward(self, x, key_mask):
-        a = self.attention.output(getattr(self.attention, "self")(x, key_mask), x)
+    def extra_repr(self):
+        return f"activation={self.activation}"
+
+    def forward(self, x, key_mask, output_attentions=False):
+        """(N, L, hidden); with output_attentions, (that, the attention's
+        weights (N, H, L, L))."""
+        s = getattr(self.attention, "self")(x, key_mask, output_attentions)
+        s, weights = s if output_attentions else (s, None)
+        a = self.attention.output(s, x)
         dense = self.intermediate.dense
         if not self.training:                              # bias and activation in one pass
             h = F.linear(a, dense.weight, dense.bias, activation=self.activation)  # (N, L, intermediate)
-            return self.output(h, a)
-        pre = dense(a)
-        out = self.output(get_activation(self.activation)(pre), a)
-        self._save(pre)
-        return out
+            out = self.output(h, a)
+        else:
+            pre = dense(a)
+            out = self.output(get_activation(self.activation)(pre), a)
+            self._save(pre)
+        return (out, weights) if output_attentions else out
 
     def _backward(self, grad):
         (pre,) = self._saved
@@ -222,8 +264,25 @@ class BertModel(Module):
     """BERT's embeddings and encoder; forward gives the last hidden states.
 
     forward(input_ids (N, L) ints, attention_mask (N, L) 1/0 or bool =
-    None, token_type_ids (N, L) = None) -> (N, L, hidden). The pooler of a
+    None, token_type_ids (N, L) = None, *, output_attentions=False,
+    output_hidden_states=False) -> (N, L, hidden). The pooler of a
     checkpoint, if present, is not loaded (sentence embeddings do not use it).
+
+    To look inside, as Hugging Face's output_attentions and
+    output_hidden_states: with either True, forward returns a BertOutput
+    instead, whose last_hidden_state is the array above, hidden_states (if
+    asked) a tuple of num_layers + 1 arrays (N, L, hidden), the embeddings'
+    output then each layer's, and attentions (if asked) a tuple of
+    num_layers arrays (N, heads, L, L), the softmax weights of each layer's
+    heads: padded keys get weight 0, each query's row sums to 1 over the
+    others (a padded query attends as any other), and the weights are those
+    before attention dropout (in training mode too), as Hugging Face's eval
+    mode gives. With both False nothing extra is computed or kept.
+
+    In training mode model.backward(grad) takes grad, the gradient of
+    last_hidden_state only (N, L, hidden), whatever was returned: the
+    attentions and the hidden states are outputs to look at, not to
+    differentiate.
     """
 
     def __init__(self, config, *, dtype=np.float32, rng=None):
@@ -251,7 +310,8 @@ class BertModel(Module):
         model.load_state_dict(state)
         return model.eval()
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, *,
+                output_attentions=False, output_hidden_states=False):
         input_ids = np.asarray(input_ids)
         if input_ids.ndim != 2 or input_ids.dtype.kind not in "iu":
             raise ValueError(f"BertModel: input_ids must be (N, L) integers, got {input_ids.dtype} "
@@ -264,10 +324,24 @@ class BertModel(Module):
                              f"{token_type_ids.shape} must be {(N, L)}")
         key_mask = mask.reshape(N, 1, 1, L)        # padded keys are not attended to
         x = self.embeddings(input_ids, token_type_ids)
+        if not (output_attentions or output_hidden_states):
+            for layer in self.encoder.layer:
+                x = layer(x, key_mask)
+            self._save(x.shape, x.dtype)
+            return x
+        hidden_states = [x] if output_hidden_states else None
+        attentions = [] if output_attentions else None
         for layer in self.encoder.layer:
-            x = layer(x, key_mask)
+            if output_attentions:
+                x, weights = layer(x, key_mask, True)
+                attentions.append(weights)
+            else:
+                x = layer(x, key_mask)
+            if output_hidden_states:
+                hidden_states.append(x)
         self._save(x.shape, x.dtype)
-        return x
+        return BertOutput(x, None if hidden_states is None else tuple(hidden_states),
+                          None if attentions is None else tuple(attentions))
 
     def _backward(self, grad):
         """Runs every layer's backward, last first, stopping where nothing
