@@ -531,7 +531,7 @@ def test_batch_norm_errors():
         bn(np.ones((1, 4), np.float32))
     with pytest.raises(ValueError, match=r"\(N, C\) or \(N, C, L\)"):
         bn(np.ones((2, 4, 3, 2), np.float32))
-    with pytest.raises(ValueError, match=r"\(4,\)"):
+    with pytest.raises(ValueError, match=r"C = 4 on axis 1, got \(3, 5\)"):
         bn(np.ones((3, 5), np.float32))
 
 
@@ -1055,7 +1055,273 @@ def test_batch_norm_empty_batch_in_training_matches_pytorch(shape, momentum, rng
     for name, value in torch_state(t).items():
         np.testing.assert_array_equal(a.state_dict()[name], value, err_msg=name)
     assert int(a.num_batches_tracked) == 2
-    with pytest.raises(ValueError, match=r"\(5,\)"):
+    with pytest.raises(ValueError, match=r"C = 5 on axis 1, got \(0, 4\)"):
         a(np.zeros((0, 4), np.float32))        # the wrong channels stay an error when empty
     untracked = nn.BatchNorm1d(5, track_running_stats=False, affine=False)
     assert untracked(x).shape == shape
+
+
+# ---------------------------------------------------------------------------
+# BatchNorm1d: (N, L, C) input (channels_last=True) and padding masks
+
+def _bn(C, dtype=np.float64, rng=None, **kwargs):
+    bn = nn.BatchNorm1d(C, dtype=dtype, **kwargs)
+    if rng is not None and bn.weight is not None:
+        bn.weight[:] = rng.random(C) + 0.5
+        bn.bias[:] = rng.standard_normal(C)
+    return bn
+
+
+def _padding(N, L, rng):
+    """A (N, L) padding mask (True = padded): each sequence a random length >= 1."""
+    lengths = rng.integers(1, L + 1, N)
+    lengths[0] = L
+    return np.arange(L)[None, :] >= lengths[:, None]
+
+
+def _numpy_masked_bn(x, mask, weight, bias, eps):
+    """(N, L, C) x normalised by the mean and biased variance of its kept positions."""
+    kept = x[~mask].astype(np.float64)                      # (n, C)
+    mean, var = kept.mean(axis=0), kept.var(axis=0)
+    return (x - mean) / np.sqrt(var + eps) * weight + bias, mean, kept.var(axis=0, ddof=1)
+
+
+def _central_differences(f, x, h=1e-6):
+    out = np.zeros_like(x)
+    for i in np.ndindex(x.shape):
+        xp, xm = x.copy(), x.copy()
+        xp[i] += h
+        xm[i] -= h
+        out[i] = (f(xp) - f(xm)) / (2 * h)
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_batch_norm_channels_last_is_the_transpose(dtype, rng):
+    first, last = _bn(5, dtype, np.random.default_rng(1)), _bn(5, dtype, np.random.default_rng(1),
+                                                                 channels_last=True)
+    for _ in range(2):
+        x = (rng.standard_normal((4, 6, 5)) * 2 + 1).astype(dtype)          # (N, L, C)
+        y = last(x)
+        assert y.shape == x.shape and y.dtype == dtype
+        np.testing.assert_array_equal(y, first(x.transpose(0, 2, 1)).transpose(0, 2, 1))
+        np.testing.assert_array_equal(last.running_mean, first.running_mean)
+        np.testing.assert_array_equal(last.running_var, first.running_var)
+    x2 = rng.standard_normal((7, 5)).astype(dtype)                       # (N, C): the same in both
+    np.testing.assert_array_equal(last(x2), first(x2))
+    last.eval(), first.eval()
+    np.testing.assert_array_equal(last(x), first(x.transpose(0, 2, 1)).transpose(0, 2, 1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_batch_norm_padding_mask_matches_numpy_over_kept_positions(dtype, channels_last, rng):
+    N, L, C = 5, 7, 4
+    bn = _bn(C, dtype, rng, channels_last=channels_last)
+    mean_ref, var_ref = np.zeros(C), np.ones(C)
+    for step in range(3):
+        x = (rng.standard_normal((N, L, C)) * 3 + 2).astype(dtype)
+        mask = _padding(N, L, rng)
+        x[mask] = 1e3                                   # padding values must not matter
+        y = bn(x if channels_last else x.transpose(0, 2, 1), padding_mask=mask)
+        y = y if channels_last else y.transpose(0, 2, 1)
+        expected, mean, unbiased = _numpy_masked_bn(x, mask, bn.weight, bn.bias, bn.eps)
+        tol = 1e-5 if dtype == np.float32 else 1e-12
+        np.testing.assert_allclose(y[~mask], expected[~mask], rtol=tol, atol=tol)
+        # padded positions: normalised with the same statistics
+        np.testing.assert_allclose(y[mask], expected[mask], rtol=tol, atol=tol * 1e3)
+        mean_ref = 0.9 * mean_ref + 0.1 * mean
+        var_ref = 0.9 * var_ref + 0.1 * unbiased
+        np.testing.assert_allclose(bn.running_mean, mean_ref, rtol=tol, atol=tol)
+        np.testing.assert_allclose(bn.running_var, var_ref, rtol=tol, atol=tol)
+        assert int(bn.num_batches_tracked) == step + 1
+
+
+def test_batch_norm_mask_of_nothing_padded_changes_nothing(rng):
+    x = rng.standard_normal((4, 6, 3))
+    a, b = _bn(3, rng=np.random.default_rng(2), channels_last=True), _bn(3, rng=np.random.default_rng(2),
+                                                                          channels_last=True)
+    np.testing.assert_allclose(a(x, padding_mask=np.zeros((4, 6), bool)), b(x), rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(a.running_var, b.running_var, rtol=1e-13)
+    g = rng.standard_normal(x.shape)
+    np.testing.assert_allclose(a.backward(g), b.backward(g), rtol=1e-10, atol=1e-12)
+
+
+def test_batch_norm_padding_mask_on_two_dimensional_input(rng):
+    x = rng.standard_normal((6, 3))
+    mask = np.array([False, False, True, False, True, False])
+    bn = _bn(3, rng=rng)
+    y = bn(x, padding_mask=mask)
+    kept = x[~mask]
+    np.testing.assert_allclose(y, (x - kept.mean(0)) / np.sqrt(kept.var(0) + 1e-5) * bn.weight + bn.bias,
+                               rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(F.batch_norm(x, None, None, bn.weight, bn.bias, training=True,
+                                            padding_mask=mask), y, rtol=1e-14, atol=1e-14)
+
+
+def test_batch_norm_eval_accepts_the_mask_and_ignores_it(rng):
+    bn = _bn(4, rng=rng, channels_last=True)
+    bn(rng.standard_normal((3, 5, 4)))
+    bn.eval()
+    x = rng.standard_normal((3, 5, 4))
+    mask = _padding(3, 5, rng)
+    before = bn.running_mean.copy(), bn.running_var.copy()
+    np.testing.assert_array_equal(bn(x, padding_mask=mask), bn(x))
+    np.testing.assert_array_equal(bn.running_mean, before[0])
+    np.testing.assert_array_equal(bn.running_var, before[1])
+    with pytest.raises(ValueError, match=r"padding_mask must have shape \(3, 5\)"):
+        bn(x, padding_mask=np.zeros((3, 4), bool))          # still checked
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("masked", [True, False])
+def test_batch_norm_backward_matches_central_differences(channels_last, affine, masked, rng):
+    N, L, C = 3, 4, 3
+    bn = _bn(C, rng=rng, affine=affine, channels_last=channels_last)
+    x = rng.standard_normal((N, L, C) if channels_last else (N, C, L)) * 2 + 1
+    mask = _padding(N, L, rng) if masked else None
+    if masked:
+        mask[1, 1:] = True                              # something padded, for certain
+    g = rng.standard_normal(x.shape)
+
+    def loss(xx, **params):
+        m = _bn(C, affine=affine, channels_last=channels_last)
+        if affine:
+            m.weight[:] = params.get("weight", bn.weight)
+            m.bias[:] = params.get("bias", bn.bias)
+        return float((m(xx, padding_mask=mask) * g).sum())
+
+    bn.zero_grad()
+    bn(x, padding_mask=mask)
+    dx = bn.backward(g)
+    np.testing.assert_allclose(dx, _central_differences(loss, x), rtol=1e-6, atol=1e-7)
+    if affine:
+        for name in ("weight", "bias"):
+            value = getattr(bn, name).copy()
+            numeric = _central_differences(lambda v: loss(x, **{name: v}), value)
+            np.testing.assert_allclose(bn.grads()[name], numeric, rtol=1e-6, atol=1e-7)
+
+
+def test_batch_norm_masked_gradient_of_kept_positions_is_torch_on_the_kept_ones(rng):
+    """With no gradient arriving at padded outputs, the layer is PyTorch's
+    BatchNorm1d on the kept positions alone, packed as (n, C); padded inputs
+    then get no gradient."""
+    torch = torch_or_skip()
+    N, L, C = 4, 6, 5
+    bn = _bn(C, rng=rng, channels_last=True)
+    x = rng.standard_normal((N, L, C)) * 2 + 1
+    mask = _padding(N, L, rng)
+    y = bn(x, padding_mask=mask)
+    g = rng.standard_normal(x.shape)
+    g[mask] = 0
+    dx = bn.backward(g)
+    tm = torch.nn.BatchNorm1d(C, dtype=torch.float64)
+    with torch.no_grad():
+        tm.weight.copy_(torch.from_numpy(bn.weight))
+        tm.bias.copy_(torch.from_numpy(bn.bias))
+    kept = torch.from_numpy(x[~mask]).requires_grad_(True)
+    out = tm(kept)
+    out.backward(torch.from_numpy(g[~mask]))
+    np.testing.assert_allclose(y[~mask], out.detach().numpy(), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(dx[~mask], kept.grad.numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_array_equal(dx[mask], 0)
+    np.testing.assert_allclose(bn.running_var, tm.running_var.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(bn.grads()["weight"], tm.weight.grad.numpy(), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("affine", [True, False])
+def test_batch_norm_channels_last_backward_matches_pytorch_on_the_transpose(dtype, affine):
+    from gradients import check_module
+    torch = torch_or_skip()
+    rng = np.random.default_rng(3)
+    ours = nn.BatchNorm1d(5, affine=affine, channels_last=True, dtype=dtype)
+    for _, p in ours.named_parameters():
+        p[...] = rng.standard_normal(p.shape).astype(dtype)
+    theirs = torch.nn.BatchNorm1d(5, affine=affine)
+    x = (rng.standard_normal((3, 7, 5)) * 2 + 1).astype(dtype)             # (N, L, C)
+    check_module(ours, theirs, [x], dtype,
+                 torch_call=lambda m, t: m(t.transpose(1, 2)).transpose(1, 2))
+    for name, value in ours.named_buffers():
+        np.testing.assert_allclose(value, dict(theirs.named_buffers())[name].numpy(), rtol=1e-5)
+
+
+def test_batch_norm_wrong_layout_says_what_it_wants():
+    with pytest.raises(ValueError) as err:
+        nn.BatchNorm1d(8)(np.zeros((4, 10, 8), np.float32))
+    assert str(err.value) == ("BatchNorm1d(8) expects (N, C) or (N, C, L) with C = 8 on axis 1, "
+                              "got (4, 10, 8); for (N, L, C) input pass channels_last=True")
+    with pytest.raises(ValueError) as err:
+        nn.BatchNorm1d(8, channels_last=True)(np.zeros((4, 8, 10), np.float32))
+    assert str(err.value) == ("BatchNorm1d(8, channels_last=True) expects (N, C) or (N, L, C) with "
+                              "C = 8 on the last axis, got (4, 8, 10); for (N, C, L) input use "
+                              "channels_last=False (the default)")
+    with pytest.raises(ValueError, match=r"got \(8,\); for \(N, L, C\)"):
+        nn.BatchNorm1d(8)(np.zeros(8, np.float32))
+    with pytest.raises(ValueError, match=r"C = 8 \(the size of running_mean\) on axis 1, got "
+                                         r"shape \(4, 10, 8\)"):
+        F.batch_norm(np.zeros((4, 10, 8)), np.zeros(8), np.ones(8), training=True)
+
+
+def test_batch_norm_bad_padding_masks(rng):
+    bn = nn.BatchNorm1d(3, channels_last=True, dtype=np.float64)
+    x = rng.standard_normal((2, 4, 3))
+    with pytest.raises(ValueError, match=r"padding_mask must have shape \(2, 4\)"):
+        bn(x, padding_mask=np.zeros((4, 2), bool))
+    with pytest.raises(TypeError, match="bool"):
+        bn(x, padding_mask=np.zeros((2, 4)))
+    mask = np.ones((2, 4), bool)
+    mask[0, 0] = False                                  # one kept value per channel: no variance
+    with pytest.raises(ValueError, match="more than one value per channel"):
+        bn(x, padding_mask=mask)
+    assert int(bn.num_batches_tracked) == 0
+    with pytest.raises(TypeError, match="channels_last must be a bool"):
+        nn.BatchNorm1d(3, channels_last="yes")
+
+
+def test_batch_norm_channels_last_repr_and_pickle(rng):
+    import pickle
+    bn = nn.BatchNorm1d(6, channels_last=True)
+    assert repr(bn) == "BatchNorm1d(6, eps=1e-05, momentum=0.1, channels_last=True)"
+    assert repr(nn.BatchNorm1d(6)) == "BatchNorm1d(6, eps=1e-05, momentum=0.1)"
+    x = rng.standard_normal((2, 3, 6)).astype(np.float32)
+    bn(x)
+    copy = pickle.loads(pickle.dumps(bn))
+    assert copy.channels_last
+    np.testing.assert_array_equal(copy.eval()(x), bn.eval()(x))
+
+
+# ---------------------------------------------------------------------------
+# printing a module shows its activation
+
+def _top_line(module):
+    return repr(module).split("\n")[0]
+
+
+@pytest.mark.parametrize("cls", ["TransformerEncoderLayer", "TransformerDecoderLayer"])
+@pytest.mark.parametrize("activation, shown", [("relu", "relu"), ("gelu", "gelu"),
+                                               ("gelu_tanh", "gelu_tanh"), (F.silu, "silu"),
+                                               (np.tanh, "tanh")])
+def test_transformer_layer_repr_shows_its_activation(cls, activation, shown):
+    layer = getattr(nn, cls)(8, 2, 16, activation=activation, norm_first=True, batch_first=True)
+    assert _top_line(layer) == (f"{cls}(d_model=8, nhead=2, dim_feedforward=16, activation={shown}, "
+                                "norm_first=True, batch_first=True")
+
+
+def test_transformer_layer_with_a_module_activation_prints_it_as_a_child():
+    layer = nn.TransformerEncoderLayer(8, 2, 16, activation=nn.GELU("tanh"))
+    text = repr(layer)
+    assert "(activation): GELU(approximate='tanh')" in text
+    assert _top_line(layer) == ("TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16, "
+                                "norm_first=False, batch_first=False")
+    assert repr(nn.GELU()) == "GELU(approximate='none')"
+
+
+@pytest.mark.parametrize("hidden_act, shown", [("gelu", "gelu"), ("gelu_new", "gelu_tanh"),
+                                               ("relu", "relu")])
+def test_bert_layers_print_their_activation(hidden_act, shown):
+    from attnkit.models.bert import BertConfig, BertModel
+    model = BertModel(BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=2,
+                                 num_attention_heads=2, intermediate_size=16, hidden_act=hidden_act))
+    assert repr(model).count(f"BertLayer(activation={shown}") == 2

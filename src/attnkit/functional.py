@@ -1135,7 +1135,7 @@ def _draw_dropout_seed(rng, func):
 
 
 def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False,
-               momentum=0.1, eps=1e-5):
+               momentum=0.1, eps=1e-5, *, padding_mask=None):
     """Batch normalisation over the batch (and length) dimensions, as
     torch.nn.functional.batch_norm: x (N, C) or (N, C, L).
 
@@ -1145,11 +1145,22 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     training=False normalises by the running statistics. Compare layer_norm,
     which normalises each sample over its own features and so behaves the
     same for a batch of one, and for any sequence length.
+
+    padding_mask (an attnkit extension): a bool array, (N, L) for (N, C, L)
+    input or (N,) for (N, C), True where a position is padding (as
+    key_padding_mask). Padded positions take no part in the batch statistics
+    (mean, variance and the running averages come from the n kept positions,
+    the running variance unbiased with n - 1) but are normalised with the
+    same statistics as the rest. With the running statistics it changes
+    nothing. (For (N, L, C) input use nn.BatchNorm1d(..., channels_last=True),
+    or pass x.transpose(0, 2, 1).)
     """
-    return _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)[0]
+    return _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps,
+                       padding_mask)[0]
 
 
-def _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps):
+def _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps,
+                padding_mask=None):
     """batch_norm's output and the statistics it used, per channel in
     float64: (out, mean, rstd = 1 / sqrt(var + eps)), what its backward needs."""
     func = "batch_norm"
@@ -1167,19 +1178,31 @@ def _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, 
     for name, a in (("running_mean", running_mean), ("running_var", running_var),
                     ("weight", weight), ("bias", bias)):
         if a is not None and np.shape(a) != (C,):
+            if np.ndim(a) == 1:
+                raise ValueError(
+                    f"{func}: input must be (N, C) or (N, C, L) with C = {np.shape(a)[0]} (the "
+                    f"size of {name}) on axis 1, got shape {x.shape}; for (N, L, C) input pass "
+                    "x.transpose(0, 2, 1)")
             raise ValueError(f"{func}: {name} must have shape ({C},), got {np.shape(a)}")
+    keep = _batch_norm_keep(padding_mask, x, func)
     if x.size == 0:
         # nothing to normalise and no statistics to take: PyTorch returns the
         # empty batch and leaves the running averages alone (and C = 0 must
         # not reach the division below)
         return np.empty_like(x), np.zeros(C), np.ones(C)
     if training:
-        count = x.size // C
+        count = x.size // C if keep is None else int(np.count_nonzero(keep))
         if count <= 1:
+            kept = "" if keep is None else f" ({count} not padded)"
             raise ValueError(f"{func}: training needs more than one value per channel, got "
-                             f"input of shape {x.shape}")
-        mean = x.mean(axis=axes, dtype=np.float64)
-        var = x.var(axis=axes, dtype=np.float64)
+                             f"input of shape {x.shape}{kept}")
+        if keep is None:
+            mean = x.mean(axis=axes, dtype=np.float64)
+            var = x.var(axis=axes, dtype=np.float64)
+        else:   # over the kept positions only
+            k = _batch_norm_weights(keep, x.ndim) != 0   # (N, 1) or (N, 1, L)
+            mean = np.where(k, x, 0).sum(axis=axes, dtype=np.float64) / count
+            var = np.where(k, np.square(x - mean.reshape(shape)), 0).sum(axis=axes) / count
         if running_mean is not None:
             running_mean *= 1 - momentum
             running_mean += momentum * mean
@@ -1197,3 +1220,24 @@ def _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, 
         shift = shift + bias
     out = x * scale.reshape(shape).astype(x.dtype) + shift.reshape(shape).astype(x.dtype)
     return out, mean, rstd
+
+
+def _batch_norm_keep(padding_mask, x, func):
+    """padding_mask (True = padded) as a bool array of the kept positions,
+    (N,) for (N, C) input or (N, L) for (N, C, L); None when there is none."""
+    if padding_mask is None:
+        return None
+    mask = np.asarray(padding_mask)
+    want = (x.shape[0],) if x.ndim == 2 else (x.shape[0], x.shape[2])
+    if mask.dtype != np.bool_:
+        raise TypeError(f"{func}: padding_mask must be a bool array (True = padded), got "
+                        f"dtype {mask.dtype}")
+    if mask.shape != want:
+        raise ValueError(f"{func}: padding_mask must have shape {want} (N{', L' if x.ndim == 3 else ''})"
+                         f" for input of shape {x.shape}, got {mask.shape}")
+    return ~mask
+
+
+def _batch_norm_weights(keep, ndim):
+    """keep as float64 weights broadcasting against (N, C) or (N, C, L)."""
+    return keep.astype(np.float64)[:, None] if ndim == 2 else keep.astype(np.float64)[:, None, :]

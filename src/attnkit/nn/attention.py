@@ -193,6 +193,71 @@ class MultiHeadAttention(Module):
                 f"num_kv_heads={self.num_kv_heads}, batch_first={self.batch_first}")
 
     # -- the projections ---------------------------------------------------------
+    # Wq, Wk, Wv and their biases by name, whichever way they are stored: views
+    # of the packed in_proj_weight / in_proj_bias (or the separate weights), so
+    # reading shows the module's numbers and assigning writes into them.
+    @property
+    def q_weight(self):
+        """Wq (E, E): queries = query @ Wq.T + bq. A view: assignment writes into the module."""
+        return self._weights()[0][0]
+
+    @q_weight.setter
+    def q_weight(self, value):
+        self._assign_view("q_weight", self._weights()[0][0], value)
+
+    @property
+    def k_weight(self):
+        """Wk (Hkv d, kdim): keys = key @ Wk.T + bk. A view, settable."""
+        return self._weights()[0][1]
+
+    @k_weight.setter
+    def k_weight(self, value):
+        self._assign_view("k_weight", self._weights()[0][1], value)
+
+    @property
+    def v_weight(self):
+        """Wv (Hkv d, vdim): values = value @ Wv.T + bv. A view, settable."""
+        return self._weights()[0][2]
+
+    @v_weight.setter
+    def v_weight(self, value):
+        self._assign_view("v_weight", self._weights()[0][2], value)
+
+    @property
+    def q_bias(self):
+        """bq (E,), a view of in_proj_bias; None with bias=False."""
+        return self._weights()[1][0]
+
+    @q_bias.setter
+    def q_bias(self, value):
+        self._assign_view("q_bias", self._weights()[1][0], value)
+
+    @property
+    def k_bias(self):
+        """bk (Hkv d,), a view of in_proj_bias; None with bias=False."""
+        return self._weights()[1][1]
+
+    @k_bias.setter
+    def k_bias(self, value):
+        self._assign_view("k_bias", self._weights()[1][1], value)
+
+    @property
+    def v_bias(self):
+        """bv (Hkv d,), a view of in_proj_bias; None with bias=False."""
+        return self._weights()[1][2]
+
+    @v_bias.setter
+    def v_bias(self, value):
+        self._assign_view("v_bias", self._weights()[1][2], value)
+
+    def _assign_view(self, name, view, value):
+        if view is None:
+            raise AttributeError(f"MultiHeadAttention.{name}: the layer was made with bias=False")
+        value = np.asarray(value)
+        if value.shape != view.shape:
+            raise ValueError(f"MultiHeadAttention.{name}: expected shape {view.shape}, got {value.shape}")
+        view[...] = value
+
     def _weights(self):
         """(Wq, Wk, Wv) and (bq, bk, bv), views into the packed parameters."""
         E, kv = self.embed_dim, self.num_kv_heads * self.head_dim
@@ -227,7 +292,13 @@ class MultiHeadAttention(Module):
         return x
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
-                average_attn_weights=True, is_causal=False, kv_cache=None):
+                average_attn_weights=True, is_causal=False, kv_cache=None, return_heads=False):
+        """return_heads (an attnkit extension, for looking inside): also
+        return each head's output before the heads are joined, (N, H, L,
+        head_dim) batch first whatever the layout ((H, L, head_dim)
+        unbatched): (output, weights, heads). out_proj of the heads laid side
+        by side along the features is the output."""
+        return_heads = F._flag(return_heads, "MultiHeadAttention", "return_heads")
         need_weights = F._flag(need_weights, "MultiHeadAttention", "need_weights")
         average_attn_weights = F._flag(average_attn_weights, "MultiHeadAttention", "average_attn_weights")
         is_causal = F._flag(is_causal, "MultiHeadAttention", "is_causal")
@@ -284,8 +355,9 @@ class MultiHeadAttention(Module):
         mask = self._merged_mask(attn_mask, key_padding_mask, N, L, S_total, extra)
         if self.training and kv_cache is None:
             layout = "unbatched" if not batched else "batch_first" if self.batch_first else "seq_first"
-            return self._training_forward(checked, qh, kh, vh, mask, S, is_causal, need_weights,
-                                          average_attn_weights, layout)
+            out, weights, heads = self._training_forward(checked, qh, kh, vh, mask, S, is_causal,
+                                                         need_weights, average_attn_weights, layout)
+            return (out, weights, heads if batched else heads[0]) if return_heads else (out, weights)
 
         results = F.scaled_dot_product_attention(
             qh, kh, vh, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
@@ -304,6 +376,8 @@ class MultiHeadAttention(Module):
             weights = weights[0]                                          # or (N, H, L, S')
         if self.training:      # with a kv_cache: a forward for decoding, which backward refuses
             self._save("kv_cache")
+        if return_heads:
+            return out, weights, heads if batched else heads[0]
         return out, weights
 
     # -- training ------------------------------------------------------------------
@@ -356,7 +430,7 @@ class MultiHeadAttention(Module):
         packed = q_in is k_in and k_in is v_in and self._qkv_same_embed_dim
         self._save(layout, packed, q_in, k_in, v_in, qh, kh, vh, heads, lse, mask, S, is_causal,
                    dropout_p, seed)
-        return out, weights
+        return out, weights, heads
 
     def _backward(self, grad_output):
         """(d_query, d_key, d_value) for the gradient of the output (the

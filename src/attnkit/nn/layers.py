@@ -163,14 +163,34 @@ class RMSNorm(Module):
 class BatchNorm1d(Module):
     """Batch normalisation of (N, C) or (N, C, L) input, for comparison with
     LayerNorm: in training it normalises by the batch's statistics (so a batch
-    of one sample is degenerate) and keeps running averages for evaluation."""
+    of one sample is degenerate) and keeps running averages for evaluation.
+
+    channels_last=True (an attnkit extension) takes (N, L, C) input instead
+    (batch, tokens, features: the layout LayerNorm and the transformer layers
+    use with batch_first=True) and returns that layout; (N, C) is the same in
+    both. It computes what PyTorch's BatchNorm1d does on x.transpose(0, 2, 1).
+
+    forward(x, padding_mask=None): padding_mask (an attnkit extension) is a
+    bool (N, L) array ((N,) for (N, C) input), True where a position is
+    padding, as MultiHeadAttention's key_padding_mask. Padded positions take
+    no part in the batch statistics: mean and variance are over the kept
+    (n, l) positions only, and the running averages are updated from those
+    (the running variance unbiased with their count). Padded positions are
+    still normalised, with the same statistics, so their outputs are finite
+    and ordinary (mask them out of a loss yourself); their gradient flows only
+    through their own normalisation. With the running statistics (eval mode)
+    the mask changes nothing, and is accepted.
+    """
+
+    channels_last = False       # the default, also for layers pickled before it existed
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, *, dtype=np.float32):
+                 track_running_stats=True, *, channels_last=False, dtype=np.float32):
         super().__init__()
         self.num_features = _positive(num_features, "num_features", "BatchNorm1d")
         self.eps = F._real(eps, "BatchNorm1d", "eps")
         self.momentum = None if momentum is None else F._real(momentum, "BatchNorm1d", "momentum")
+        self.channels_last = F._flag(channels_last, "BatchNorm1d", "channels_last")
         dtype = self._dtype = _float_dtype(dtype)
         C = self.num_features
         self.register_parameter("weight", np.ones(C, dtype) if affine else None)
@@ -185,28 +205,61 @@ class BatchNorm1d(Module):
             self.register_buffer("running_var", None)
             self.register_buffer("num_batches_tracked", None)
 
-    def forward(self, x):
+    def _check_layout(self, x):
+        """A ValueError naming the shape received, the layout wanted and how
+        to ask for the other one, unless x is (N, C) or the layer's 3-d layout."""
+        C = self.num_features
+        if self.channels_last:
+            ok = x.ndim in (2, 3) and x.shape[-1] == C
+            want = f"(N, C) or (N, L, C) with C = {C} on the last axis"
+            other = "for (N, C, L) input use channels_last=False (the default)"
+            name = f"BatchNorm1d({C}, channels_last=True)"
+        else:
+            ok = x.ndim in (2, 3) and x.shape[1] == C
+            want = f"(N, C) or (N, C, L) with C = {C} on axis 1"
+            other = "for (N, L, C) input pass channels_last=True"
+            name = f"BatchNorm1d({C})"
+        if not ok:
+            raise ValueError(f"{name} expects {want}, got {tuple(x.shape)}; {other}")
+
+    def forward(self, x, padding_mask=None):
         x = _input(self, x)
+        self._check_layout(x)
+        transposed = self.channels_last and x.ndim == 3
+        xc = x.transpose(0, 2, 1) if transposed else x          # (N, C) or (N, C, L), a view
         use_batch = self.training or not self.track_running_stats
+        keep = F._batch_norm_keep(padding_mask, xc, "BatchNorm1d")
         momentum = self.momentum
         if self.training and self.track_running_stats:
+            if keep is not None and int(np.count_nonzero(keep)) <= 1:
+                F._batch_norm(xc, None, None, None, None, True, None, self.eps,
+                              padding_mask)       # raises its error before the count moves
             self.num_batches_tracked += 1
             if momentum is None:  # a cumulative average, as PyTorch's momentum=None
                 momentum = 1.0 / float(self.num_batches_tracked)
-        out, mean, rstd = F._batch_norm(x, self.running_mean, self.running_var, self.weight,
-                                        self.bias, use_batch, momentum, self.eps)
-        self._save(x, mean, rstd, use_batch)
-        return out
+        out, mean, rstd = F._batch_norm(xc, self.running_mean, self.running_var, self.weight,
+                                        self.bias, use_batch, momentum, self.eps,
+                                        padding_mask if use_batch else None)
+        self._save(xc, mean, rstd, use_batch, keep if use_batch else None, transposed)
+        return out.transpose(0, 2, 1) if transposed else out
 
     def _backward(self, grad):
-        """With the batch's statistics (per channel c, over the n values of
-        the batch and length axes): xhat = (x - mean) * rstd, g = grad * weight,
-        dx = rstd * (g - mean(g) - xhat * mean(g * xhat)); with the running
-        ones (track_running_stats=False never gets here) dx = g * rstd."""
-        x, mean, rstd, use_batch = self._saved
-        grad = self._check_grad(grad, x.shape, x.dtype)
+        """With the batch's statistics (per channel c, over the batch and
+        length axes): xhat = (x - mean) * rstd, g = grad * weight, and with k
+        = 1 at the n kept positions, 0 at padded ones (all 1 without a mask),
+        dx = rstd * (g - k * (sum(g) + xhat * sum(g * xhat)) / n), the sums
+        over every position (padded outputs use the statistics too, which
+        depend on kept inputs only); without a mask, dx = rstd * (g - mean(g)
+        - xhat * mean(g * xhat)). With the running statistics dx = g * rstd.
+        For channels_last the same, on the transposed views."""
+        x, mean, rstd, use_batch, keep, transposed = self._saved
+        shape_in = x.transpose(0, 2, 1).shape if transposed else x.shape
+        grad = self._check_grad(grad, shape_in, x.dtype)
+        if transposed:
+            grad = grad.transpose(0, 2, 1)
         if x.size == 0:
-            return np.zeros_like(x)
+            dx = np.zeros_like(x)
+            return dx.transpose(0, 2, 1) if transposed else dx
         axes = (0,) if x.ndim == 2 else (0, 2)
         shape = (1, -1) if x.ndim == 2 else (1, -1, 1)
         g64 = grad.astype(np.float64)
@@ -215,11 +268,19 @@ class BatchNorm1d(Module):
         self._accumulate("bias", g64.sum(axis=axes).astype(x.dtype))
         g = g64 if self.weight is None else g64 * self.weight.reshape(shape)
         if use_batch:
-            g = g - g.mean(axis=axes, keepdims=True) - xhat * (g * xhat).mean(axis=axes, keepdims=True)
-        return (g * rstd.reshape(shape)).astype(x.dtype)
+            if keep is None:
+                g = g - g.mean(axis=axes, keepdims=True) - xhat * (g * xhat).mean(axis=axes, keepdims=True)
+            else:
+                n = int(np.count_nonzero(keep))
+                k = F._batch_norm_weights(keep, x.ndim)
+                g = g - k * (g.sum(axis=axes, keepdims=True)
+                             + xhat * (g * xhat).sum(axis=axes, keepdims=True)) / n
+        dx = (g * rstd.reshape(shape)).astype(x.dtype)
+        return dx.transpose(0, 2, 1) if transposed else dx
 
     def extra_repr(self):
-        return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
+        last = ", channels_last=True" if self.channels_last else ""
+        return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}{last}"
 
 
 class Dropout(Module):

@@ -94,10 +94,30 @@ class _FeedForward:
         return residual + dropout(self.linear2(h))
 
 
+def _layer_extra_repr(layer):
+    """extra_repr of the encoder and decoder layers: their sizes, flags and
+    activation (by name: relu, gelu, gelu_tanh, silu, sigmoid; another
+    callable by its __name__; a Module activation prints as a child)."""
+    from .layers import _ACTIVATIONS
+    attn = layer.self_attn
+    parts = [f"d_model={attn.embed_dim}", f"nhead={attn.num_heads}",
+             f"dim_feedforward={layer.linear1.out_features}"]
+    act = layer.activation
+    if not isinstance(act, Module):
+        names = [name for name, f in _ACTIVATIONS.items() if f is act]
+        name = names[0] if names else getattr(act, "__name__", None) or repr(act)
+        parts.append(f"activation={name}")
+    parts += [f"norm_first={layer.norm_first}", f"batch_first={attn.batch_first}"]
+    return ", ".join(parts)
+
+
 class TransformerEncoderLayer(Module, _FeedForward):
     """Self-attention then a feed-forward block, each with a residual and a
     layer norm. forward(src, src_mask=None, src_key_padding_mask=None,
     is_causal=False); masks as MultiHeadAttention's (True = hide)."""
+
+    def extra_repr(self):
+        return _layer_extra_repr(self)
 
     def __init__(self, d_model, nhead, dim_feedforward=2048, dropout=0.1, activation="relu",
                  layer_norm_eps=1e-5, batch_first=False, norm_first=False, bias=True, *,
@@ -112,29 +132,44 @@ class TransformerEncoderLayer(Module, _FeedForward):
         self.dropout1 = Dropout(dropout, rng=rng)
         self.dropout2 = Dropout(dropout, rng=rng)
 
-    def _self_attention(self, x, mask, key_padding_mask, is_causal):
-        out, _ = self.self_attn(x, x, x, attn_mask=mask, key_padding_mask=key_padding_mask,
-                                need_weights=False, is_causal=is_causal)
+    def _self_attention(self, x, mask, key_padding_mask, is_causal, weights=None):
+        """dropout1(self_attn(x, x, x)); each head's weights appended to
+        `weights` when it is a list."""
+        out, w = self.self_attn(x, x, x, attn_mask=mask, key_padding_mask=key_padding_mask,
+                                need_weights=weights is not None, average_attn_weights=False,
+                                is_causal=is_causal)
+        if weights is not None:
+            weights.append(w)
         return self.dropout1(out)
 
-    def forward(self, src, src_mask=None, src_key_padding_mask=None, is_causal=False):
+    def forward(self, src, src_mask=None, src_key_padding_mask=None, is_causal=False,
+                need_weights=False):
+        """need_weights (an attnkit extension, for looking inside): also
+        return the self-attention's weights, each head's, (N, H, L, L):
+        (output, weights)."""
+        weights = [] if F._flag(need_weights, type(self).__name__, "need_weights") else None
         if self.training:
-            return self._forward_train(src, src_mask, src_key_padding_mask, is_causal)
-        x = src
-        if self.norm_first:
-            x = x + self._self_attention(self.norm1(x), src_mask, src_key_padding_mask, is_causal)
-            return self._feed_forward_residual(self.norm2(x), x, self.dropout2)
-        x = self.norm1(x + self._self_attention(x, src_mask, src_key_padding_mask, is_causal))
-        return self.norm2(self._feed_forward_residual(x, x, self.dropout2))
+            out = self._forward_train(src, src_mask, src_key_padding_mask, is_causal, weights)
+        else:
+            x = src
+            if self.norm_first:
+                x = x + self._self_attention(self.norm1(x), src_mask, src_key_padding_mask, is_causal,
+                                             weights)
+                out = self._feed_forward_residual(self.norm2(x), x, self.dropout2)
+            else:
+                x = self.norm1(x + self._self_attention(x, src_mask, src_key_padding_mask, is_causal,
+                                                        weights))
+                out = self.norm2(self._feed_forward_residual(x, x, self.dropout2))
+        return out if weights is None else (out, weights[0])
 
-    def _forward_train(self, src, mask, key_padding_mask, is_causal):
+    def _forward_train(self, src, mask, key_padding_mask, is_causal, weights):
         x = F._as_float_array(src, type(self).__name__, "src")
         if self.norm_first:
-            x = x + self._self_attention(self.norm1(x), mask, key_padding_mask, is_causal)
+            x = x + self._self_attention(self.norm1(x), mask, key_padding_mask, is_causal, weights)
             ff, pre = self._feed_forward_train(self.norm2(x))
             out = x + self.dropout2(ff)
         else:
-            x = self.norm1(x + self._self_attention(x, mask, key_padding_mask, is_causal))
+            x = self.norm1(x + self._self_attention(x, mask, key_padding_mask, is_causal, weights))
             ff, pre = self._feed_forward_train(x)
             out = self.norm2(x + self.dropout2(ff))
         self._save(out.shape, out.dtype, pre)
@@ -168,6 +203,9 @@ class TransformerDecoderLayer(Module, _FeedForward):
     only the new positions; they attend causally to everything cached and to
     each other. Inference only (eval mode): backward refuses it."""
 
+    def extra_repr(self):
+        return _layer_extra_repr(self)
+
     def __init__(self, d_model, nhead, dim_feedforward=2048, dropout=0.1, activation="relu",
                  layer_norm_eps=1e-5, batch_first=False, norm_first=False, bias=True, *,
                  dtype=np.float32, rng=None):
@@ -185,55 +223,71 @@ class TransformerDecoderLayer(Module, _FeedForward):
         self.dropout2 = Dropout(dropout, rng=rng)
         self.dropout3 = Dropout(dropout, rng=rng)
 
-    def _self_attention(self, x, mask, key_padding_mask, is_causal, kv_cache=None):
-        out, _ = self.self_attn(x, x, x, attn_mask=mask, key_padding_mask=key_padding_mask,
-                                need_weights=False, is_causal=is_causal, kv_cache=kv_cache)
+    def _self_attention(self, x, mask, key_padding_mask, is_causal, kv_cache=None, weights=None):
+        out, w = self.self_attn(x, x, x, attn_mask=mask, key_padding_mask=key_padding_mask,
+                                need_weights=weights is not None, average_attn_weights=False,
+                                is_causal=is_causal, kv_cache=kv_cache)
+        if weights is not None:
+            weights.append(w)
         return self.dropout1(out)
 
-    def _cross_attention(self, x, memory, mask, key_padding_mask, is_causal):
-        out, _ = self.multihead_attn(x, memory, memory, attn_mask=mask,
-                                     key_padding_mask=key_padding_mask, need_weights=False,
+    def _cross_attention(self, x, memory, mask, key_padding_mask, is_causal, weights=None):
+        out, w = self.multihead_attn(x, memory, memory, attn_mask=mask,
+                                     key_padding_mask=key_padding_mask,
+                                     need_weights=weights is not None, average_attn_weights=False,
                                      is_causal=is_causal)
+        if weights is not None:
+            weights.append(w)
         return self.dropout2(out)
 
     def forward(self, tgt, memory, tgt_mask=None, memory_mask=None, tgt_key_padding_mask=None,
                 memory_key_padding_mask=None, tgt_is_causal=False, memory_is_causal=False,
-                kv_cache=None):
+                kv_cache=None, need_weights=False):
+        """need_weights (an attnkit extension, for looking inside): also
+        return each head's self-attention weights (N, H, L, L) and
+        cross-attention weights (N, H, L, S): (output, (self_weights,
+        cross_weights))."""
+        weights = [] if F._flag(need_weights, type(self).__name__, "need_weights") else None
         if self.training:
             if kv_cache is not None:
                 raise ValueError(f"{type(self).__name__}: kv_cache is for decoding in eval mode; "
                                  "call .eval() first (training takes whole sequences)")
-            return self._forward_train(tgt, memory, tgt_mask, memory_mask, tgt_key_padding_mask,
-                                       memory_key_padding_mask, tgt_is_causal, memory_is_causal)
+            out = self._forward_train(tgt, memory, tgt_mask, memory_mask, tgt_key_padding_mask,
+                                      memory_key_padding_mask, tgt_is_causal, memory_is_causal, weights)
+            return out if weights is None else (out, tuple(weights))
         if kv_cache is not None:
             tgt_is_causal = True           # new positions see the cache and their own past
         x = tgt
         if self.norm_first:
             x = x + self._self_attention(self.norm1(x), tgt_mask, tgt_key_padding_mask, tgt_is_causal,
-                                         kv_cache)
+                                         kv_cache, weights)
             x = x + self._cross_attention(self.norm2(x), memory, memory_mask,
-                                          memory_key_padding_mask, memory_is_causal)
-            return self._feed_forward_residual(self.norm3(x), x, self.dropout3)
-        x = self.norm1(x + self._self_attention(x, tgt_mask, tgt_key_padding_mask, tgt_is_causal,
-                                                kv_cache))
-        x = self.norm2(x + self._cross_attention(x, memory, memory_mask, memory_key_padding_mask,
-                                                 memory_is_causal))
-        return self.norm3(self._feed_forward_residual(x, x, self.dropout3))
+                                          memory_key_padding_mask, memory_is_causal, weights)
+            out = self._feed_forward_residual(self.norm3(x), x, self.dropout3)
+        else:
+            x = self.norm1(x + self._self_attention(x, tgt_mask, tgt_key_padding_mask, tgt_is_causal,
+                                                    kv_cache, weights))
+            x = self.norm2(x + self._cross_attention(x, memory, memory_mask, memory_key_padding_mask,
+                                                     memory_is_causal, weights))
+            out = self.norm3(self._feed_forward_residual(x, x, self.dropout3))
+        return out if weights is None else (out, tuple(weights))
 
     def _forward_train(self, tgt, memory, tgt_mask, memory_mask, tgt_key_padding_mask,
-                       memory_key_padding_mask, tgt_is_causal, memory_is_causal):
+                       memory_key_padding_mask, tgt_is_causal, memory_is_causal, weights):
         x = F._as_float_array(tgt, type(self).__name__, "tgt")
         memory = F._as_float_array(memory, type(self).__name__, "memory")
         if self.norm_first:
-            x = x + self._self_attention(self.norm1(x), tgt_mask, tgt_key_padding_mask, tgt_is_causal)
+            x = x + self._self_attention(self.norm1(x), tgt_mask, tgt_key_padding_mask, tgt_is_causal,
+                                         weights=weights)
             x = x + self._cross_attention(self.norm2(x), memory, memory_mask,
-                                          memory_key_padding_mask, memory_is_causal)
+                                          memory_key_padding_mask, memory_is_causal, weights)
             ff, pre = self._feed_forward_train(self.norm3(x))
             out = x + self.dropout3(ff)
         else:
-            x = self.norm1(x + self._self_attention(x, tgt_mask, tgt_key_padding_mask, tgt_is_causal))
+            x = self.norm1(x + self._self_attention(x, tgt_mask, tgt_key_padding_mask, tgt_is_causal,
+                                                    weights=weights))
             x = self.norm2(x + self._cross_attention(x, memory, memory_mask, memory_key_padding_mask,
-                                                     memory_is_causal))
+                                                     memory_is_causal, weights))
             ff, pre = self._feed_forward_train(x)
             out = self.norm3(x + self.dropout3(ff))
         self._save(out.shape, out.dtype, pre)
