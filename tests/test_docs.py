@@ -24,3 +24,18 @@ def test_readme_examples():
 def test_package_docstring_examples(module):
     result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
+
+
+GUIDE_PAGES = sorted((README.parent / "docs").rglob("*.md"))
+
+
+@pytest.mark.parametrize("page", GUIDE_PAGES, ids=lambda p: str(p.relative_to(README.parent)))
+def test_guide_pages_print_what_they_show(page):
+    """Every program on the site's pages runs, and prints what the page shows."""
+    result = doctest.testfile(str(page), module_relative=False,
+                              optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.failed == 0
+
+
+def test_the_guide_has_programs():
+    assert any(doctest.DocTestParser().get_examples(page.read_text()) for page in GUIDE_PAGES)

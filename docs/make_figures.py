@@ -1,0 +1,39 @@
+"""Draw the guide's figures into docs/figures/: `python docs/make_figures.py`.
+
+Each figure is made from attnkit's public API, so the pictures show what the
+code computes. CI runs this script; the site is built from its output.
+"""
+import pathlib
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np  # noqa: E402
+
+from attnkit import plot  # noqa: E402
+from attnkit.models import SentenceEncoder, find_checkpoint  # noqa: E402
+
+FIGURES = pathlib.Path(__file__).resolve().parent / "figures"
+
+
+def minilm_heads(path):
+    """all-MiniLM-L6-v2's heads, first and last layer, on one sentence."""
+    encoder = SentenceEncoder.from_pretrained(find_checkpoint())
+    encoding = encoder.tokenizer.encode("The cat sat on the mat because it was tired.")
+    ids, mask = np.array([encoding.ids]), np.array([encoding.attention_mask])
+    out = encoder.model(ids, mask, output_attentions=True)
+    layers = [0, len(out.attentions) - 1]
+    fig = plot.attention_grid([a[0] for a in out.attentions], tokens=encoding.tokens, layers=layers,
+                              heads=range(6), title="all-MiniLM-L6-v2: heads 0-5 of the first and last layer")
+    fig.savefig(path, dpi=90)
+
+
+def main():
+    FIGURES.mkdir(exist_ok=True)
+    minilm_heads(FIGURES / "minilm_heads.png")
+    print(f"figures written to {FIGURES}")
+
+
+if __name__ == "__main__":
+    main()
