@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 
 import numpy as np  # noqa: E402
 
-from attnkit import plot  # noqa: E402
+from attnkit import nn, plot  # noqa: E402
 from attnkit.models import SentenceEncoder, find_checkpoint  # noqa: E402
 
 FIGURES = pathlib.Path(__file__).resolve().parent / "figures"
@@ -29,9 +29,17 @@ def minilm_heads(path):
     fig.savefig(path, dpi=90)
 
 
+def sinusoidal_encoding(path):
+    """The sinusoidal position encoding, 64 positions of 128 features."""
+    ax = plot.positional_encoding_heatmap(nn.sinusoidal_positional_encoding(64, 128),
+                                          title="sinusoidal position encoding (64 positions, 128 features)")
+    ax.figure.savefig(path, dpi=90, bbox_inches="tight")
+
+
 def main():
     FIGURES.mkdir(exist_ok=True)
     minilm_heads(FIGURES / "minilm_heads.png")
+    sinusoidal_encoding(FIGURES / "sinusoidal_encoding.png")
     print(f"figures written to {FIGURES}")
 
 
