@@ -36,10 +36,22 @@ def sinusoidal_encoding(path):
     ax.figure.savefig(path, dpi=90, bbox_inches="tight")
 
 
+def softmax_saturation(path):
+    """Softmax's saturation and gradient against d_k, with and without the scale."""
+    plot.softmax_saturation().savefig(path, dpi=90, bbox_inches="tight")
+
+
+def cost_vs_length(path):
+    """Time (measured here) and memory of fused against naive attention."""
+    plot.cost_vs_length().savefig(path, dpi=90, bbox_inches="tight")
+
+
 def main():
     FIGURES.mkdir(exist_ok=True)
     minilm_heads(FIGURES / "minilm_heads.png")
     sinusoidal_encoding(FIGURES / "sinusoidal_encoding.png")
+    softmax_saturation(FIGURES / "softmax_saturation.png")
+    cost_vs_length(FIGURES / "cost_vs_length.png")
     print(f"figures written to {FIGURES}")
 
 

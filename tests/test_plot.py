@@ -75,3 +75,24 @@ def test_importing_attnkit_does_not_import_matplotlib():
     code = "import sys, attnkit, attnkit.nn, attnkit.models; print('matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_softmax_saturation_measures_what_it_draws():
+    table = plot.saturation_table(dims=(4, 64, 1024), keys=8, queries=200)
+    unscaled, scaled = table["unscaled"], table["scaled"]
+    assert np.all(np.diff(unscaled["entropy"]) < 0) and np.all(np.diff(unscaled["gradient"]) < 0)
+    assert np.all(np.diff(unscaled["top_weight"]) > 0) and unscaled["top_weight"][-1] > 0.9
+    assert np.ptp(scaled["entropy"]) < 0.2 and scaled["entropy"].min() > 1.5     # near ln 8 = 2.08
+    fig = plot.softmax_saturation(dims=(4, 64, 1024))
+    assert len(fig.axes) == 3
+    np.testing.assert_allclose(fig.axes[1].lines[0].get_ydata(),
+                               plot.saturation_table(dims=(4, 64, 1024))["unscaled"]["entropy"])
+
+
+def test_cost_vs_length_times_both_and_draws_the_memory_bound():
+    fig = plot.cost_vs_length(lengths=(64, 128), heads=2, head_dim=16, naive_limit=64, repeat=1)
+    times = fig.attnkit_times
+    assert times["lengths"] == [64, 128] and len(times["fused"]) == 2 and len(times["naive"]) == 1
+    assert all(t > 0 for t in times["fused"] + times["naive"])
+    naive_memory = fig.axes[1].lines[0].get_ydata()
+    np.testing.assert_allclose(naive_memory, 2 * 2 * np.array([64.0, 128.0]) ** 2 * 4 / 2**20)

@@ -18,7 +18,8 @@ or show it.
 """
 import numpy as np
 
-__all__ = ["attention_heatmap", "attention_grid", "positional_encoding_heatmap"]
+__all__ = ["attention_heatmap", "attention_grid", "positional_encoding_heatmap",
+           "softmax_saturation", "cost_vs_length"]
 
 
 def _pyplot():
@@ -148,3 +149,100 @@ def positional_encoding_heatmap(table, *, ax=None, title="positional encoding", 
         ax.set_title(title)
     ax.figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     return ax
+
+
+def saturation_table(dims=(4, 16, 64, 256, 1024), keys=8, queries=1000, seed=0):
+    """What softmax_saturation draws, as numbers: for each d_k, scores of
+    random unit-variance queries against `keys` keys, unscaled and divided by
+    sqrt(d_k); returns {"unscaled": ..., "scaled": ...}, each a dict of
+    arrays over dims: "top_weight" (the largest weight, averaged over
+    queries), "entropy" (of each query's weights, averaged; ln(keys) when
+    even) and "gradient" (the mean |d loss / d score| that softmax passes back
+    for a random upstream gradient)."""
+    from . import functional as F
+    rng = np.random.default_rng(seed)
+    table = {name: {"top_weight": [], "entropy": [], "gradient": []} for name in ("unscaled", "scaled")}
+    for d in dims:
+        q, k = rng.standard_normal((queries, d)), rng.standard_normal((keys, d))
+        upstream = rng.standard_normal((queries, keys))
+        for name, scale in (("unscaled", 1.0), ("scaled", 1 / np.sqrt(d))):
+            p = F.softmax(q @ k.T * scale)
+            row = table[name]
+            row["top_weight"].append(float(p.max(axis=-1).mean()))
+            row["entropy"].append(float(-(p * np.log(np.maximum(p, 1e-300))).sum(axis=-1).mean()))
+            row["gradient"].append(float(np.abs(F.softmax_backward(upstream, p)).mean()))
+    return {name: {key: np.array(v) for key, v in row.items()} for name, row in table.items()}
+
+
+def softmax_saturation(dims=(4, 16, 64, 256, 1024), keys=8, *, seed=0):
+    """Why attention divides by sqrt(d_k): as d_k grows, unscaled scores
+    saturate softmax (the top weight goes to 1, the entropy to 0) and the
+    gradient through it vanishes; scaled ones stay put. Three panels against
+    d_k (saturation_table's numbers). Returns the figure."""
+    table = saturation_table(dims, keys, seed=seed)
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
+    titles = {"top_weight": "largest weight", "entropy": f"entropy (even: ln {keys} = {np.log(keys):.2f})",
+              "gradient": "mean |gradient| to the scores"}
+    for ax, key in zip(axes, ("top_weight", "entropy", "gradient")):
+        for name, style in (("unscaled", "o-"), ("scaled", "s--")):
+            ax.plot(dims, table[name][key], style, label=f"{name}" if name == "unscaled" else "/ sqrt(d_k)")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("d_k")
+        ax.set_title(titles[key], fontsize=10)
+    axes[0].legend()
+    fig.tight_layout()
+    return fig
+
+
+def cost_vs_length(lengths=(256, 512, 1024, 2048, 4096), heads=8, head_dim=64, *, naive_limit=2048,
+                   repeat=3):
+    """Time and memory of self-attention against sequence length, attnkit's
+    fused kernel beside the naive computation (the (L, L) scores
+    materialised, attnkit.reference in float32), one sequence of `heads`
+    heads. Time is measured here (the best of `repeat`); memory is what each
+    must hold beyond q, k, v and the output: the naive one the scores and
+    weights, 2 H L^2 floats, the fused one a tile per thread, drawn as a 1 MB
+    bound (`python bench/memory.py` measures no growth of the process's peak
+    beyond the output at L = 16384). Returns the
+    figure (and the measured times in fig.attnkit_times)."""
+    import time
+
+    from . import functional as F
+    from . import reference
+    rng = np.random.default_rng(0)
+    fused, naive = [], []
+    for L in lengths:
+        q, k, v = (rng.standard_normal((heads, L, head_dim), dtype=np.float32) for _ in range(3))
+        runs = []
+        for _ in range(repeat):
+            t = time.perf_counter()
+            F.scaled_dot_product_attention(q, k, v)
+            runs.append(time.perf_counter() - t)
+        fused.append(min(runs))
+        if L <= naive_limit:
+            t = time.perf_counter()
+            reference.scaled_dot_product_attention(q, k, v, dtype=np.float32)
+            naive.append(time.perf_counter() - t)
+    plt = _pyplot()
+    fig, (ax_time, ax_memory) = plt.subplots(1, 2, figsize=(10, 3.4))
+    ax_time.plot(lengths, fused, "o-", label="attnkit (fused)")
+    ax_time.plot(lengths[:len(naive)], naive, "s--", label="naive (scores stored)")
+    ax_time.set_xscale("log", base=2)
+    ax_time.set_yscale("log")
+    ax_time.set_xlabel("sequence length L")
+    ax_time.set_ylabel("seconds")
+    ax_time.set_title(f"time, {heads} heads of {head_dim}", fontsize=10)
+    ax_time.legend()
+    lengths_arr = np.array(lengths, dtype=float)
+    ax_memory.plot(lengths, 2 * heads * lengths_arr**2 * 4 / 2**20, "s--", label="naive: scores and weights")
+    ax_memory.plot(lengths, np.full(len(lengths), 1.0), "o-", label="attnkit: under 1 MB of tiles (a bound)")
+    ax_memory.set_xscale("log", base=2)
+    ax_memory.set_yscale("log")
+    ax_memory.set_xlabel("sequence length L")
+    ax_memory.set_ylabel("MB beyond inputs and output")
+    ax_memory.set_title("memory", fontsize=10)
+    ax_memory.legend()
+    fig.tight_layout()
+    fig.attnkit_times = {"lengths": list(lengths), "fused": fused, "naive": naive}
+    return fig
