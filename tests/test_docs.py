@@ -39,3 +39,21 @@ def test_guide_pages_print_what_they_show(page):
 
 def test_the_guide_has_programs():
     assert any(doctest.DocTestParser().get_examples(page.read_text()) for page in GUIDE_PAGES)
+
+
+def test_the_site_checker_finds_a_missing_image(tmp_path):
+    """tools/check_site.py, which CI runs on the built site, catches what a
+    reader would see broken: an image or a page that is not there."""
+    import importlib.util
+    path = README.parent / "tools" / "check_site.py"
+    spec = importlib.util.spec_from_file_location("check_site", path)
+    check_site = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check_site)
+    (tmp_path / "guide").mkdir()
+    (tmp_path / "index.html").write_text('<a href="guide/">g</a><img src="figures/a.png">')
+    (tmp_path / "guide" / "index.html").write_text('<h1 id="top">g</h1><a href="../index.html#top">x</a>')
+    assert check_site.main([str(tmp_path)]) == 1                    # a.png and #top on index are missing
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "figures" / "a.png").write_bytes(b"png")
+    (tmp_path / "index.html").write_text('<h1 id="top">i</h1><a href="guide/">g</a><img src="figures/a.png">')
+    assert check_site.main([str(tmp_path)]) == 0
