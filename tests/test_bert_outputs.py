@@ -8,19 +8,12 @@ import os
 import numpy as np
 import pytest
 
-from attnkit.models import BertConfig, BertModel, BertOutput, SentenceEncoder, find_checkpoint
+from attnkit.models import BertModel, BertOutput, SentenceEncoder, find_checkpoint
 from accuracy import torch_or_skip, transformers_or_skip
+from test_bert_backward import inputs, tiny_config      # the same tiny BERT and padded batch
 
 DTYPES = [np.float32, np.float64]
 TOLERANCE = {np.float32: 1e-5, np.float64: 1e-10}   # relative to the compared arrays' scale
-
-
-def tiny_config(**overrides):
-    fields = dict(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
-                  intermediate_size=24, max_position_embeddings=20, hidden_dropout_prob=0.0,
-                  attention_probs_dropout_prob=0.0)
-    fields.update(overrides)
-    return BertConfig(**fields)
 
 
 def tiny_model(dtype=np.float64, **overrides):
@@ -28,17 +21,6 @@ def tiny_model(dtype=np.float64, **overrides):
     for _, p in model.named_parameters():
         p += (0.05 * np.random.default_rng(2).standard_normal(p.shape)).astype(dtype)
     return model
-
-
-def inputs(N=3, L=7, seed=0):
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(1, 50, (N, L))
-    mask = np.ones((N, L), np.int64)
-    mask[1, 5:] = 0
-    mask[2, 2:] = 0
-    ids[mask == 0] = 0
-    types = (np.arange(L) >= 3).astype(np.int64)[None].repeat(N, 0)
-    return ids, mask, types
 
 
 def assert_close(actual, expected, dtype, what):
