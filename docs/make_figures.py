@@ -3,6 +3,9 @@
 Each figure is made from attnkit's public API, so the pictures show what the
 code computes. CI runs this script; the site is built from its output.
 """
+import contextlib
+import importlib.util
+import io
 import pathlib
 
 import matplotlib
@@ -46,12 +49,49 @@ def cost_vs_length(path):
     plot.cost_vs_length().savefig(path, dpi=90, bbox_inches="tight")
 
 
+def layer_vs_batch_norm(path):
+    """The guide's padded batch (question 19), normalised by each."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 4, 3)) * 2 + 5
+    pad = np.array([[False] * 4, [False, False, True, True]])
+    x[pad] = 0.0
+    partner = rng.standard_normal((1, 4, 3)) * 2 + 5
+    fig, _ = plot.layer_vs_batch_norm(x, pad, sentence=1, token=0, partner=partner)
+    fig.savefig(path, dpi=90, bbox_inches="tight")
+
+
+def teacher_forcing_curves(path):
+    """Loss and held-out exact match of examples/teacher_forcing.py (its full
+    run, about a minute and a half on two cores), teacher forcing against
+    scheduled sampling."""
+    script = FIGURES.parent.parent / "examples" / "teacher_forcing.py"
+    spec = importlib.util.spec_from_file_location("teacher_forcing", script)
+    lesson = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lesson)
+    with contextlib.redirect_stdout(io.StringIO()):                 # its progress lines
+        figures = lesson.main([])
+    import matplotlib.pyplot as plt
+    fig, (ax_loss, ax_match) = plt.subplots(1, 2, figsize=(11, 3.6))
+    plot.training_curves({"teacher forcing": figures["tf_losses"],
+                          "scheduled sampling": figures["ss_losses"]},
+                         ylabel="cross-entropy", smooth=5, ax=ax_loss, log_y=True,
+                         title="training loss")
+    plot.training_curves({"teacher forcing": figures["tf_exact_match"],
+                          "scheduled sampling": figures["ss_exact_match"]},
+                         ylabel="held-out exact match", ax=ax_match,
+                         title="greedy decoding with a KV cache")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
 def main():
     FIGURES.mkdir(exist_ok=True)
     minilm_heads(FIGURES / "minilm_heads.png")
     sinusoidal_encoding(FIGURES / "sinusoidal_encoding.png")
     softmax_saturation(FIGURES / "softmax_saturation.png")
     cost_vs_length(FIGURES / "cost_vs_length.png")
+    layer_vs_batch_norm(FIGURES / "layer_vs_batch_norm.png")
+    teacher_forcing_curves(FIGURES / "teacher_forcing_curves.png")
     print(f"figures written to {FIGURES}")
 
 

@@ -508,7 +508,10 @@ def main(argv=None):
                         f"{key}_first_loss": float(np.mean(r["losses"][:5])),
                         f"{key}_last_loss": float(np.mean(r["losses"][-10:])),
                         f"{key}_swapped_fraction": r["swapped_fraction"],
-                        f"{key}_wrong_input_fraction": r["wrong_input_fraction"]})
+                        f"{key}_wrong_input_fraction": r["wrong_input_fraction"],
+                        # the curves, for a plot: loss per step, (step, exact match) per evaluation
+                        f"{key}_losses": [float(x) for x in r["losses"]],
+                        f"{key}_exact_match": [(step, match) for step, _, _, match in r["history"]]})
     summary["expected_swapped_fraction"] = float(np.mean(
         [1 - inverse_sigmoid(i, k) for i in range(steps)]))
 

@@ -55,6 +55,8 @@ def test_teacher_forcing():
         assert figures[f"{run}_first_loss"] > 0.8 * chance
         assert figures[f"{run}_last_loss"] < 0.4 * chance
     assert figures["kv_cache_equals_recompute"]
+    for run in ("tf", "ss"):                 # the curves docs/make_figures.py draws
+        assert len(figures[f"{run}_losses"]) > 10 and figures[f"{run}_exact_match"]
     # teacher forcing never swaps an input; scheduled sampling swaps at the
     # mean of 1 - eps_i over its steps
     assert figures["tf_swapped_fraction"] == 0.0

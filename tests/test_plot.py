@@ -96,3 +96,30 @@ def test_cost_vs_length_times_both_and_draws_the_memory_bound():
     assert all(t > 0 for t in times["fused"] + times["naive"])
     naive_memory = fig.axes[1].lines[0].get_ydata()
     np.testing.assert_allclose(naive_memory, 2 * 2 * np.array([64.0, 128.0]) ** 2 * 4 / 2**20)
+
+
+def test_training_curves_take_values_or_step_value_pairs():
+    ax = plot.training_curves({"a": [3.0, 2.0, 1.5, 1.0, 0.8, 0.7], "b": [(2, 0.5), (4, 0.9)]},
+                              smooth=3, ylabel="loss", log_y=True)
+    raw, mean, b = ax.lines
+    np.testing.assert_array_equal(raw.get_xdata(), [1, 2, 3, 4, 5, 6])
+    np.testing.assert_allclose(mean.get_ydata(), [13 / 6, 1.5, 1.1, 2.5 / 3])   # running mean of 3
+    np.testing.assert_array_equal(b.get_xdata(), [2, 4])
+    assert ax.get_yscale() == "log"
+    with pytest.raises(ValueError, match="no curves"):
+        plot.training_curves({})
+
+
+def test_layer_vs_batch_norm_shows_which_depends_on_the_batch():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 4, 3)) * 2 + 5
+    pad = np.array([[False] * 4, [False, False, True, True]])
+    x[pad] = 0.0
+    fig, values = plot.layer_vs_batch_norm(x, pad, partner=rng.standard_normal((1, 4, 3)) * 2 + 5)
+    np.testing.assert_allclose(values["layer norm, in the batch"], values["layer norm, alone"], rtol=1e-12)
+    for a, b in (("batch norm, padding counted", "batch norm, padding masked"),
+                 ("batch norm, padding masked", "batch norm, another partner")):
+        assert not np.allclose(values[a], values[b])
+    assert len(fig.axes[0].patches) == 5 * 3
+    with pytest.raises(ValueError, match=r"\(N, L, C\)"):
+        plot.layer_vs_batch_norm(x[0], pad)

@@ -19,7 +19,7 @@ or show it.
 import numpy as np
 
 __all__ = ["attention_heatmap", "attention_grid", "positional_encoding_heatmap",
-           "softmax_saturation", "cost_vs_length"]
+           "softmax_saturation", "cost_vs_length", "training_curves", "layer_vs_batch_norm"]
 
 
 def _pyplot():
@@ -246,3 +246,85 @@ def cost_vs_length(lengths=(256, 512, 1024, 2048, 4096), heads=8, head_dim=64, *
     fig.tight_layout()
     fig.attnkit_times = {"lengths": list(lengths), "fused": fused, "naive": naive}
     return fig
+
+
+def training_curves(curves, *, ylabel="loss", title=None, smooth=1, ax=None, log_y=False):
+    """Lines of a value against training step, one per run: curves maps a
+    run's name to a sequence of values (one per step, counted from 1) or of
+    (step, value) pairs. smooth > 1 draws the running mean over that many
+    steps (the raw values faintly behind it). Returns the axes. For teacher
+    forcing against scheduled sampling: examples/teacher_forcing.py's main()
+    returns tf_losses / ss_losses and tf_exact_match / ss_exact_match."""
+    if not curves:
+        raise ValueError("training_curves: no curves given")
+    plt = _pyplot()
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 3.6))
+    for name, values in curves.items():
+        values = list(values)
+        if values and np.ndim(values[0]) == 1:
+            steps, ys = (np.array(a, dtype=float) for a in zip(*values))
+        else:
+            ys = np.asarray(values, dtype=float)
+            steps = np.arange(1, len(ys) + 1, dtype=float)
+        if smooth > 1 and len(ys) >= smooth:
+            line, = ax.plot(steps, ys, alpha=0.25)
+            mean = np.convolve(ys, np.ones(smooth) / smooth, mode="valid")
+            ax.plot(steps[smooth - 1:], mean, color=line.get_color(), label=name)
+        else:
+            ax.plot(steps, ys, marker="o" if len(ys) < 30 else None, label=name)
+    ax.set_xlabel("training step")
+    ax.set_ylabel(ylabel)
+    if log_y:
+        ax.set_yscale("log")
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.legend()
+    return ax
+
+
+def layer_vs_batch_norm(x, padding_mask, sentence=1, token=0, partner=None):
+    """Layer norm against batch norm (training mode, the batch's statistics)
+    on a padded batch of sentences x (N, L, C) with padding_mask (N, L), True
+    = padded: bars of one token's normalised features (sentence `sentence`,
+    position `token`) as each computes them. Layer norm: in the batch and
+    alone, the same. Batch norm: with the padding counted, with it masked,
+    and with the sentence in a batch beside `partner` (N', L, C) instead;
+    all different. Returns (figure, {label: values})."""
+    from .nn import BatchNorm1d, LayerNorm
+    x = np.asarray(x, dtype=np.float64)
+    mask = np.asarray(padding_mask, dtype=bool)
+    if x.ndim != 3 or mask.shape != x.shape[:2]:
+        raise ValueError(f"layer_vs_batch_norm: x must be (N, L, C) and padding_mask (N, L), got "
+                         f"{x.shape} and {mask.shape}")
+    C = x.shape[2]
+    length = int((~mask[sentence]).sum())
+    alone = x[sentence:sentence + 1, :length]
+
+    def batch_norm(batch, batch_mask=None):
+        return BatchNorm1d(C, channels_last=True, dtype=np.float64)(batch, padding_mask=batch_mask)
+
+    layer_norm = LayerNorm(C, dtype=np.float64)
+    values = {"layer norm, in the batch": layer_norm(x)[sentence, token],
+              "layer norm, alone": layer_norm(alone)[0, token],
+              "batch norm, padding counted": batch_norm(x)[sentence, token],
+              "batch norm, padding masked": batch_norm(x, mask)[sentence, token]}
+    if partner is not None:
+        partner = np.asarray(partner, dtype=np.float64)
+        batch = np.concatenate([x[sentence:sentence + 1], partner])
+        batch_mask = np.concatenate([mask[sentence:sentence + 1], np.zeros(partner.shape[:2], bool)])
+        values["batch norm, another partner"] = batch_norm(batch, batch_mask)[0, token]
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    width = 0.8 / len(values)
+    for i, (label, v) in enumerate(values.items()):
+        ax.bar(np.arange(C) + (i - (len(values) - 1) / 2) * width, v, width, label=label,
+               hatch="//" if label.startswith("layer") else None)
+    ax.set_xticks(range(C))
+    ax.set_xlabel("feature")
+    ax.set_ylabel("normalised value")
+    ax.set_title(f"sentence {sentence}, token {token}: the same numbers in, normalised five ways", fontsize=10)
+    ax.axhline(0, color="black", linewidth=0.5)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig, values
