@@ -529,6 +529,7 @@ def test_batch_norm_errors():
     bn = nn.BatchNorm1d(4)
     with pytest.raises(ValueError, match="more than one value per channel"):
         bn(np.ones((1, 4), np.float32))
+    assert int(bn.num_batches_tracked) == 0           # a refused batch is not counted
     with pytest.raises(ValueError, match=r"\(N, C\) or \(N, C, L\)"):
         bn(np.ones((2, 4, 3, 2), np.float32))
     with pytest.raises(ValueError, match=r"C = 4 on axis 1, got \(3, 5\)"):

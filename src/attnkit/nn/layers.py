@@ -230,16 +230,14 @@ class BatchNorm1d(Module):
         use_batch = self.training or not self.track_running_stats
         keep = F._batch_norm_keep(padding_mask, xc, "BatchNorm1d")
         momentum = self.momentum
-        if self.training and self.track_running_stats:
-            if keep is not None and int(np.count_nonzero(keep)) <= 1:
-                F._batch_norm(xc, None, None, None, None, True, None, self.eps,
-                              padding_mask)       # raises its error before the count moves
-            self.num_batches_tracked += 1
-            if momentum is None:  # a cumulative average, as PyTorch's momentum=None
-                momentum = 1.0 / float(self.num_batches_tracked)
+        counted = self.training and self.track_running_stats
+        if counted and momentum is None:   # a cumulative average, as PyTorch's momentum=None
+            momentum = 1.0 / float(self.num_batches_tracked + 1)
         out, mean, rstd = F._batch_norm(xc, self.running_mean, self.running_var, self.weight,
                                         self.bias, use_batch, momentum, self.eps,
                                         padding_mask if use_batch else None)
+        if counted:                        # after the call: a batch it refused is not counted
+            self.num_batches_tracked += 1
         self._save(xc, mean, rstd, use_batch, keep if use_batch else None, transposed)
         return out.transpose(0, 2, 1) if transposed else out
 
