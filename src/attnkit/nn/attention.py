@@ -102,6 +102,25 @@ class KVCache:
         return self._keys[:, :, :self.length], self._values[:, :, :self.length]
 
 
+def _projection_view(name, kind, index, doc):
+    """A property of MultiHeadAttention: Wq, Wk or Wv (kind 0) or their bias
+    (kind 1) as the view _weights() gives, which assignment writes into (of
+    the same shape; a bias the layer does not have cannot be set)."""
+    def read(self):
+        return self._weights()[kind][index]
+
+    def write(self, value):
+        view = self._weights()[kind][index]
+        if view is None:
+            raise AttributeError(f"MultiHeadAttention.{name}: the layer was made with bias=False")
+        value = np.asarray(value)
+        if value.shape != view.shape:
+            raise ValueError(f"MultiHeadAttention.{name}: expected shape {view.shape}, got {value.shape}")
+        view[...] = value
+
+    return property(read, write, doc=doc + " A view: assignment writes into the module.")
+
+
 class MultiHeadAttention(Module):
     """torch.nn.MultiheadAttention, same arguments, parameters and results.
 
@@ -196,67 +215,12 @@ class MultiHeadAttention(Module):
     # Wq, Wk, Wv and their biases by name, whichever way they are stored: views
     # of the packed in_proj_weight / in_proj_bias (or the separate weights), so
     # reading shows the module's numbers and assigning writes into them.
-    @property
-    def q_weight(self):
-        """Wq (E, E): queries = query @ Wq.T + bq. A view: assignment writes into the module."""
-        return self._weights()[0][0]
-
-    @q_weight.setter
-    def q_weight(self, value):
-        self._assign_view("q_weight", self._weights()[0][0], value)
-
-    @property
-    def k_weight(self):
-        """Wk (Hkv d, kdim): keys = key @ Wk.T + bk. A view, settable."""
-        return self._weights()[0][1]
-
-    @k_weight.setter
-    def k_weight(self, value):
-        self._assign_view("k_weight", self._weights()[0][1], value)
-
-    @property
-    def v_weight(self):
-        """Wv (Hkv d, vdim): values = value @ Wv.T + bv. A view, settable."""
-        return self._weights()[0][2]
-
-    @v_weight.setter
-    def v_weight(self, value):
-        self._assign_view("v_weight", self._weights()[0][2], value)
-
-    @property
-    def q_bias(self):
-        """bq (E,), a view of in_proj_bias; None with bias=False."""
-        return self._weights()[1][0]
-
-    @q_bias.setter
-    def q_bias(self, value):
-        self._assign_view("q_bias", self._weights()[1][0], value)
-
-    @property
-    def k_bias(self):
-        """bk (Hkv d,), a view of in_proj_bias; None with bias=False."""
-        return self._weights()[1][1]
-
-    @k_bias.setter
-    def k_bias(self, value):
-        self._assign_view("k_bias", self._weights()[1][1], value)
-
-    @property
-    def v_bias(self):
-        """bv (Hkv d,), a view of in_proj_bias; None with bias=False."""
-        return self._weights()[1][2]
-
-    @v_bias.setter
-    def v_bias(self, value):
-        self._assign_view("v_bias", self._weights()[1][2], value)
-
-    def _assign_view(self, name, view, value):
-        if view is None:
-            raise AttributeError(f"MultiHeadAttention.{name}: the layer was made with bias=False")
-        value = np.asarray(value)
-        if value.shape != view.shape:
-            raise ValueError(f"MultiHeadAttention.{name}: expected shape {view.shape}, got {value.shape}")
-        view[...] = value
+    q_weight = _projection_view("q_weight", 0, 0, "Wq (E, E): queries = query @ Wq.T + bq.")
+    k_weight = _projection_view("k_weight", 0, 1, "Wk (Hkv d, kdim): keys = key @ Wk.T + bk.")
+    v_weight = _projection_view("v_weight", 0, 2, "Wv (Hkv d, vdim): values = value @ Wv.T + bv.")
+    q_bias = _projection_view("q_bias", 1, 0, "bq (E,), a view of in_proj_bias; None with bias=False.")
+    k_bias = _projection_view("k_bias", 1, 1, "bk (Hkv d,), a view of in_proj_bias; None with bias=False.")
+    v_bias = _projection_view("v_bias", 1, 2, "bv (Hkv d,), a view of in_proj_bias; None with bias=False.")
 
     def _weights(self):
         """(Wq, Wk, Wv) and (bq, bk, bv), views into the packed parameters."""
