@@ -132,7 +132,6 @@ def attnkit_step(group, threads):
 
 
 def torch_step(group, threads):
-    import numpy as np
     import torch
     if threads:
         torch.set_num_threads(threads)

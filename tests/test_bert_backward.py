@@ -6,7 +6,7 @@ import pytest
 
 from attnkit.models import BertConfig, BertModel
 from accuracy import torch_or_skip, transformers_or_skip
-from gradients import assert_close, load_into_torch
+from gradients import assert_close
 
 DTYPES = [np.float32, np.float64]
 

@@ -166,7 +166,7 @@ class BertSelfAttention(Module):
         else:
             # dropout of the weights, replayed by backward from the same seed
             p = self.dropout_p
-            seed = int(self.rng.integers(2**32)) if p > 0 else None
+            seed = F._draw_dropout_seed(self.rng, "BertSelfAttention") if p > 0 else None
             if output_attentions and seed is None:       # no dropout: the weights are the ones used
                 context, weights, lse = F.scaled_dot_product_attention(
                     q, k, v, attn_mask=key_mask, return_weights=True, return_lse=True)
@@ -324,11 +324,6 @@ class BertModel(Module):
                              f"{token_type_ids.shape} must be {(N, L)}")
         key_mask = mask.reshape(N, 1, 1, L)        # padded keys are not attended to
         x = self.embeddings(input_ids, token_type_ids)
-        if not (output_attentions or output_hidden_states):
-            for layer in self.encoder.layer:
-                x = layer(x, key_mask)
-            self._save(x.shape, x.dtype)
-            return x
         hidden_states = [x] if output_hidden_states else None
         attentions = [] if output_attentions else None
         for layer in self.encoder.layer:
@@ -340,6 +335,8 @@ class BertModel(Module):
             if output_hidden_states:
                 hidden_states.append(x)
         self._save(x.shape, x.dtype)
+        if not (output_attentions or output_hidden_states):
+            return x
         return BertOutput(x, None if hidden_states is None else tuple(hidden_states),
                           None if attentions is None else tuple(attentions))
 
@@ -354,7 +351,7 @@ class BertModel(Module):
             if not trainable_below[i]:
                 return None
             grad = layers[i].backward(grad)
-        if any(True for _ in self.embeddings.trainable_parameters()):
+        if self.embeddings.trainable_parameters():
             self.embeddings.backward(grad)
         return None
 
