@@ -19,7 +19,7 @@ SIZES = [1, 7, 4095, 4096, 4097, 3 * 4096 + 5]
 def test_dropout_is_its_reference(simd, dtype, n, p):
     x = np.random.default_rng(n).standard_normal(n).astype(dtype)
     expected = reference.dropout(x, p, 12345, dtype=dtype)
-    for threads in (1, 2):
+    for threads in (1, 2, 3):
         with thread_count(threads):
             np.testing.assert_array_equal(F.dropout(x, p, seed=12345), expected)
 

@@ -287,7 +287,7 @@ def test_mha_dropout_draws_as_before(rng):
 @pytest.mark.parametrize("options, self_attn", [(dict(dropout=0.1), True),
                                                 (dict(num_kv_heads=2, kdim=48, add_bias_kv=True), False)],
                          ids=["self-dropout", "cross-gqa"])
-def test_mha_gradients_bitwise_the_same_at_1_and_2_threads(options, self_attn):
+def test_mha_gradients_bitwise_the_same_at_1_2_and_3_threads(options, self_attn):
     rng = np.random.default_rng(20)
     m = nn.MultiHeadAttention(64, 4, rng=rng, **options)
     q = randn(rng, (40, 3, 64), np.float32)
@@ -297,17 +297,18 @@ def test_mha_gradients_bitwise_the_same_at_1_and_2_threads(options, self_attn):
     kpm[1, -5:] = True
     g = randn(rng, (40, 3, 64), np.float32)
     results = []
-    for threads in (1, 2):
+    for threads in (1, 2, 3):
         with thread_count(threads):
             m.rng = np.random.default_rng(7)
             m.zero_grad()
             m(q, k, v, key_padding_mask=kpm, need_weights=False, is_causal=self_attn)
             d = m.backward(g)
             results.append((d, {n: a.copy() for n, a in m.grads().items()}))
-    for a, b in zip(results[0][0], results[1][0]):
-        np.testing.assert_array_equal(a, b)
-    for name in results[0][1]:
-        np.testing.assert_array_equal(results[0][1][name], results[1][1][name])
+    for other in results[1:]:
+        for a, b in zip(results[0][0], other[0]):
+            np.testing.assert_array_equal(a, b)
+        for name in results[0][1]:
+            np.testing.assert_array_equal(results[0][1][name], other[1][name])
 
 
 @pytest.mark.parametrize("layout", ["seq_first", "batch_first", "unbatched"])

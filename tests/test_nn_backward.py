@@ -182,22 +182,23 @@ def test_errors():
         emb.backward(np.ones((3, 2), np.float32))
 
 
-def test_gradients_are_bitwise_the_same_at_1_and_2_threads():
+def test_gradients_are_bitwise_the_same_at_1_2_and_3_threads():
     rng = np.random.default_rng(14)
     model = nn.Sequential([nn.Linear(64, 96, rng=rng), nn.GELU(), nn.LayerNorm(96),
                            nn.Linear(96, 32, rng=rng)])
     x = randn(rng, (300, 64), np.float32)
     g = randn(rng, (300, 32), np.float32)
     results = []
-    for threads in (1, 2):
+    for threads in (1, 2, 3):
         with thread_count(threads):
             model.zero_grad()
             model(x)
             dx = model.backward(g)
             results.append((dx, {k: v.copy() for k, v in model.grads().items()}))
-    np.testing.assert_array_equal(results[0][0], results[1][0])
-    for name in results[0][1]:
-        np.testing.assert_array_equal(results[0][1][name], results[1][1][name])
+    for other in results[1:]:
+        np.testing.assert_array_equal(results[0][0], other[0])
+        for name in results[0][1]:
+            np.testing.assert_array_equal(results[0][1][name], other[1][name])
 
 
 def test_a_trained_module_pickles_with_its_gradients():

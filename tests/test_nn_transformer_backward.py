@@ -128,13 +128,13 @@ def test_an_activation_without_backward_says_so():
         layer.backward(np.ones_like(x))
 
 
-def test_gradients_are_bitwise_the_same_at_1_and_2_threads():
+def test_gradients_are_bitwise_the_same_at_1_2_and_3_threads():
     rng = np.random.default_rng(8)
     layer = nn.TransformerDecoderLayer(32, 4, 64, dropout=0.1, batch_first=True, rng=rng)
     tgt, memory = randn(rng, (3, 20, 32), np.float32), randn(rng, (3, 24, 32), np.float32)
     grad = randn(rng, (3, 20, 32), np.float32)
     results = []
-    for threads in (1, 2):
+    for threads in (1, 2, 3):
         with thread_count(threads):
             for _, m in layer.named_modules():          # the same dropout masks in both runs
                 if hasattr(m, "rng"):
@@ -143,10 +143,11 @@ def test_gradients_are_bitwise_the_same_at_1_and_2_threads():
             layer(tgt, memory, tgt_is_causal=True)
             d = layer.backward(grad)
             results.append((d, {k: v.copy() for k, v in layer.grads().items()}))
-    for a, b in zip(results[0][0], results[1][0]):
-        np.testing.assert_array_equal(a, b)
-    for name, g in results[0][1].items():
-        np.testing.assert_array_equal(g, results[1][1][name])
+    for other in results[1:]:
+        for a, b in zip(results[0][0], other[0]):
+            np.testing.assert_array_equal(a, b)
+        for name, g in results[0][1].items():
+            np.testing.assert_array_equal(g, other[1][name])
 
 
 @pytest.mark.parametrize("norm_first", [False, True])

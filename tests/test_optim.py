@@ -607,7 +607,7 @@ def test_adam_kernel_is_its_reference_bit_for_bit(simd, dtype, decoupled, amsgra
                  decoupled=decoupled)
     expected = reference.adam_step(p, g, m, v, vmax, **hyper)
     g_before = g.copy()
-    for threads in (1, 2):
+    for threads in (1, 2, 3):
         got = [p.copy(), m.copy(), v.copy(), None if vmax is None else vmax.copy()]
         with thread_count(threads):
             _kernels.adam_step(got[0], got[1], got[2], got[3], g, hyper["lr"], beta1, 0.98, 1e-8,
