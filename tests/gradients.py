@@ -103,3 +103,32 @@ def check_module(ours, theirs, inputs, dtype, *, call=None, torch_call=None, gra
         reference = np.zeros(grads[name].shape) if reference is None else reference.numpy()
         assert_close(grads[name], reference, dtype, f"{name}'s gradient")
     return out, d_inputs
+
+
+def check_finite_differences(module, inputs, *, call=None, h=1e-6, seed=0):
+    """float64 central differences against module.backward: for a random
+    upstream gradient g and random directions, the change of sum(g * out)
+    along each direction must equal the gradient's dot product with it, for
+    every float input and every parameter (within 1e-6 of the terms' scale)."""
+    call = call or (lambda m, *a: m(*a))
+    rng = np.random.default_rng(seed)
+    module.train()
+    module.zero_grad()
+    out = call(module, *inputs)
+    g = rng.standard_normal(out.shape)
+    d_inputs = module.backward(g)
+    d_inputs = d_inputs if isinstance(d_inputs, tuple) else (d_inputs,)
+    float_inputs = [a for a in inputs if isinstance(a, np.ndarray) and a.dtype.kind == "f"]
+    targets = list(zip(float_inputs, d_inputs)) + [
+        (p, module.grads()[name]) for name, p in module.named_parameters()]
+    for array, grad in targets:
+        direction = rng.standard_normal(array.shape)
+        saved = array.copy()
+        array += h * direction
+        up = float(np.sum(g * call(module, *inputs)))
+        array[...] = saved - h * direction
+        down = float(np.sum(g * call(module, *inputs)))
+        array[...] = saved
+        numeric, analytic = (up - down) / (2 * h), float(np.sum(grad * direction))
+        scale = max(1.0, float(np.sum(np.abs(grad * direction))))
+        assert abs(numeric - analytic) <= 1e-6 * scale, (array.shape, numeric, analytic)

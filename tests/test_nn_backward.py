@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from attnkit import nn
-from gradients import check_module
+from gradients import check_finite_differences, check_module
 from accuracy import torch_or_skip
 from threads import thread_count
 
@@ -226,3 +226,31 @@ def test_grads_of_the_trainable_parameters_only():
     model.freeze("0")
     assert list(model.grads(trainable_only=True)) == ["1.weight", "1.bias"]
     assert list(model.grads()) == ["0.weight", "0.bias", "1.weight", "1.bias"]
+
+
+@pytest.mark.parametrize("name", ["Linear", "LayerNorm", "RMSNorm", "BatchNorm1d", "GELU", "SiLU",
+                                  "Sigmoid", "Tanh", "Sequential", "Embedding"])
+def test_float64_finite_differences(name):
+    """Each layer's backward is the derivative of its forward, without
+    PyTorch: central differences along random directions (tests/gradients.py)."""
+    rng = np.random.default_rng(18)
+    x = randn(rng, (4, 5, 6), np.float64)
+    if name == "Linear":
+        module = nn.Linear(6, 3, dtype=np.float64, rng=rng)
+    elif name in ("LayerNorm", "RMSNorm"):
+        module = getattr(nn, name)(6, dtype=np.float64)
+    elif name == "BatchNorm1d":
+        module = nn.BatchNorm1d(5, dtype=np.float64)
+    elif name == "Sequential":
+        module = nn.Sequential([nn.Linear(6, 8, dtype=np.float64, rng=rng), nn.GELU("tanh"),
+                                nn.LayerNorm(8, dtype=np.float64), nn.Linear(8, 2, dtype=np.float64, rng=rng)])
+    elif name == "Embedding":
+        # no padding_idx: its row is read but gets no gradient by definition
+        # (PyTorch's), which test_embedding checks against torch
+        module = nn.Embedding(7, 3, dtype=np.float64, rng=rng)
+        x = np.array([[0, 2, 5], [5, 1, 6]])
+    else:
+        module = getattr(nn, name)()
+    for _, p in module.named_parameters():        # away from the ones and zeros they start at
+        p += 0.3 * rng.standard_normal(p.shape)
+    check_finite_differences(module, [x])

@@ -7,7 +7,7 @@ import pytest
 
 from attnkit import nn
 from accuracy import torch_or_skip
-from gradients import check_module
+from gradients import check_finite_differences, check_module
 from threads import thread_count
 
 DTYPES = [np.float32, np.float64]
@@ -168,3 +168,18 @@ def test_decoding_with_kv_caches_equals_the_full_causal_pass(norm_first):
     decoder.train()
     with pytest.raises(ValueError, match="eval mode"):
         decoder(tgt, memory, kv_caches=[nn.KVCache(), nn.KVCache()])
+
+
+@pytest.mark.parametrize("kind", ["TransformerEncoderLayer", "TransformerDecoderLayer"])
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_float64_finite_differences(kind, norm_first):
+    """The layers' backward is the derivative of their training forward,
+    without PyTorch: central differences along random directions."""
+    rng = np.random.default_rng(11)
+    layer = getattr(nn, kind)(8, 2, 12, dropout=0.0, activation="gelu", batch_first=True,
+                              norm_first=norm_first, dtype=np.float64, rng=rng)
+    inputs = [randn(rng, (2, 4, 8), np.float64)]
+    if kind == "TransformerDecoderLayer":
+        inputs.append(randn(rng, (2, 5, 8), np.float64))
+    check_finite_differences(layer, inputs, call=lambda m, *a: m(*a, tgt_is_causal=True)
+                             if len(a) == 2 else m(*a))
