@@ -239,9 +239,15 @@ void KERNEL(bias_activation)(real* out, const real* x, const real* bias, int64_t
         apply_range(run, out, x, bias, cols, 0, n);
         return;
     }
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t c = 0; c < chunks; c++)
-        apply_range(run, out, x, bias, cols, c * CHUNK, min_i64(n, (c + 1) * CHUNK));
+    const unsigned fp = fp_controls();
+#pragma omp parallel num_threads(threads)
+    {
+        const unsigned own_fp = fp_controls_adopt(fp);
+#pragma omp for schedule(static)
+        for (int64_t c = 0; c < chunks; c++)
+            apply_range(run, out, x, bias, cols, c * CHUNK, min_i64(n, (c + 1) * CHUNK));
+        fp_controls_restore(own_fp);
+    }
 }
 
 /* ---------------------------------------------------------------------------
@@ -432,9 +438,15 @@ int KERNEL(bias_activation_backward)(real* dx, real* dbias, const real* dy, cons
             backward_range(run, dx, dy, x, bias, cols, 0, n);
             return 0;
         }
-#pragma omp parallel for num_threads(threads) schedule(static)
-        for (int64_t c = 0; c < chunks; c++)
-            backward_range(run, dx, dy, x, bias, cols, c * CHUNK, min_i64(n, (c + 1) * CHUNK));
+        const unsigned fp = fp_controls();
+#pragma omp parallel num_threads(threads)
+        {
+            const unsigned own_fp = fp_controls_adopt(fp);
+#pragma omp for schedule(static)
+            for (int64_t c = 0; c < chunks; c++)
+                backward_range(run, dx, dy, x, bias, cols, c * CHUNK, min_i64(n, (c + 1) * CHUNK));
+            fp_controls_restore(own_fp);
+        }
         return 0;
     }
     colsum sums;
@@ -444,8 +456,14 @@ int KERNEL(bias_activation_backward)(real* dx, real* dbias, const real* dy, cons
     if (threads <= 1) {
         for (int64_t b = 0; b < blocks; b++) backward_block(run, dx, &sums, dy, x, bias, rows, cols, b);
     } else {
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
-        for (int64_t b = 0; b < blocks; b++) backward_block(run, dx, &sums, dy, x, bias, rows, cols, b);
+        const unsigned fp = fp_controls();
+#pragma omp parallel num_threads(threads)
+        {
+            const unsigned own_fp = fp_controls_adopt(fp);
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t b = 0; b < blocks; b++) backward_block(run, dx, &sums, dy, x, bias, rows, cols, b);
+            fp_controls_restore(own_fp);
+        }
     }
     real* const out[1] = {dbias};
     colsum_finish(&sums, out);
@@ -482,7 +500,13 @@ void KERNEL(dropout)(real* out, const real* x, int64_t n, double p, uint32_t see
         dropout_rows(out, x, n, threshold, scale, seed, 0, rows);
         return;
     }
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t r = 0; r < rows; r++)
-        dropout_rows(out, x, n, threshold, scale, seed, r, r + 1);
+    const unsigned fp = fp_controls();
+#pragma omp parallel num_threads(threads)
+    {
+        const unsigned own_fp = fp_controls_adopt(fp);
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++)
+            dropout_rows(out, x, n, threshold, scale, seed, r, r + 1);
+        fp_controls_restore(own_fp);
+    }
 }

@@ -607,8 +607,10 @@ int KERNEL(attention)(real* out, real* lse, real* weights, const real* q, const 
             free(w.block);
         }
     } else {
+        const unsigned fp = fp_controls();
 #pragma omp parallel num_threads(threads)
         {
+            const unsigned own_fp = fp_controls_adopt(fp);
             workspace w;
             const int ok = workspace_alloc(&w, a) == 0;
             if (!ok) {
@@ -621,6 +623,7 @@ int KERNEL(attention)(real* out, real* lse, real* weights, const real* q, const 
             for (int64_t index = 0; index < tasks; index++)
                 if (ok) run_tasks(&jb, &w, index, index + 1);
             if (ok) free(w.block);
+            fp_controls_restore(own_fp);
         }
     }
     if (!failed && jb.chunks > 1) {

@@ -370,8 +370,10 @@ int KERNEL(attention_backward)(real* dq, real* dk, real* dv, const real* dout, c
             free(w.block);
         }
     } else {
+        const unsigned fp = fp_controls();
 #pragma omp parallel num_threads(threads)
         {
+            const unsigned own_fp = fp_controls_adopt(fp);
             workspace w;
             const int ok = workspace_alloc(&w, E, Ev) == 0;
             if (!ok) {
@@ -383,6 +385,7 @@ int KERNEL(attention_backward)(real* dq, real* dk, real* dv, const real* dout, c
             for (int64_t t = 0; t < tasks; t++)
                 if (ok) run_task(&w, &jb, t);
             if (ok) free(w.block);
+            fp_controls_restore(own_fp);
         }
     }
     if (!failed && jb.chunks > 1) over_rows(&jb, rows, E * jb.chunks, sum_chunks);

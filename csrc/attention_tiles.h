@@ -101,8 +101,14 @@ static inline void over_rows(const void* ctx, int64_t rows, int64_t work_per_row
         return;
     }
     const int64_t chunk = attnkit_chunk_size(rows, threads);
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
-    for (int64_t r = 0; r < (rows + chunk - 1) / chunk; r++) fn(ctx, r * chunk, min_i64(rows, (r + 1) * chunk));
+    const unsigned fp = fp_controls();
+#pragma omp parallel num_threads(threads)
+    {
+        const unsigned own_fp = fp_controls_adopt(fp);
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t r = 0; r < (rows + chunk - 1) / chunk; r++) fn(ctx, r * chunk, min_i64(rows, (r + 1) * chunk));
+        fp_controls_restore(own_fp);
+    }
 }
 
 #endif

@@ -177,10 +177,16 @@ static void few_rows(real* out, const real* x, int64_t x_row, const real* w, int
         few_rows_task(out, x, x_row, w, w_row, bias, residual, M, N, K, kind, 0, N);
         return;
     }
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
-    for (int64_t t = 0; t < tasks; t++)
-        few_rows_task(out, x, x_row, w, w_row, bias, residual, M, N, K, kind, t * FEW_FEATURES,
-                      min_i64(N, (t + 1) * FEW_FEATURES));
+    const unsigned fp = fp_controls();
+#pragma omp parallel num_threads(threads)
+    {
+        const unsigned own_fp = fp_controls_adopt(fp);
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t t = 0; t < tasks; t++)
+            few_rows_task(out, x, x_row, w, w_row, bias, residual, M, N, K, kind, t * FEW_FEATURES,
+                          min_i64(N, (t + 1) * FEW_FEATURES));
+        fp_controls_restore(own_fp);
+    }
 }
 
 /* ---------------------------------------------------------------------------
@@ -283,8 +289,10 @@ static int rows_path(real* out, const real* x, int64_t x_row, const real* w, int
     const int64_t tasks = groups * chunks;
     const int threads = attnkit_plan_threads(tasks, RG * FCHUNK * K);
     int failed = 0;
+    const unsigned fp = fp_controls();
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
+        const unsigned own_fp = fp_controls_adopt(fp);
         workspace ws;
         const int ok = workspace_alloc(&ws, min_i64(RG, round_up(M, NR)), min_i64(FCHUNK, round_up(N, MR))) == 0;
         if (!ok) {
@@ -299,6 +307,7 @@ static int rows_path(real* out, const real* x, int64_t x_row, const real* w, int
                       g * RG, min_i64(M, (g + 1) * RG));
         }
         if (ok) free(ws.block);
+        fp_controls_restore(own_fp);
     }
     return failed ? -1 : 0;
 }
@@ -440,8 +449,10 @@ static int product(real* c, int64_t ldc, const real* a, int64_t a_row, int64_t a
     const int64_t tasks = groups * chunks;
     const int threads = attnkit_plan_threads(tasks, min_i64(PG, M) * chunk * K);
     int failed = 0;
+    const unsigned fp = fp_controls();
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
+        const unsigned own_fp = fp_controls_adopt(fp);
         product_workspace ws;
         const int ok = product_workspace_alloc(&ws, chunk) == 0;
         if (!ok) {
@@ -456,6 +467,7 @@ static int product(real* c, int64_t ldc, const real* a, int64_t a_row, int64_t a
                          min_i64(M, (g + 1) * PG), ch * chunk, min_i64(N, (ch + 1) * chunk));
         }
         if (ok) free(ws.block);
+        fp_controls_restore(own_fp);
     }
     return failed ? -1 : 0;
 }
@@ -552,14 +564,20 @@ static void few_rows_transposed(real* out, const real* x, int64_t x_row, const r
 {
     const int64_t chunk = T_PANELS * TWIDTH, tasks = (N + chunk - 1) / chunk;
     const int threads = attnkit_plan_threads(tasks, chunk * M * K);
-#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(dynamic, 1)
-    for (int64_t t = 0; t < tasks; t++) {
-        const int64_t n0 = t * chunk, n1 = min_i64(N, n0 + chunk);
-        for (int64_t n = n0; n < n1; n += TWIDTH)
-            for (int64_t m = 0; m < M; m += TR)
-                axpy_rows(out + m * N + n, N, x + m * x_row, x_row, wt + n, ldw, K, min_i64(TWIDTH, n1 - n),
-                          (int)min_i64(TR, M - m));
-        finish_rows(out, N, bias, residual, kind, 0, M, n0, n1);
+    const unsigned fp = fp_controls();
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        const unsigned own_fp = fp_controls_adopt(fp);
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t t = 0; t < tasks; t++) {
+            const int64_t n0 = t * chunk, n1 = min_i64(N, n0 + chunk);
+            for (int64_t n = n0; n < n1; n += TWIDTH)
+                for (int64_t m = 0; m < M; m += TR)
+                    axpy_rows(out + m * N + n, N, x + m * x_row, x_row, wt + n, ldw, K, min_i64(TWIDTH, n1 - n),
+                              (int)min_i64(TR, M - m));
+            finish_rows(out, N, bias, residual, kind, 0, M, n0, n1);
+        }
+        fp_controls_restore(own_fp);
     }
 }
 
@@ -602,11 +620,17 @@ int KERNEL(linear_backward)(real* dx, real* dw, real* dbias, const real* dy, con
     if (dbias) { /* dbias (N) += the sum of dy's rows, in row order */
         const int64_t chunks = (N + FEW_FEATURES - 1) / FEW_FEATURES;
         const int threads = attnkit_plan_threads(chunks, FEW_FEATURES * M);
-#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
-        for (int64_t t = 0; t < chunks; t++) {
-            const int64_t n0 = t * FEW_FEATURES, n1 = min_i64(N, n0 + FEW_FEATURES);
-            for (int64_t m = 0; m < M; m++)
-                for (int64_t n = n0; n < n1; n++) dbias[n] += dy[m * N + n];
+        const unsigned fp = fp_controls();
+#pragma omp parallel num_threads(threads) if (threads > 1)
+        {
+            const unsigned own_fp = fp_controls_adopt(fp);
+#pragma omp for schedule(static)
+            for (int64_t t = 0; t < chunks; t++) {
+                const int64_t n0 = t * FEW_FEATURES, n1 = min_i64(N, n0 + FEW_FEATURES);
+                for (int64_t m = 0; m < M; m++)
+                    for (int64_t n = n0; n < n1; n++) dbias[n] += dy[m * N + n];
+            }
+            fp_controls_restore(own_fp);
         }
     }
     return 0;

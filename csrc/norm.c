@@ -349,8 +349,14 @@ static void norm_run(const norm_job* j, int64_t N)
     }
     const int64_t chunk = attnkit_chunk_size(N, threads);
     const int64_t chunks = (N + chunk - 1) / chunk;
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
-    for (int64_t k = 0; k < chunks; k++) norm_rows(j, k * chunk, min_i64(N, (k + 1) * chunk));
+    const unsigned fp = fp_controls();
+#pragma omp parallel num_threads(threads)
+    {
+        const unsigned own_fp = fp_controls_adopt(fp);
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t k = 0; k < chunks; k++) norm_rows(j, k * chunk, min_i64(N, (k + 1) * chunk));
+        fp_controls_restore(own_fp);
+    }
 }
 
 void KERNEL(layer_norm)(real* out, real* mean, real* rstd, const real* x, const real* weight,
@@ -523,8 +529,14 @@ static int norm_backward_run(norm_backward_job* j, real* dweight, real* dbias)
     if (threads <= 1) {
         for (int64_t b = 0; b < blocks; b++) norm_backward_block(j, blocks, b);
     } else {
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
-        for (int64_t b = 0; b < blocks; b++) norm_backward_block(j, blocks, b);
+        const unsigned fp = fp_controls();
+#pragma omp parallel num_threads(threads)
+        {
+            const unsigned own_fp = fp_controls_adopt(fp);
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t b = 0; b < blocks; b++) norm_backward_block(j, blocks, b);
+            fp_controls_restore(own_fp);
+        }
     }
     if (j->sums) {
         real* const out[2] = {dweight, dbias};

@@ -65,8 +65,14 @@ void KERNEL(adam_step)(real* param, real* exp_avg, real* exp_avg_sq, real* max_e
         adam_range(param, exp_avg, exp_avg_sq, max_exp_avg_sq, grad, args, 0, n);
         return;
     }
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t c = 0; c < chunks; c++)
-        adam_range(param, exp_avg, exp_avg_sq, max_exp_avg_sq, grad, args, c * CHUNK,
-                   min_i64(n, (c + 1) * CHUNK));
+    const unsigned fp = fp_controls();
+#pragma omp parallel num_threads(threads)
+    {
+        const unsigned own_fp = fp_controls_adopt(fp);
+#pragma omp for schedule(static)
+        for (int64_t c = 0; c < chunks; c++)
+            adam_range(param, exp_avg, exp_avg_sq, max_exp_avg_sq, grad, args, c * CHUNK,
+                       min_i64(n, (c + 1) * CHUNK));
+        fp_controls_restore(own_fp);
+    }
 }

@@ -40,6 +40,38 @@ static inline int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
 static inline int64_t max_i64(int64_t a, int64_t b) { return a > b ? a : b; }
 static inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
+/* A team computes under its caller's floating-point controls. OpenMP's
+ * threads keep their own MXCSR (rounding mode, flush-to-zero,
+ * denormals-are-zero, exception masks), set when the pool was made; a caller
+ * that changed its own since would otherwise get results that depend on how
+ * many threads ran. Each thread of a team adopts the caller's controls at the
+ * start of the region and puts its own back at the end; the sticky exception
+ * flags (the low six bits) are left to each thread.
+ *   const unsigned fp = fp_controls();             (in the caller)
+ *   #pragma omp parallel ...
+ *   { const unsigned own = fp_controls_adopt(fp);  ...work...  fp_controls_restore(own); }
+ */
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>
+enum { FP_CONTROL_BITS = 0xffc0 };
+static inline unsigned fp_controls(void) { return _mm_getcsr() & FP_CONTROL_BITS; }
+static inline unsigned fp_controls_adopt(unsigned caller)
+{
+    const unsigned csr = _mm_getcsr();
+    if ((csr & FP_CONTROL_BITS) != caller) _mm_setcsr((csr & ~FP_CONTROL_BITS) | caller);
+    return csr & FP_CONTROL_BITS;
+}
+static inline void fp_controls_restore(unsigned own)
+{
+    const unsigned csr = _mm_getcsr();
+    if ((csr & FP_CONTROL_BITS) != own) _mm_setcsr((csr & ~FP_CONTROL_BITS) | own);
+}
+#else
+static inline unsigned fp_controls(void) { return 0; }
+static inline unsigned fp_controls_adopt(unsigned caller) { return caller; }
+static inline void fp_controls_restore(unsigned own) { (void)own; }
+#endif
+
 #if ATTNKIT_REAL_BITS == 32
 typedef float real;
 typedef int32_t real_bits; /* an integer as wide as real */

@@ -201,9 +201,15 @@ void KERNEL(softmax)(real* out, const real* x, const uint8_t* where, const attnk
      * whole by one thread, so how they are dealt never changes a result. */
     const int64_t chunk = attnkit_chunk_size(tasks, threads);
     const int64_t chunks = (tasks + chunk - 1) / chunk;
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
-    for (int64_t k = 0; k < chunks; k++)
-        softmax_tasks(out, x, where, a, k * chunk, min_i64(tasks, (k + 1) * chunk));
+    const unsigned fp = fp_controls();
+#pragma omp parallel num_threads(threads)
+    {
+        const unsigned own_fp = fp_controls_adopt(fp);
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t k = 0; k < chunks; k++)
+            softmax_tasks(out, x, where, a, k * chunk, min_i64(tasks, (k + 1) * chunk));
+        fp_controls_restore(own_fp);
+    }
 }
 
 /* ---------------------------------------------------------------------------
@@ -404,7 +410,13 @@ void KERNEL(softmax_backward)(real* dx, const real* dy, const real* y, const uin
     /* as the forward: every slice is computed whole by one thread */
     const int64_t chunk = attnkit_chunk_size(tasks, threads);
     const int64_t chunks = (tasks + chunk - 1) / chunk;
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
-    for (int64_t k = 0; k < chunks; k++)
-        softmax_backward_tasks(dx, dy, y, where, a, k * chunk, min_i64(tasks, (k + 1) * chunk));
+    const unsigned fp = fp_controls();
+#pragma omp parallel num_threads(threads)
+    {
+        const unsigned own_fp = fp_controls_adopt(fp);
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t k = 0; k < chunks; k++)
+            softmax_backward_tasks(dx, dy, y, where, a, k * chunk, min_i64(tasks, (k + 1) * chunk));
+        fp_controls_restore(own_fp);
+    }
 }
