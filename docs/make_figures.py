@@ -60,16 +60,21 @@ def layer_vs_batch_norm(path):
     fig.savefig(path, dpi=90, bbox_inches="tight")
 
 
-def teacher_forcing_curves(path):
-    """Loss and held-out exact match of examples/teacher_forcing.py (its full
-    run, about a minute and a half on two cores), teacher forcing against
-    scheduled sampling."""
+def teacher_forcing_lesson():
+    """examples/teacher_forcing.py's full run (about a minute and a half on
+    two cores): the module, and what its main() returns."""
     script = FIGURES.parent.parent / "examples" / "teacher_forcing.py"
     spec = importlib.util.spec_from_file_location("teacher_forcing", script)
     lesson = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(lesson)
     with contextlib.redirect_stdout(io.StringIO()):                 # its progress lines
         figures = lesson.main([])
+    return lesson, figures
+
+
+def teacher_forcing_curves(path, figures):
+    """Loss and held-out exact match of the lesson, teacher forcing against
+    scheduled sampling."""
     import matplotlib.pyplot as plt
     fig, (ax_loss, ax_match) = plt.subplots(1, 2, figsize=(11, 3.6))
     plot.training_curves({"teacher forcing": figures["tf_losses"],
@@ -84,6 +89,34 @@ def teacher_forcing_curves(path):
     fig.savefig(path, dpi=90)
 
 
+def reversal_cross_attention(path, lesson, figures):
+    """The cross-attention of the lesson's trained model (teacher forcing),
+    both decoder layers, heads averaged, on one held-out string: to write
+    the reversed string, each output step looks up the source digit it must
+    copy."""
+    model = figures["models"]["teacher forcing"]
+    source = np.array([[3, 1, 4, 1, 5, 9, 2, 6]])
+    src, tgt_in, _ = lesson.batch_arrays(source)
+    memory = model.encode(src)
+    x = model.tgt_pos(model.tgt_embed(tgt_in))
+    maps = []
+    for layer in model.decoder.layers:
+        x, (_, cross) = layer(x, memory, tgt_is_causal=True, memory_key_padding_mask=src == lesson.PAD,
+                              need_weights=True)
+        maps.append(cross[0].mean(axis=0))                          # heads averaged: (L, S)
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(maps), figsize=(4.6 * len(maps), 4.2))
+    rows = [lesson.NAMES[t] for t in tgt_in[0]]
+    cols = [lesson.NAMES[t] for t in src[0]]
+    for i, (ax, weights) in enumerate(zip(axes, maps)):
+        plot.attention_heatmap(weights, rows, cols, ax=ax, colorbar=False,
+                               title=f"decoder layer {i}, heads averaged")
+        ax.set_xlabel("encoder token (key)")
+        ax.set_ylabel("decoder input (query)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
 def main():
     FIGURES.mkdir(exist_ok=True)
     minilm_heads(FIGURES / "minilm_heads.png")
@@ -91,7 +124,9 @@ def main():
     softmax_saturation(FIGURES / "softmax_saturation.png")
     cost_vs_length(FIGURES / "cost_vs_length.png")
     layer_vs_batch_norm(FIGURES / "layer_vs_batch_norm.png")
-    teacher_forcing_curves(FIGURES / "teacher_forcing_curves.png")
+    lesson, figures = teacher_forcing_lesson()
+    teacher_forcing_curves(FIGURES / "teacher_forcing_curves.png", figures)
+    reversal_cross_attention(FIGURES / "reversal_cross_attention.png", lesson, figures)
     print(f"figures written to {FIGURES}")
 
 

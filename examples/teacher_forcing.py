@@ -88,7 +88,8 @@ RUN IT:
 
 The progress lines show the step, the batch's loss and token accuracy, and
 the time since the training started (and the training steps' own share,
-without the held-out evaluations). main(argv) returns a dict of the figures.
+without the held-out evaluations). main(argv) returns a dict of the figures,
+and under "models" the two trained models, to look inside.
 """
 import argparse
 import contextlib
@@ -529,6 +530,7 @@ def main(argv=None):
                                         np.random.default_rng(args.seed + 4)))
     summary["total_time"] = time.perf_counter() - start
     print(f"\ntotal time {summary['total_time']:.1f} s")
+    summary["models"] = models
     return summary
 
 
