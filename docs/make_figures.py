@@ -68,7 +68,7 @@ def teacher_forcing_lesson():
     lesson = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(lesson)
     with contextlib.redirect_stdout(io.StringIO()):                 # its progress lines
-        figures = lesson.main([])
+        figures = lesson.main(["--no-progress"])
     return lesson, figures
 
 

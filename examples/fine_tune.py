@@ -63,6 +63,7 @@ import numpy as np
 import attnkit
 from attnkit import nn, optim
 from attnkit.models import BertModel, SentenceEncoder, find_checkpoint
+from attnkit.progress import progress_bar
 
 # ---------------------------------------------------------------------------
 # The task
@@ -234,27 +235,31 @@ def train_frozen_baseline(encoder, tokenize, train, test, rng, epochs):
     return train_accuracy, predictions
 
 
-def fine_tune(model, tokenize, train, rng, *, steps, batch_size, lr, log_every):
+def fine_tune(model, tokenize, train, rng, *, steps, batch_size, lr, log_every, progress=True):
     """Train the model's trainable parameters (the top encoder layer and the
-    head) with AdamW on mini-batches; a progress line every log_every steps."""
+    head) with AdamW on mini-batches; a line every log_every steps, and a
+    progress bar over the steps if progress (attnkit.progress)."""
     opt = optim.AdamW(model, lr=lr, weight_decay=0.01)
     criterion = nn.CrossEntropyLoss()
     warmup = max(1, steps // 10)
     sentences, labels = train
     losses, start = [], time.perf_counter()
-    for step in range(steps):
-        opt.lr = lr * min(1.0, (step + 1) / warmup)              # linear warm-up, then constant
-        rows = rng.choice(len(sentences), size=batch_size, replace=False)
-        ids, mask = tokenize([sentences[i] for i in rows])
-        logits = model(ids, mask)                                # training forward: keeps activations
-        losses.append(criterion(logits, labels[rows]))
-        model.backward(criterion.backward())                     # gradients into model.grads()
-        optim.clip_grad_norm(model, max_norm=1.0)                # guard against a rare huge step
-        opt.step()
-        opt.zero_grad()
-        if (step + 1) % log_every == 0 or step + 1 == steps:
-            print(f"  step {step + 1:4d}/{steps}  loss {np.mean(losses[-log_every:]):.3f}"
-                  f"  lr {opt.lr:.1e}  {time.perf_counter() - start:5.1f} s", flush=True)
+    with progress_bar(steps, desc="fine-tuning", unit="step", enabled=progress) as bar:
+        for step in range(steps):
+            opt.lr = lr * min(1.0, (step + 1) / warmup)          # linear warm-up, then constant
+            rows = rng.choice(len(sentences), size=batch_size, replace=False)
+            ids, mask = tokenize([sentences[i] for i in rows])
+            logits = model(ids, mask)                            # training forward: keeps activations
+            losses.append(criterion(logits, labels[rows]))
+            model.backward(criterion.backward())                 # gradients into model.grads()
+            optim.clip_grad_norm(model, max_norm=1.0)            # guard against a rare huge step
+            opt.step()
+            opt.zero_grad()
+            bar.set_postfix(loss=float(losses[-1]))
+            bar.update()
+            if (step + 1) % log_every == 0 or step + 1 == steps:
+                bar.write(f"  step {step + 1:4d}/{steps}  loss {np.mean(losses[-log_every:]):.3f}"
+                          f"  lr {opt.lr:.1e}  {time.perf_counter() - start:5.1f} s")
     return float(np.mean(losses[-log_every:]))
 
 
@@ -269,6 +274,7 @@ def parse_args(argv):
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW's learning rate (default 1e-3)")
     parser.add_argument("--threads", type=int, default=None,
                         help="attnkit threads (default: OpenMP's, which follows OMP_NUM_THREADS)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
 
 
@@ -345,7 +351,7 @@ def run(args):
 
     t0 = time.perf_counter()
     final_loss = fine_tune(model, tokenize, train, rng, steps=steps, batch_size=batch_size,
-                           lr=lr, log_every=log_every)
+                           lr=lr, log_every=log_every, progress=not args.no_progress)
     fine_tune_seconds = time.perf_counter() - t0
     fine_tuned_predictions = predict(model, tokenize, test[0])
     fine_tuned_accuracy = float((fine_tuned_predictions == test[1]).mean())

@@ -51,6 +51,7 @@ import numpy as np
 import attnkit
 from attnkit import nn, optim
 from attnkit.models import SentenceEncoder, find_checkpoint
+from attnkit.progress import progress_bar
 
 TOPICS = ["sport", "weather", "food", "music", "travel"]
 
@@ -257,29 +258,33 @@ def sigmoid(logits):
     return 0.5 * (1.0 + np.tanh(0.5 * logits))               # stable for any logit
 
 
-def train_head(features, targets, criterion, *, epochs, batch_size, lr, rng, label):
+def train_head(features, targets, criterion, *, epochs, batch_size, lr, rng, label, progress=True):
     """A linear head (384 -> 5 logits) trained with mini-batch AdamW.
 
     The same code trains both heads: only the criterion and the targets'
     form differ (class indices for CrossEntropyLoss, multi-hot rows for
     BCEWithLogitsLoss). The encoder is not in here at all: its embeddings
-    are fixed inputs, which is what "frozen" means."""
+    are fixed inputs, which is what "frozen" means. progress=True shows a
+    progress bar over the epochs (attnkit.progress)."""
     head = nn.Linear(features.shape[1], len(TOPICS), rng=rng)
     opt = optim.AdamW(head, lr=lr, weight_decay=1e-4)
     head.train()
     n = len(features)
-    for epoch in range(epochs):
-        order = rng.permutation(n)
-        total = 0.0
-        for start in range(0, n, batch_size):
-            rows = order[start:start + batch_size]
-            loss = criterion(head(features[rows]), targets[rows])   # forward keeps what backward needs
-            head.backward(criterion.backward())                     # gradients into head.grads()
-            opt.step()
-            opt.zero_grad()
-            total += loss * len(rows)
-        if epoch == 0 or (epoch + 1) % max(1, epochs // 5) == 0:
-            print(f"  [{label}] epoch {epoch + 1:3d}/{epochs}: mean training loss {total / n:.4f}")
+    with progress_bar(epochs, desc=label, unit="epoch", enabled=progress) as bar:
+        for epoch in range(epochs):
+            order = rng.permutation(n)
+            total = 0.0
+            for start in range(0, n, batch_size):
+                rows = order[start:start + batch_size]
+                loss = criterion(head(features[rows]), targets[rows])   # forward keeps what backward needs
+                head.backward(criterion.backward())                     # gradients into head.grads()
+                opt.step()
+                opt.zero_grad()
+                total += loss * len(rows)
+            bar.set_postfix(loss=total / n)
+            bar.update()
+            if epoch == 0 or (epoch + 1) % max(1, epochs // 5) == 0:
+                bar.write(f"  [{label}] epoch {epoch + 1:3d}/{epochs}: mean training loss {total / n:.4f}")
     return head.eval()
 
 
@@ -326,6 +331,7 @@ def parse_args(argv):
     parser.add_argument("--seed", type=int, default=0, help="seed for the sentences and the heads")
     parser.add_argument("--threads", type=int, default=None,
                         help="attnkit threads (default: OpenMP's, which follows OMP_NUM_THREADS)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
 
 
@@ -361,7 +367,7 @@ def run(args):
     # Embedding every sentence once, up front, is all the encoder is used for.
     encoder = SentenceEncoder.from_pretrained(find_checkpoint())
     t0 = time.perf_counter()
-    embedded = [encoder.encode(s, batch_size=64)
+    embedded = [encoder.encode(s, batch_size=64, show_progress_bar=not args.no_progress)
                 for s in (single_train[0], single_test[0], multi_train[0], multi_test[0])]
     encode_seconds = time.perf_counter() - t0
     total = sum(len(e) for e in embedded)
@@ -370,10 +376,12 @@ def run(args):
 
     print("\nTraining head 1: softmax + CrossEntropyLoss, one topic per sentence")
     multiclass = train_head(x_single_train, single_train[1], nn.CrossEntropyLoss(),
-                            epochs=epochs, batch_size=32, lr=1e-2, rng=rng, label="multi-class")
+                            epochs=epochs, batch_size=32, lr=1e-2, rng=rng, label="multi-class",
+                            progress=not args.no_progress)
     print("Training head 2: sigmoid + BCEWithLogitsLoss, one to three topics per sentence")
     multilabel = train_head(x_multi_train, multi_train[1], nn.BCEWithLogitsLoss(),
-                            epochs=epochs, batch_size=32, lr=1e-2, rng=rng, label="multi-label")
+                            epochs=epochs, batch_size=32, lr=1e-2, rng=rng, label="multi-label",
+                            progress=not args.no_progress)
 
     # Probabilities on the held-out sentences. The heads give logits; turning
     # them into probabilities is the softmax (over the topics, together) or

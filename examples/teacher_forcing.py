@@ -101,6 +101,7 @@ import numpy as np
 
 import attnkit
 from attnkit import nn, optim
+from attnkit.progress import progress_bar
 
 # the vocabulary: ten digits, then three special tokens
 PAD, BOS, EOS = 10, 11, 12
@@ -303,11 +304,12 @@ def inverse_sigmoid(step, k):
 
 
 def train(model, data, eval_set, *, steps, batch_size, lr, warmup, scheduled_sampling_k=None,
-          eval_every=100, target=0.99, print_every=50, snapshot_step=None, rng=None, log=print):
+          eval_every=100, target=0.99, print_every=50, snapshot_step=None, rng=None, progress=True):
     """Teacher forcing (scheduled_sampling_k None) or scheduled sampling.
     Returns a dict: the time (training only, evaluations not counted) and
     step at which held-out exact match first reached `target`, the last
-    exact match, the loss curve, and accuracy_by_position at snapshot_step."""
+    exact match, the loss curve, and accuracy_by_position at snapshot_step.
+    progress=True shows a progress bar over the steps (attnkit.progress)."""
     rng = np.random.default_rng(0) if rng is None else rng
     criterion = nn.CrossEntropyLoss(ignore_index=PAD)
     opt = optim.AdamW(model, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
@@ -321,56 +323,60 @@ def train(model, data, eval_set, *, steps, batch_size, lr, warmup, scheduled_sam
     match = 0.0
     swapped = swappable = wrong = 0
     snapshot = None
-    for step in range(1, steps + 1):
-        t0 = time.perf_counter()
-        src, tgt_in, tgt_out = data.batch(batch_size)
-        src_pad = src == PAD
-        memory = model.encode(src)
-        eps = 1.0
-        if scheduled_sampling_k is not None:
-            eps = inverse_sigmoid(step - 1, scheduled_sampling_k)
-            # pass 1: the decoder on the gold input, nothing saved for backward
-            with eval_mode(*model.decoder_side()):
-                predicted = model.decode(memory, src_pad, tgt_in).argmax(axis=-1)
-            # the input at position p + 1 is the token for position p: swap in
-            # the model's prediction for it with probability 1 - eps (BOS and
-            # padding stay)
-            swap = (rng.random(tgt_in.shape) >= eps) & (tgt_in != PAD)
-            swap[:, 0] = False
-            swapped += int(swap.sum())
-            swappable += int((tgt_in[:, 1:] != PAD).sum())
-            mixed = np.where(swap, np.concatenate([tgt_in[:, :1], predicted[:, :-1]], axis=1),
-                             tgt_in)
-            wrong += int((mixed != tgt_in).sum())
-            tgt_in = mixed
-        # pass 2 (or the only pass, with teacher forcing)
-        logits = model.decode(memory, src_pad, tgt_in)
-        loss = criterion(logits.reshape(-1, VOCAB), tgt_out.reshape(-1))
-        model.backward(criterion.backward().reshape(logits.shape))
-        optim.clip_grad_norm(model, 1.0)
-        opt.step()
-        schedule.step()
-        opt.zero_grad()
-        train_time += time.perf_counter() - t0
-        losses.append(loss)
-        if step % print_every == 0 or step == steps:
-            counted = tgt_out != PAD
-            token_acc = float((logits.argmax(-1) == tgt_out)[counted].mean())
-            line = (f"  step {step:5d}  loss {loss:.4f}  token acc {token_acc:.4f}  "
-                    f"elapsed {time.perf_counter() - started:6.1f}s (training {train_time:.1f}s)")
+    desc = "scheduled sampling" if scheduled_sampling_k is not None else "teacher forcing"
+    with progress_bar(steps, desc=desc, unit="step", enabled=progress) as bar:
+        for step in range(1, steps + 1):
+            t0 = time.perf_counter()
+            src, tgt_in, tgt_out = data.batch(batch_size)
+            src_pad = src == PAD
+            memory = model.encode(src)
+            eps = 1.0
             if scheduled_sampling_k is not None:
-                line += f"  p(gold) {eps:.3f}"
-            log(line)
-        if step == snapshot_step:
-            snapshot = accuracy_by_position(model, eval_src)
-            model.train()
-        if step % eval_every == 0 or step == steps:
-            match = exact_match(model, eval_src, eval_out)
-            wall = time.perf_counter() - started
-            history.append((step, train_time, wall, match))
-            log(f"  step {step:5d}  held-out exact match {match:.4f} (greedy, KV cache)")
-            if reached is None and match >= target:
-                reached = (step, train_time, wall)
+                eps = inverse_sigmoid(step - 1, scheduled_sampling_k)
+                # pass 1: the decoder on the gold input, nothing saved for backward
+                with eval_mode(*model.decoder_side()):
+                    predicted = model.decode(memory, src_pad, tgt_in).argmax(axis=-1)
+                # the input at position p + 1 is the token for position p: swap in
+                # the model's prediction for it with probability 1 - eps (BOS and
+                # padding stay)
+                swap = (rng.random(tgt_in.shape) >= eps) & (tgt_in != PAD)
+                swap[:, 0] = False
+                swapped += int(swap.sum())
+                swappable += int((tgt_in[:, 1:] != PAD).sum())
+                mixed = np.where(swap, np.concatenate([tgt_in[:, :1], predicted[:, :-1]], axis=1),
+                                 tgt_in)
+                wrong += int((mixed != tgt_in).sum())
+                tgt_in = mixed
+            # pass 2 (or the only pass, with teacher forcing)
+            logits = model.decode(memory, src_pad, tgt_in)
+            loss = criterion(logits.reshape(-1, VOCAB), tgt_out.reshape(-1))
+            model.backward(criterion.backward().reshape(logits.shape))
+            optim.clip_grad_norm(model, 1.0)
+            opt.step()
+            schedule.step()
+            opt.zero_grad()
+            train_time += time.perf_counter() - t0
+            losses.append(loss)
+            bar.set_postfix(loss=float(loss))
+            bar.update()
+            if step % print_every == 0 or step == steps:
+                counted = tgt_out != PAD
+                token_acc = float((logits.argmax(-1) == tgt_out)[counted].mean())
+                line = (f"  step {step:5d}  loss {loss:.4f}  token acc {token_acc:.4f}  "
+                        f"elapsed {time.perf_counter() - started:6.1f}s (training {train_time:.1f}s)")
+                if scheduled_sampling_k is not None:
+                    line += f"  p(gold) {eps:.3f}"
+                bar.write(line)
+            if step == snapshot_step:
+                snapshot = accuracy_by_position(model, eval_src)
+                model.train()
+            if step % eval_every == 0 or step == steps:
+                match = exact_match(model, eval_src, eval_out)
+                wall = time.perf_counter() - started
+                history.append((step, train_time, wall, match))
+                bar.write(f"  step {step:5d}  held-out exact match {match:.4f} (greedy, KV cache)")
+                if reached is None and match >= target:
+                    reached = (step, train_time, wall)
     model.eval()
     return {"train_time": train_time, "wall_time": time.perf_counter() - started,
             "reached": reached, "final_match": match,
@@ -454,6 +460,7 @@ def parse_args(argv):
     parser.add_argument("--threads", type=int, default=None,
                         help="threads for attnkit's kernels (default: all cores)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--steps", type=int, default=None, help="training steps per run")
     parser.add_argument("--positions", choices=("learned", "sinusoidal"), default="learned",
                         help="position encoding (sinusoidal learns this task more slowly: give it "
@@ -490,7 +497,8 @@ def main(argv=None):
         model = Seq2Seq(**config, rng=np.random.default_rng(args.seed + 1))
         data = TrainingData(np.random.default_rng(args.seed + 2), held_out)
         r = train(model, data, (held_out_src, held_out_tgt), scheduled_sampling_k=ss_k,
-                  rng=np.random.default_rng(args.seed + 3), **settings)
+                  rng=np.random.default_rng(args.seed + 3), progress=not args.no_progress,
+                  **settings)
         models[name], snapshots[name] = model, r["snapshot"]
         if r["reached"]:
             print(f"  first reached 99% held-out exact match at step {r['reached'][0]}: "

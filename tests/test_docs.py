@@ -10,6 +10,7 @@ import attnkit
 import attnkit.nn.loss
 import attnkit.optim
 import attnkit.plot
+import attnkit.progress
 
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 
@@ -21,7 +22,7 @@ def test_readme_examples():
 
 
 @pytest.mark.parametrize("module", [attnkit, attnkit.nn, attnkit.nn.loss, attnkit.optim,
-                                    attnkit.plot],
+                                    attnkit.plot, attnkit.progress],
                          ids=lambda m: m.__name__)
 def test_package_docstring_examples(module):
     result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)

@@ -120,6 +120,19 @@ def test_encode_edge_cases(encoder):
 
 
 @needs_checkpoint
+def test_encode_shows_progress_only_when_asked(encoder, capsys, monkeypatch):
+    texts = [f"sentence number {i}" for i in range(10)]
+    quiet = encoder.encode(texts, batch_size=4)
+    assert capsys.readouterr() == ("", "")                          # a library call prints nothing
+    monkeypatch.setitem(sys.modules, "tqdm", None)                  # as if tqdm were not installed
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    shown = encoder.encode(texts, batch_size=4, show_progress_bar=True)
+    out, err = capsys.readouterr()
+    assert out == "" and "encode: 3/3 batch (100%)" in err           # 3 batches of up to 4
+    np.testing.assert_array_equal(shown, quiet)
+
+
+@needs_checkpoint
 def test_empty_batches_through_the_pretrained_model(encoder):
     ids, mask = encoder.tokenize([])
     assert ids.shape == mask.shape == (0, 0) and ids.dtype == mask.dtype == np.int64

@@ -30,7 +30,7 @@ finally:
     for _name in _defaults:
         _os.environ.pop(_name, None)
 
-from . import io, nn, optim, reference
+from . import io, nn, optim, progress, reference
 from ._runtime import (
     get_num_threads,
     set_num_threads,

@@ -10,6 +10,7 @@ import os
 
 import numpy as np
 
+from ..progress import progress_bar
 from .bert import BertModel
 
 __all__ = ["SentenceEncoder", "find_checkpoint"]
@@ -89,12 +90,14 @@ class SentenceEncoder:
         mask = np.array([e.attention_mask for e in encodings], dtype=np.int64).reshape(shape)
         return ids, mask
 
-    def encode(self, sentences, batch_size=32):
+    def encode(self, sentences, batch_size=32, show_progress_bar=False):
         """(n, hidden) float32 embeddings of n sentences, in their order.
 
         As sentence-transformers does, the sentences are batched longest
         first, so that each batch pads to a length near its own; the padding
         never changes a result (padded keys are masked out), only the time.
+        show_progress_bar=True shows the batches done on stderr (tqdm's bar
+        when tqdm is installed, a plain line otherwise; attnkit.progress).
         """
         if isinstance(sentences, (str, bytes)):
             raise TypeError("encode takes a list of sentences; wrap a single one in a list")
@@ -106,13 +109,16 @@ class SentenceEncoder:
             raise ValueError(f"batch_size must be an integer of at least 1, got {batch_size!r}")
         out = np.empty((len(sentences), self.model.config.hidden_size), np.float32)
         order = sorted(range(len(sentences)), key=lambda i: -len(sentences[i]))
-        for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
-            ids, mask = self.tokenize([sentences[i] for i in rows])           # (n, L) each
-            hidden = self.model(ids, attention_mask=mask)                     # (n, L, hidden)
-            weights = mask[:, :, None].astype(hidden.dtype)                   # (n, L, 1)
-            pooled = (hidden * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9)
-            if self.normalize:
-                pooled /= np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
-            out[rows] = pooled
+        batches = range(0, len(order), batch_size)
+        with progress_bar(len(batches), desc="encode", unit="batch", enabled=bool(show_progress_bar)) as bar:
+            for start in batches:
+                rows = order[start:start + batch_size]
+                ids, mask = self.tokenize([sentences[i] for i in rows])           # (n, L) each
+                hidden = self.model(ids, attention_mask=mask)                     # (n, L, hidden)
+                weights = mask[:, :, None].astype(hidden.dtype)                   # (n, L, 1)
+                pooled = (hidden * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9)
+                if self.normalize:
+                    pooled /= np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
+                out[rows] = pooled
+                bar.update()
         return out
