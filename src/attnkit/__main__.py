@@ -31,6 +31,8 @@ import statistics
 import sys
 import timeit
 
+from typing import Any
+
 import numpy as np
 
 import attnkit
@@ -273,7 +275,7 @@ def attention_cases(torch, seed=0):
         q = rng.standard_normal((B, H, L, E)).astype(dtype)
         k = rng.standard_normal((B, H, S, E)).astype(dtype)
         v = rng.standard_normal((B, H, S, E)).astype(dtype)
-        functions = {"attnkit": lambda q=q, k=k, v=v, c=causal:
+        functions: dict[str, Any] = {"attnkit": lambda q=q, k=k, v=v, c=causal:
                      attnkit.scaled_dot_product_attention(q, k, v, is_causal=c)}
         if B * H * L * S <= NUMPY_MAX_SCORES:
             functions["numpy"] = lambda q=q, k=k, v=v, c=causal, d=dtype: (
@@ -296,7 +298,7 @@ def median_times(functions, repeats, min_time):
             n = min(10 * n, max(n + 1, math.ceil(1.2 * n * min_time / max(elapsed, 1e-9))))
         calls[name] = n
     names = list(timers)
-    samples = {name: [] for name in names}
+    samples: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):
         for name in names[r % len(names):] + names[:r % len(names)]:
             samples[name].append(timers[name].timeit(calls[name]) / calls[name])

@@ -743,8 +743,10 @@ cdef check_weight(cnp.ndarray w, int type_num, str what, bint writable, int64_t*
                          f"(shape {shape_of(w)}, strides {(<object>w).strides})")
 
 
-cdef int64_t rows_stride(cnp.ndarray x, str what) except -1:
-    """The element stride between x (M, K)'s rows, whose elements must be contiguous."""
+cdef int64_t rows_stride(cnp.ndarray x, str what) except? -1:
+    """The element stride between x (M, K)'s rows, whose elements must be
+    contiguous. -1 is a stride like any other (an (M, 1) array read
+    backwards), hence `except? -1`: Cython then checks for a raised error."""
     cdef int64_t M = x.shape[0], K = x.shape[1]
     if K > 1 and M > 0 and cnp.PyArray_STRIDE(x, 1) != cnp.PyArray_ITEMSIZE(x):
         raise ValueError(f"{what}: the rows must be contiguous (strides {(<object>x).strides})")

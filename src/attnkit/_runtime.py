@@ -5,21 +5,25 @@ ATTNKIT_CPU=scalar|avx2|avx512 asks for a lower one (for comparison, or to
 rule out a path); asking for a path the CPU lacks falls back, with a warning,
 to the best one it has below that.
 """
+from __future__ import annotations
+
 import contextlib
 import operator
 import os
 import warnings
+from collections.abc import Iterator
+from typing import Any, Literal, overload
 
 from . import _kernels
 
 SIMD_PATHS = tuple(_kernels.isa_names())  # lowest first: scalar, avx2, avx512
 
 
-def _best_supported(up_to=len(SIMD_PATHS) - 1):
+def _best_supported(up_to: int = len(SIMD_PATHS) - 1) -> int:
     return max(i for i in range(up_to + 1) if _kernels.isa_supported(i))
 
 
-def _choose_at_import():
+def _choose_at_import() -> str | None:
     requested = os.environ.get("ATTNKIT_CPU", "").strip().lower()
     if not requested:
         return None
@@ -47,18 +51,18 @@ def _choose_at_import():
 _REQUESTED = _choose_at_import()
 
 
-def simd_path():
+def simd_path() -> str:
     """The SIMD path the kernels run on now: 'scalar', 'avx2' or 'avx512'."""
     return SIMD_PATHS[_kernels.get_isa()]
 
 
-def supported_simd_paths():
+def supported_simd_paths() -> list[str]:
     """The SIMD paths this CPU can run, lowest first."""
     return [name for i, name in enumerate(SIMD_PATHS) if _kernels.isa_supported(i)]
 
 
 @contextlib.contextmanager
-def use_simd_path(name):
+def use_simd_path(name: str) -> Iterator[str]:
     """Run the kernels on SIMD path `name` inside a with-block (for tests and
     comparisons; not thread-safe: it switches the path for the whole process)."""
     if name not in SIMD_PATHS:
@@ -75,7 +79,7 @@ def use_simd_path(name):
         _kernels.set_isa(before)
 
 
-def set_num_threads(n):
+def set_num_threads(n: int) -> None:
     """Set how many threads attnkit's kernels may use (at least 1).
 
     The default is OpenMP's, which honours OMP_NUM_THREADS. Small calls use
@@ -93,12 +97,16 @@ def set_num_threads(n):
     _kernels.set_num_threads(n)
 
 
-def get_num_threads():
+def get_num_threads() -> int:
     """How many threads attnkit's kernels may use."""
     return _kernels.get_num_threads()
 
 
-def show_config(mode="stdout"):
+@overload
+def show_config(mode: Literal["stdout"] = "stdout") -> None: ...
+@overload
+def show_config(mode: Literal["dicts"]) -> dict[str, Any]: ...
+def show_config(mode: Literal["stdout", "dicts"] = "stdout") -> dict[str, Any] | None:
     """Print (mode='stdout') or return (mode='dicts') how attnkit was built and runs.
 
     Reports the SIMD path in use, the paths built and the ones this CPU runs,
@@ -106,7 +114,7 @@ def show_config(mode="stdout"):
     """
     from . import __version__
 
-    info = {
+    info: dict[str, Any] = {
         "version": __version__,
         "simd": {
             "path": simd_path(),

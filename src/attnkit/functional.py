@@ -11,14 +11,28 @@ Conventions, as in NumPy and PyTorch:
   - Any strides, negative ones included, are accepted; when the kernel cannot
     read an array in place it reads a contiguous copy.
 """
+from __future__ import annotations
+
 import math
 import numbers
 import operator
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Literal, SupportsIndex, overload
 
 import numpy as np
 from numpy.lib.array_utils import normalize_axis_index, normalize_axis_tuple
 
 from . import _kernels
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
+
+    _Array = npt.NDArray[Any]
+    # what the functions return: float32 or float64, the input's dtype
+    _Float = npt.NDArray[np.floating]
+    _Axis = SupportsIndex | Sequence[SupportsIndex] | None
+    _Shape = SupportsIndex | Sequence[SupportsIndex]
+    _Activation = Literal["gelu", "gelu_tanh", "silu", "relu"]
 
 __all__ = ["softmax", "log_softmax", "layer_norm", "rms_norm", "batch_norm",
            "scaled_dot_product_attention", "linear", "linear_backward", "relu", "gelu", "silu", "sigmoid", "dropout",
@@ -32,7 +46,7 @@ _MACHINE_EPSILON = {"f": float(np.finfo(np.float32).eps), "d": float(np.finfo(np
 # ---------------------------------------------------------------------------
 # Checks shared by every function
 
-def _as_float_array(x, func, name="x"):
+def _as_float_array(x: npt.ArrayLike, func: str, name: str = "x") -> _Array:
     """x as an ndarray of native float32/float64; TypeError otherwise."""
     a = np.asarray(x)
     if a.dtype in _FLOAT_DTYPES:
@@ -48,7 +62,7 @@ def _as_float_array(x, func, name="x"):
     )
 
 
-def _contiguous(a):
+def _contiguous(a: _Array) -> _Array:
     """a itself when C-contiguous and aligned (what the kernels read), else a
     fresh copy, which is both. Unlike np.ascontiguousarray, keeps a 0-d array
     0-d and does not pass an unaligned array through."""
@@ -57,7 +71,7 @@ def _contiguous(a):
     return np.array(a, order="C", copy=True)
 
 
-def _flag(value, func, name):
+def _flag(value: object, func: str, name: str) -> bool:
     """A bool argument: True, False or NumPy's bools. Anything else (a string,
     an int, an array) is a TypeError: `is_causal="no"` must not mean True."""
     if value is False or value is True:
@@ -67,7 +81,7 @@ def _flag(value, func, name):
     raise TypeError(f"{func}: {name} must be a bool, got {type(value).__name__} {value!r}")
 
 
-def _real(value, func, name):
+def _real(value: object, func: str, name: str) -> float:
     """A real-number argument as a Python float. Strings are refused (NumPy
     and float() would parse "1e-5"), and so are bools and complex numbers."""
     if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "fiu":
@@ -77,7 +91,7 @@ def _real(value, func, name):
     return float(value)
 
 
-def _index(value, func, name):
+def _index(value: Any, func: str, name: str) -> int:
     """An integer argument (an axis, a dimension); bools are refused, since
     True would silently mean 1."""
     if isinstance(value, (bool, np.bool_)):
@@ -88,7 +102,7 @@ def _index(value, func, name):
         raise TypeError(f"{func}: {name} must be an int, got {type(value).__name__} {value!r}") from None
 
 
-def _check_out(out, x, func):
+def _check_out(out: object, x: _Array, func: str) -> None:
     if not isinstance(out, np.ndarray):
         raise TypeError(f"{func}: out must be a NumPy array, got {type(out).__name__}")
     if out.dtype != x.dtype or not out.dtype.isnative:
@@ -107,7 +121,7 @@ def _same_layout(a, b):
     return _data_address(a) == _data_address(b) and a.strides == b.strides
 
 
-def _readable_as(x, shape, unit_axis):
+def _readable_as(x: _Array, shape: tuple[int, ...], unit_axis: int) -> _Array:
     """x reshaped to `shape` without a copy if possible, with unit stride along
     `unit_axis` (when that axis has more than one element) and aligned;
     otherwise a C-contiguous copy of it. Never changes x."""
@@ -138,7 +152,9 @@ def _writable_as(out, shape, unit_axis, *inputs):
     return v
 
 
-def _run_into(out, shape, unit_axis, inputs, result_shape, result_dtype, kernel):
+def _run_into(out: _Array | None, shape: tuple[int, ...], unit_axis: int,
+              inputs: tuple[_Array | None, ...], result_shape: tuple[int, ...],
+              result_dtype: np.dtype[Any], kernel: Callable[[_Array], object]) -> _Array:
     """Call kernel(dest) on an array `dest` of `shape` that is: a fresh array
     when out is None; a view of `out` when the kernel can write it in place;
     otherwise a temporary, copied into out afterwards. Returns the user's
@@ -160,7 +176,7 @@ def _run_into(out, shape, unit_axis, inputs, result_shape, result_dtype, kernel)
 # ---------------------------------------------------------------------------
 # softmax and log_softmax
 
-def _normalize_axes(axis, ndim, func):
+def _normalize_axes(axis: _Axis, ndim: int, func: str) -> tuple[int, ...]:
     """Sorted tuple of the axes to reduce over; AxisError or TypeError."""
     if axis is None:
         return tuple(range(ndim))
@@ -235,12 +251,13 @@ def _along_axes(inputs, where, axes, out, kernel):
                      lambda dest: kernel(dest, *inputs3, where3))
 
 
-def softmax(x, axis=-1, *, where=None, out=None):
+def softmax(x: npt.ArrayLike, axis: _Axis = -1, *, where: npt.ArrayLike | None = None,
+            out: _Float | None = None) -> _Float:
     """Softmax along `axis`: exp(x - max) / sum(exp(x - max)).
 
     Parameters
     ----------
-    x : array_like, float32 or float64
+    x : array_like (...), any shape, float32 or float64
     axis : int, tuple of ints or None
         The axis (or axes, or all axes for None) each softmax runs over.
     where : array_like of bool, optional
@@ -262,7 +279,8 @@ def softmax(x, axis=-1, *, where=None, out=None):
     return _softmax(x, axis, where, out, False, "softmax")
 
 
-def log_softmax(x, axis=-1, *, where=None, out=None):
+def log_softmax(x: npt.ArrayLike, axis: _Axis = -1, *, where: npt.ArrayLike | None = None,
+                out: _Float | None = None) -> _Float:
     """Log of the softmax along `axis`: (x - max) - log(sum(exp(x - max))).
 
     Same arguments as `softmax`. Masked-out elements, and every element of a
@@ -289,12 +307,13 @@ def _softmax_backward(grad, y, axis, where, out, log, func):
                        lambda dest, dy3, y3, where3: _kernels.softmax_backward(dest, dy3, y3, where3, log))
 
 
-def softmax_backward(grad, y, axis=-1, *, where=None, out=None):
+def softmax_backward(grad: npt.ArrayLike, y: npt.ArrayLike, axis: _Axis = -1, *,
+                     where: npt.ArrayLike | None = None, out: _Float | None = None) -> _Float:
     """The gradient of softmax: given y = softmax(x, axis, where=where) and
     grad = dLoss/dy, returns dLoss/dx = y * (grad - sum(grad * y)), the sum
-    over each slice's kept elements.
+    over each slice's kept elements, of y's shape (...).
 
-    grad and y have one shape and dtype; axis and where are the forward's
+    grad (...) and y (...) have one shape and dtype; axis and where are the forward's
     (where broadcast to y's shape). Masked-out elements, and slices with
     nothing kept, get 0, never NaN. out: as for softmax (may be grad or y).
     torch's counterpart is torch.ops.aten._softmax_backward_data.
@@ -306,7 +325,8 @@ def softmax_backward(grad, y, axis=-1, *, where=None, out=None):
     return _softmax_backward(grad, y, axis, where, out, False, "softmax_backward")
 
 
-def log_softmax_backward(grad, y, axis=-1, *, where=None, out=None):
+def log_softmax_backward(grad: npt.ArrayLike, y: npt.ArrayLike, axis: _Axis = -1, *,
+                         where: npt.ArrayLike | None = None, out: _Float | None = None) -> _Float:
     """The gradient of log_softmax: given y = log_softmax(x, axis, where=where)
     and grad = dLoss/dy, returns grad - exp(y) * sum(grad), the sum over each
     slice's kept elements.
@@ -324,7 +344,7 @@ def log_softmax_backward(grad, y, axis=-1, *, where=None, out=None):
 # ---------------------------------------------------------------------------
 # layer_norm and rms_norm
 
-def _shape_tuple(value, func, name):
+def _shape_tuple(value: _Shape, func: str, name: str) -> tuple[int, ...]:
     """An int, or a tuple or list of ints, as a tuple of ints (bools refused)."""
     dims = value if isinstance(value, (tuple, list)) else (value,)
     if any(isinstance(d, (bool, np.bool_)) or not hasattr(d, "__index__") for d in dims):
@@ -332,7 +352,7 @@ def _shape_tuple(value, func, name):
     return tuple(operator.index(d) for d in dims)
 
 
-def _normalized_shape(normalized_shape, x, func):
+def _normalized_shape(normalized_shape: _Shape, x: _Array, func: str) -> tuple[int, ...]:
     shape = _shape_tuple(normalized_shape, func, "normalized_shape")
     if any(d < 0 for d in shape):
         raise ValueError(f"{func}: normalized_shape {shape} has a negative dimension")
@@ -342,7 +362,8 @@ def _normalized_shape(normalized_shape, x, func):
     return shape
 
 
-def _parameter(p, shape, dtype, func, name):
+def _parameter(p: npt.ArrayLike | None, shape: tuple[int, ...], dtype: np.dtype[Any], func: str,
+               name: str) -> _Array | None:
     """weight/bias as a contiguous vector of x's dtype, or None."""
     if p is None:
         return None
@@ -355,14 +376,15 @@ def _parameter(p, shape, dtype, func, name):
     return _contiguous(a).reshape(-1)
 
 
-def _check_eps(eps, func):
+def _check_eps(eps: object, func: str) -> float:
     value = _real(eps, func, "eps")
     if not (value >= 0 and math.isfinite(value)):
         raise ValueError(f"{func}: eps must be finite and >= 0, got {eps!r}")
     return value
 
 
-def _rows(x, normalized_shape, out, func):
+def _rows(x: _Array, normalized_shape: tuple[int, ...], out: _Array | None,
+          func: str) -> tuple[tuple[int, int], _Array]:
     """x as (N, C) rows with C the normalized size, and the out check."""
     if out is not None:
         _check_out(out, x, func)
@@ -371,7 +393,21 @@ def _rows(x, normalized_shape, out, func):
     return (N, C), _readable_as(x, (N, C), 1)
 
 
-def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=None, return_stats=False):
+@overload
+def layer_norm(x: npt.ArrayLike, normalized_shape: _Shape, weight: npt.ArrayLike | None = None,
+               bias: npt.ArrayLike | None = None, eps: float = 1e-5, *, out: _Float | None = None,
+               return_stats: Literal[False] = False) -> _Float: ...
+@overload
+def layer_norm(x: npt.ArrayLike, normalized_shape: _Shape, weight: npt.ArrayLike | None = None,
+               bias: npt.ArrayLike | None = None, eps: float = 1e-5, *, out: _Float | None = None,
+               return_stats: Literal[True]) -> tuple[_Float, _Float, _Float]: ...
+@overload
+def layer_norm(x: npt.ArrayLike, normalized_shape: _Shape, weight: npt.ArrayLike | None = None,
+               bias: npt.ArrayLike | None = None, eps: float = 1e-5, *, out: _Float | None = None,
+               return_stats: bool = False) -> _Float | tuple[_Float, _Float, _Float]: ...
+def layer_norm(x: npt.ArrayLike, normalized_shape: _Shape, weight: npt.ArrayLike | None = None,
+               bias: npt.ArrayLike | None = None, eps: float = 1e-5, *, out: _Float | None = None,
+               return_stats: bool = False) -> _Float | tuple[_Float, _Float, _Float]:
     """Layer normalisation over the trailing `normalized_shape` dimensions.
 
     out = (x - mean) / sqrt(var + eps) * weight + bias, with the mean and the
@@ -411,7 +447,8 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=Non
     return result, _stats_shaped(mean, x, shape), _stats_shaped(rstd, x, shape)
 
 
-def _new_stats(shape2, dtype, wanted, empty_mean):
+def _new_stats(shape2: tuple[int, int], dtype: np.dtype[Any], wanted: bool,
+               empty_mean: float) -> tuple[Any, Any]:
     """(mean, rstd) vectors of N for the kernel to fill, or (None, None). A row
     of no elements (C = 0) is not written by the kernel: it gets PyTorch's
     mean 0 and rstd NaN."""
@@ -423,14 +460,30 @@ def _new_stats(shape2, dtype, wanted, empty_mean):
     return np.empty(N, dtype), np.empty(N, dtype)
 
 
-def _stats_shaped(stat, x, normalized_shape):
+def _stats_shaped(stat: _Array, x: _Array, normalized_shape: tuple[int, ...]) -> _Array:
     k = len(normalized_shape)
     return stat.reshape(x.shape[: x.ndim - k] + (1,) * k)
 
 
-def rms_norm(x, normalized_shape, weight=None, eps=None, *, out=None, return_stats=False):
+@overload
+def rms_norm(x: npt.ArrayLike, normalized_shape: _Shape, weight: npt.ArrayLike | None = None,
+             eps: float | None = None, *, out: _Float | None = None,
+             return_stats: Literal[False] = False) -> _Float: ...
+@overload
+def rms_norm(x: npt.ArrayLike, normalized_shape: _Shape, weight: npt.ArrayLike | None = None,
+             eps: float | None = None, *, out: _Float | None = None,
+             return_stats: Literal[True]) -> tuple[_Float, _Float]: ...
+@overload
+def rms_norm(x: npt.ArrayLike, normalized_shape: _Shape, weight: npt.ArrayLike | None = None,
+             eps: float | None = None, *, out: _Float | None = None,
+             return_stats: bool = False) -> _Float | tuple[_Float, _Float]: ...
+def rms_norm(x: npt.ArrayLike, normalized_shape: _Shape, weight: npt.ArrayLike | None = None,
+             eps: float | None = None, *, out: _Float | None = None,
+             return_stats: bool = False) -> _Float | tuple[_Float, _Float]:
     """Root-mean-square normalisation over the trailing `normalized_shape` dimensions.
 
+    x (..., *normalized_shape), float32 or float64; weight of shape
+    normalized_shape, or None; out, if given, x's shape and dtype (may be x).
     out = x / sqrt(mean(x**2) + eps) * weight, as torch.nn.functional.rms_norm;
     eps=None means the machine epsilon of x's dtype. return_stats=True
     returns (out, rstd), rstd = 1/sqrt(mean(x**2) + eps) of shape
@@ -480,10 +533,13 @@ def _norm_backward_operands(grad, x, stats, normalized_shape, weight, func):
     return _readable_as(dy, (N, C), 1), x2, vectors, w, shape
 
 
-def layer_norm_backward(grad, x, mean, rstd, normalized_shape, weight=None):
+def layer_norm_backward(grad: npt.ArrayLike, x: npt.ArrayLike, mean: npt.ArrayLike,
+                        rstd: npt.ArrayLike, normalized_shape: _Shape,
+                        weight: npt.ArrayLike | None = None) -> tuple[_Float, _Float, _Float]:
     """The gradients of layer_norm, from what layer_norm(..., return_stats=True) saved.
 
-    grad = dLoss/dout and x, the forward's input, have one shape and dtype;
+    grad = dLoss/dout and x, the forward's input, have one shape (...,
+    *normalized_shape) and dtype;
     mean and rstd are the forward's statistics (shape x.shape[:-k] + (1,) * k,
     or x.shape[:-k]); weight is the forward's (None for none). Returns
     (dx, dweight, dbias), dweight and dbias of normalized_shape's shape,
@@ -511,10 +567,15 @@ def layer_norm_backward(grad, x, mean, rstd, normalized_shape, weight=None):
     return dx.reshape(np.shape(x)), dw.reshape(shape), db.reshape(shape)
 
 
-def rms_norm_backward(grad, x, rstd, normalized_shape, weight=None):
+def rms_norm_backward(grad: npt.ArrayLike, x: npt.ArrayLike, rstd: npt.ArrayLike,
+                      normalized_shape: _Shape,
+                      weight: npt.ArrayLike | None = None) -> tuple[_Float, _Float]:
     """The gradients of rms_norm, from what rms_norm(..., return_stats=True) saved.
 
-    Returns (dx, dweight), dweight of normalized_shape's shape, always:
+    grad and x (..., *normalized_shape) as for layer_norm_backward; rstd the
+    forward's (x.shape[:-k] + (1,) * k, or x.shape[:-k]); weight of shape
+    normalized_shape, or None. Returns (dx, dweight), dx of x's shape,
+    dweight of normalized_shape's shape, always:
 
       xhat = x * rstd,  g = grad * weight
       dx      = rstd * (g - xhat * mean(g * xhat))
@@ -543,7 +604,7 @@ def _attention_operand(a, shape):
     return a if a.shape == shape else np.broadcast_to(a, shape)
 
 
-def _zero_column(a):
+def _zero_column(a: _Array) -> _Array:
     """a (..., 0) as (..., 1) zeros, a broadcast view: no memory."""
     return np.broadcast_to(np.zeros(1, a.dtype), a.shape[:-1] + (1,))
 
@@ -591,6 +652,21 @@ class _AttentionProblem:
     arguments: the checked arrays and the sizes of the broadcast problem."""
     __slots__ = ("q", "k", "v", "batch", "H", "Hkv", "L", "S", "E", "Ev", "two_d", "scale",
                  "dropout_p", "is_causal", "offset")
+    q: _Array
+    k: _Array
+    v: _Array
+    batch: tuple[int, ...]
+    H: int
+    Hkv: int
+    L: int
+    S: int
+    E: int
+    Ev: int
+    two_d: bool
+    scale: float
+    dropout_p: float
+    is_causal: bool
+    offset: int
 
 
 def _attention_problem(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
@@ -648,7 +724,7 @@ def _attention_problem(query, key, value, attn_mask, dropout_p, is_causal, scale
     return p
 
 
-def _dropout_seed(seed, func):
+def _dropout_seed(seed: object, func: str) -> int:
     """The seed that fixes which weights dropout drops: an int in [0, 2**32)."""
     seed = _index(seed, func, "dropout_seed")
     if not 0 <= seed < 2**32:
@@ -656,10 +732,59 @@ def _dropout_seed(seed, func):
     return seed
 
 
-def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
-                                 is_causal=False, *, scale=None, enable_gqa=False,
-                                 causal_alignment="top_left", return_weights=False,
-                                 return_lse=False, rng=None, dropout_seed=None):
+@overload
+def scaled_dot_product_attention(
+    query: npt.ArrayLike, key: npt.ArrayLike, value: npt.ArrayLike,
+    attn_mask: npt.ArrayLike | None = None, dropout_p: float = 0.0, is_causal: bool = False, *,
+    scale: float | None = None, enable_gqa: bool = False,
+    causal_alignment: Literal["top_left", "bottom_right"] = "top_left",
+    return_weights: Literal[False] = False, return_lse: Literal[False] = False,
+    rng: np.random.Generator | None = None, dropout_seed: int | None = None,
+) -> _Float: ...
+@overload
+def scaled_dot_product_attention(
+    query: npt.ArrayLike, key: npt.ArrayLike, value: npt.ArrayLike,
+    attn_mask: npt.ArrayLike | None = None, dropout_p: float = 0.0, is_causal: bool = False, *,
+    scale: float | None = None, enable_gqa: bool = False,
+    causal_alignment: Literal["top_left", "bottom_right"] = "top_left",
+    return_weights: Literal[False] = False, return_lse: Literal[True],
+    rng: np.random.Generator | None = None, dropout_seed: int | None = None,
+) -> tuple[_Float, _Float]: ...
+@overload
+def scaled_dot_product_attention(
+    query: npt.ArrayLike, key: npt.ArrayLike, value: npt.ArrayLike,
+    attn_mask: npt.ArrayLike | None = None, dropout_p: float = 0.0, is_causal: bool = False, *,
+    scale: float | None = None, enable_gqa: bool = False,
+    causal_alignment: Literal["top_left", "bottom_right"] = "top_left",
+    return_weights: Literal[True, "mean"], return_lse: Literal[False] = False,
+    rng: np.random.Generator | None = None, dropout_seed: int | None = None,
+) -> tuple[_Float, _Float]: ...
+@overload
+def scaled_dot_product_attention(
+    query: npt.ArrayLike, key: npt.ArrayLike, value: npt.ArrayLike,
+    attn_mask: npt.ArrayLike | None = None, dropout_p: float = 0.0, is_causal: bool = False, *,
+    scale: float | None = None, enable_gqa: bool = False,
+    causal_alignment: Literal["top_left", "bottom_right"] = "top_left",
+    return_weights: Literal[True, "mean"], return_lse: Literal[True],
+    rng: np.random.Generator | None = None, dropout_seed: int | None = None,
+) -> tuple[_Float, _Float, _Float]: ...
+@overload
+def scaled_dot_product_attention(
+    query: npt.ArrayLike, key: npt.ArrayLike, value: npt.ArrayLike,
+    attn_mask: npt.ArrayLike | None = None, dropout_p: float = 0.0, is_causal: bool = False, *,
+    scale: float | None = None, enable_gqa: bool = False,
+    causal_alignment: Literal["top_left", "bottom_right"] = "top_left",
+    return_weights: bool | Literal["mean"] = False, return_lse: bool = False,
+    rng: np.random.Generator | None = None, dropout_seed: int | None = None,
+) -> _Float | tuple[_Float, ...]: ...
+def scaled_dot_product_attention(
+    query: npt.ArrayLike, key: npt.ArrayLike, value: npt.ArrayLike,
+    attn_mask: npt.ArrayLike | None = None, dropout_p: float = 0.0, is_causal: bool = False, *,
+    scale: float | None = None, enable_gqa: bool = False,
+    causal_alignment: Literal["top_left", "bottom_right"] = "top_left",
+    return_weights: bool | Literal["mean"] = False, return_lse: bool = False,
+    rng: np.random.Generator | None = None, dropout_seed: int | None = None,
+) -> _Float | tuple[_Float, ...]:
     """Attention: softmax(query @ key^T * scale + mask) @ value, fused.
 
     Semantics and argument names are PyTorch's F.scaled_dot_product_attention;
@@ -755,11 +880,11 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         weights = None if weights is None else weights[0]
     if mean is not None:
         weights = mean
-    results = (out,) + ((weights,) if want_weights else ()) + ((lse,) if return_lse else ())
+    results: tuple[Any, ...] = (out,) + ((weights,) if want_weights else ()) + ((lse,) if return_lse else ())
     return results[0] if len(results) == 1 else results
 
 
-def _sum_to_shape(grad, shape):
+def _sum_to_shape(grad: _Array, shape: tuple[int, ...]) -> _Array:
     """grad summed over the dimensions it was broadcast along to reach shape
     (autograd's rule for a broadcast input)."""
     if grad.shape == shape:
@@ -770,7 +895,8 @@ def _sum_to_shape(grad, shape):
     return np.ascontiguousarray(grad.sum(axis=axes).reshape(shape))
 
 
-def _saved(a, shape, dtype, func, name):
+def _saved(a: npt.ArrayLike, shape: tuple[int, ...], dtype: np.dtype[Any], func: str,
+           name: str) -> _Array:
     """A forward result handed back to the backward: the forward's shape and
     dtype, read as a C-contiguous array (a copy only when it is not)."""
     a = _as_float_array(a, func, name)
@@ -781,10 +907,13 @@ def _saved(a, shape, dtype, func, name):
     return np.ascontiguousarray(a)
 
 
-def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse, attn_mask=None,
-                                          dropout_p=0.0, is_causal=False, *, scale=None,
-                                          enable_gqa=False, causal_alignment="top_left",
-                                          dropout_seed=None):
+def scaled_dot_product_attention_backward(
+    grad_out: npt.ArrayLike, query: npt.ArrayLike, key: npt.ArrayLike, value: npt.ArrayLike,
+    out: npt.ArrayLike, lse: npt.ArrayLike, attn_mask: npt.ArrayLike | None = None,
+    dropout_p: float = 0.0, is_causal: bool = False, *, scale: float | None = None,
+    enable_gqa: bool = False, causal_alignment: Literal["top_left", "bottom_right"] = "top_left",
+    dropout_seed: int | None = None,
+) -> tuple[_Float, _Float, _Float]:
     """The gradients of scaled_dot_product_attention: (dq, dk, dv).
 
     Takes the forward's arguments (the same broadcasting rules, mask, scale,
@@ -852,7 +981,8 @@ def scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse,
 _LINEAR_ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu")
 
 
-def linear(x, weight, bias=None, *, activation=None, residual=None):
+def linear(x: npt.ArrayLike, weight: npt.ArrayLike, bias: npt.ArrayLike | None = None, *,
+           activation: _Activation | None = None, residual: npt.ArrayLike | None = None) -> _Float:
     """x @ weight.T + bias, as torch.nn.functional.linear.
 
     x (..., in_features), weight (out_features, in_features), bias
@@ -900,7 +1030,8 @@ def linear(x, weight, bias=None, *, activation=None, residual=None):
     return _linear_rows(rows, weight, bias, activation, residual).reshape(out_shape)
 
 
-def _linear_rows(rows, weight, bias, activation=None, residual=None):
+def _linear_rows(rows: _Array, weight: _Array, bias: _Array | None, activation: str | None = None,
+                 residual: _Array | None = None) -> _Array:
     """f(rows (M, K) @ weight (N, K).T + bias) + residual (M, N) as a new
     (M, N) array, by attnkit's GEMM, for arguments already checked: rows with
     a contiguous last axis (rows may be apart), weight, bias and residual of
@@ -910,14 +1041,34 @@ def _linear_rows(rows, weight, bias, activation=None, residual=None):
                            activation or "identity", None if residual is None else _contiguous(residual))
 
 
-def _weight_operand(weight):
+def _weight_operand(weight: _Array) -> _Array:
     """weight as the GEMM reads it in place: rows contiguous (PyTorch's
     layout), or columns contiguous (a weight stored transposed, such as
     `w.T` of a C-contiguous w); any other layout is copied."""
     return weight if _kernels.has_weight_layout(weight) else _contiguous(weight)
 
 
-def linear_backward(grad_output, x, weight, *, input_grad=True, weight_grad=None, bias_grad=None):
+@overload
+def linear_backward(
+    grad_output: npt.ArrayLike, x: npt.ArrayLike, weight: npt.ArrayLike, *,
+    input_grad: Literal[True] = True, weight_grad: _Array | Literal[False] | None = None,
+    bias_grad: _Array | Literal[False] | None = None,
+) -> tuple[_Float, _Float | None, _Float | None]: ...
+@overload
+def linear_backward(
+    grad_output: npt.ArrayLike, x: npt.ArrayLike, weight: npt.ArrayLike, *,
+    input_grad: Literal[False], weight_grad: _Array | Literal[False] | None = None,
+    bias_grad: _Array | Literal[False] | None = None,
+) -> tuple[None, _Float | None, _Float | None]: ...
+@overload
+def linear_backward(
+    grad_output: npt.ArrayLike, x: npt.ArrayLike, weight: npt.ArrayLike, *, input_grad: bool = True,
+    weight_grad: _Array | Literal[False] | None = None, bias_grad: _Array | Literal[False] | None = None,
+) -> tuple[_Float | None, _Float | None, _Float | None]: ...
+def linear_backward(
+    grad_output: npt.ArrayLike, x: npt.ArrayLike, weight: npt.ArrayLike, *, input_grad: bool = True,
+    weight_grad: _Array | Literal[False] | None = None, bias_grad: _Array | Literal[False] | None = None,
+) -> tuple[_Float | None, _Float | None, _Float | None]:
     """The gradients of y = x @ weight.T + bias (linear's backward).
 
     grad_output (..., out_features) is dLoss/dy; x (..., in_features) the
@@ -950,7 +1101,7 @@ def linear_backward(grad_output, x, weight, *, input_grad=True, weight_grad=None
     if x.dtype != dy.dtype or weight.dtype != dy.dtype:
         raise TypeError(f"{func}: grad_output, input and weight must share a dtype, got "
                         f"{dy.dtype}, {x.dtype} and {weight.dtype}")
-    accumulators = []
+    accumulators: list[Any] = []
     for name, given, shape in (("weight_grad", weight_grad, (N, K)), ("bias_grad", bias_grad, (N,))):
         if given is None:
             given = np.zeros(shape, dy.dtype, order="F" if name == "weight_grad" and not
@@ -988,8 +1139,8 @@ def linear_backward(grad_output, x, weight, *, input_grad=True, weight_grad=None
     return (None if dx is None else dx.reshape(x.shape)), dw, db
 
 
-def relu(x, *, out=None):
-    """max(x, 0); NaN stays NaN. out: as for gelu."""
+def relu(x: npt.ArrayLike, *, out: _Float | None = None) -> _Float:
+    """max(x, 0) for x of any shape (...); NaN stays NaN. out: as for gelu."""
     x = _as_float_array(x, "relu")
     if out is not None:
         _check_out(out, x, "relu")
@@ -997,14 +1148,14 @@ def relu(x, *, out=None):
     return np.asarray(np.maximum(x, 0, dtype=x.dtype))   # a 0-d x gives a 0-d array, not a scalar
 
 
-def sigmoid(x):
-    """1 / (1 + exp(-x)), without overflow for large |x|."""
+def sigmoid(x: npt.ArrayLike) -> _Float:
+    """1 / (1 + exp(-x)) for x of any shape (...), without overflow for large |x|."""
     x = _as_float_array(x, "sigmoid")
     e = np.exp(-np.abs(x))                       # in (0, 1]: never overflows
     return np.where(x >= 0, 1 / (1 + e), e / (1 + e)).astype(x.dtype, copy=False)
 
 
-def _elementwise(x, name, out):
+def _elementwise(x: npt.ArrayLike, name: str, out: _Float | None) -> _Float:
     x = _contiguous(_as_float_array(x, name))
     if out is None:
         return _kernels.bias_activation(np.empty_like(x), x, None, name)
@@ -1016,8 +1167,9 @@ def _elementwise(x, name, out):
     return out
 
 
-def gelu(x, approximate="none", *, out=None):
-    """x * Phi(x), Phi the standard normal CDF (approximate="none", the exact
+def gelu(x: npt.ArrayLike, approximate: Literal["none", "tanh"] = "none", *,
+         out: _Float | None = None) -> _Float:
+    """x * Phi(x) for x of any shape (...), Phi the standard normal CDF (approximate="none", the exact
     GELU, with erf), or its tanh approximation (approximate="tanh"), as
     torch.nn.functional.gelu.
 
@@ -1029,12 +1181,13 @@ def gelu(x, approximate="none", *, out=None):
     return _elementwise(x, "gelu" if approximate == "none" else "gelu_tanh", out)
 
 
-def silu(x, *, out=None):
-    """x * sigmoid(x) (also called swish). out: as for gelu."""
+def silu(x: npt.ArrayLike, *, out: _Float | None = None) -> _Float:
+    """x * sigmoid(x) (also called swish), x of any shape (...). out: as for gelu."""
     return _elementwise(x, "silu", out)
 
 
-def _activation_backward(grad, x, bias, name, func, want_dbias):
+def _activation_backward(grad: npt.ArrayLike, x: npt.ArrayLike, bias: npt.ArrayLike | None,
+                         name: str, func: str, want_dbias: bool) -> tuple[_Array, Any]:
     """dx = grad * f'(x + bias) by the kernel, and the column sums of dx when
     want_dbias; arguments checked here."""
     x = _as_float_array(x, func, "input")
@@ -1055,14 +1208,17 @@ def _activation_backward(grad, x, bias, name, func, want_dbias):
     return dx, dbias
 
 
-def relu_backward(grad, x):
-    """The gradient of relu: grad where x > 0, else 0 (PyTorch's: 0 at x == 0,
+def relu_backward(grad: npt.ArrayLike, x: npt.ArrayLike) -> _Float:
+    """The gradient of relu, grad and x of one shape (...) and dtype: grad
+    where x > 0, else 0 (PyTorch's: 0 at x == 0,
     and where x < 0 whatever grad holds); NaN where x is NaN."""
     return _activation_backward(grad, x, None, "relu", "relu_backward", False)[0]
 
 
-def gelu_backward(grad, x, approximate="none"):
-    """The gradient of gelu: grad * gelu'(x), with gelu'(x) = Phi(x) + x phi(x)
+def gelu_backward(grad: npt.ArrayLike, x: npt.ArrayLike,
+                  approximate: Literal["none", "tanh"] = "none") -> _Float:
+    """The gradient of gelu, grad and x of one shape (...) and dtype:
+    grad * gelu'(x), with gelu'(x) = Phi(x) + x phi(x)
     (approximate="none") or the tanh approximation's derivative ("tanh"),
     as torch.ops.aten.gelu_backward."""
     if approximate not in ("none", "tanh"):
@@ -1071,17 +1227,20 @@ def gelu_backward(grad, x, approximate="none"):
                                 "gelu_backward", False)[0]
 
 
-def silu_backward(grad, x):
-    """The gradient of silu: grad * s (1 + x (1 - s)), s = sigmoid(x)."""
+def silu_backward(grad: npt.ArrayLike, x: npt.ArrayLike) -> _Float:
+    """The gradient of silu, grad and x of one shape (...) and dtype:
+    grad * s (1 + x (1 - s)), s = sigmoid(x)."""
     return _activation_backward(grad, x, None, "silu", "silu_backward", False)[0]
 
 
-def bias_activation_backward(grad, x, bias=None, activation=None):
+def bias_activation_backward(grad: npt.ArrayLike, x: npt.ArrayLike, bias: npt.ArrayLike | None = None,
+                             activation: _Activation | None = None) -> tuple[_Float, _Float]:
     """The gradients of activation(x + bias), the tail linear(..., activation=)
     fuses: returns (dx, dbias) with dx = grad * activation'(x + bias) and
     dbias = dx summed over every row (shape (x.shape[-1],), always returned).
 
-    x is the pre-activation input (the product x @ W.T, before the bias);
+    x (..., C) is the pre-activation input (the product x @ W.T, before the
+    bias), grad (..., C) the gradient of the output, bias (C) or None;
     activation None (the bias add alone), "gelu", "gelu_tanh", "silu" or
     "relu", as linear's. dbias sums rows in an order fixed by the shape, so it
     is bitwise the same at any thread count.
@@ -1095,9 +1254,10 @@ def bias_activation_backward(grad, x, bias=None, activation=None):
     return _activation_backward(grad, x, bias, activation or "identity", func, True)
 
 
-def dropout(x, p=0.5, training=True, *, rng=None, seed=None):
-    """Zero each element with probability p and scale the rest by 1/(1-p)
-    when training; x itself otherwise.
+def dropout(x: npt.ArrayLike, p: float = 0.5, training: bool = True, *,
+            rng: np.random.Generator | None = None, seed: int | None = None) -> _Float:
+    """Zero each element of x (any shape (...)) with probability p and scale
+    the rest by 1/(1-p) when training; x itself otherwise.
 
     Which elements are dropped is a hash of (seed, element index), computed
     in C in the same pass (the same hash as attention's dropout; the NumPy
@@ -1125,7 +1285,7 @@ def dropout(x, p=0.5, training=True, *, rng=None, seed=None):
     return _kernels.dropout(np.empty_like(x), x, p, seed)
 
 
-def _draw_dropout_seed(rng, func):
+def _draw_dropout_seed(rng: np.random.Generator | None, func: str) -> int:
     """A dropout seed drawn from rng (a fresh generator if None): one number a call."""
     if rng is None:
         rng = np.random.default_rng()
@@ -1134,10 +1294,13 @@ def _draw_dropout_seed(rng, func):
     return int(rng.integers(0, 2**32, dtype=np.uint64))
 
 
-def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False,
-               momentum=0.1, eps=1e-5, *, padding_mask=None):
+def batch_norm(x: npt.ArrayLike, running_mean: _Array | None, running_var: _Array | None,
+               weight: npt.ArrayLike | None = None, bias: npt.ArrayLike | None = None,
+               training: bool = False, momentum: float | None = 0.1, eps: float = 1e-5, *,
+               padding_mask: npt.ArrayLike | None = None) -> _Float:
     """Batch normalisation over the batch (and length) dimensions, as
-    torch.nn.functional.batch_norm: x (N, C) or (N, C, L).
+    torch.nn.functional.batch_norm: x (N, C) or (N, C, L); running_mean,
+    running_var, weight and bias (C) or None. Returns x's shape and dtype.
 
     training=True normalises by this batch's mean and biased variance and
     updates running_mean/running_var in place (running = (1 - momentum) *
@@ -1159,8 +1322,10 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
                        padding_mask)[0]
 
 
-def _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps,
-                padding_mask=None):
+def _batch_norm(x: npt.ArrayLike, running_mean: _Array | None, running_var: _Array | None,
+                weight: npt.ArrayLike | None, bias: npt.ArrayLike | None, training: bool,
+                momentum: float | None, eps: float,
+                padding_mask: npt.ArrayLike | None = None) -> tuple[_Array, _Array, _Array]:
     """batch_norm's output and the statistics it used, per channel in
     float64: (out, mean, rstd = 1 / sqrt(var + eps)), what its backward needs."""
     func = "batch_norm"
@@ -1203,11 +1368,12 @@ def _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, 
             k = _batch_norm_weights(keep, x.ndim) != 0   # (N, 1) or (N, 1, L)
             mean = np.where(k, x, 0).sum(axis=axes, dtype=np.float64) / count
             var = np.where(k, np.square(x - mean.reshape(shape)), 0).sum(axis=axes) / count
+        # momentum is None only when nothing is updated (checked above)
         if running_mean is not None:
-            running_mean *= 1 - momentum
+            running_mean *= 1 - momentum  # type: ignore[operator]
             running_mean += momentum * mean
         if running_var is not None:
-            running_var *= 1 - momentum
+            running_var *= 1 - momentum  # type: ignore[operator]
             running_var += momentum * var * count / (count - 1)
     else:
         if running_mean is None or running_var is None:
@@ -1222,7 +1388,7 @@ def _batch_norm(x, running_mean, running_var, weight, bias, training, momentum, 
     return out, mean, rstd
 
 
-def _batch_norm_keep(padding_mask, x, func):
+def _batch_norm_keep(padding_mask: npt.ArrayLike | None, x: _Array, func: str) -> _Array | None:
     """padding_mask (True = padded) as a bool array of the kept positions,
     (N,) for (N, C) input or (N, L) for (N, C, L); None when there is none."""
     if padding_mask is None:
@@ -1238,6 +1404,6 @@ def _batch_norm_keep(padding_mask, x, func):
     return ~mask
 
 
-def _batch_norm_weights(keep, ndim):
+def _batch_norm_weights(keep: _Array, ndim: int) -> _Array:
     """keep as float64 weights broadcasting against (N, C) or (N, C, L)."""
     return keep.astype(np.float64)[:, None] if ndim == 2 else keep.astype(np.float64)[:, None, :]

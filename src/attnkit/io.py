@@ -16,15 +16,25 @@ state dict before opening the file, so what they refuse leaves nothing on
 disk, and what they write reads back with the same names, dtypes, shapes and
 values.
 """
+from __future__ import annotations
+
 import json
 import math
 import os
 import reprlib
 import struct
+import tokenize
 import zipfile
 import zlib
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
+
+    _Path = str | os.PathLike[str]
 
 __all__ = ["load_safetensors", "save_safetensors", "load_state_dict", "save_state_dict"]
 
@@ -50,7 +60,7 @@ _NUMPY_MAX_BYTES = 2**63 - 1
 # ---------------------------------------------------------------------------
 # safetensors
 
-def load_safetensors(path, *, max_bytes=None):
+def load_safetensors(path: _Path, *, max_bytes: int | None = None) -> dict[str, npt.NDArray[Any]]:
     """name -> array for every tensor in a .safetensors file. bfloat16 (which
     NumPy lacks) is widened to float32 exactly.
 
@@ -211,7 +221,8 @@ def _is_text(value):
     return True
 
 
-def save_safetensors(tensors, path, metadata=None):
+def save_safetensors(tensors: Mapping[str, npt.ArrayLike], path: _Path,
+                     metadata: Mapping[str, str] | None = None) -> None:
     """Write name -> array (any of the dtypes above) as a .safetensors file.
 
     metadata, if given, maps str to str: the format holds nothing else, and
@@ -335,7 +346,9 @@ def _npz_headers(archive, path):
                 if version not in _NPY_HEADER_READERS:
                     raise ValueError(f"unknown .npy format version {version}")
                 shape, _, dtype = _NPY_HEADER_READERS[version](member)
-            except (ValueError, TypeError, RecursionError) as e:  # literal_eval of a bad header
+            # NumPy's header reader tokenizes and literal_evals the header: a
+            # bad one raises any of these, and not only ValueError
+            except (ValueError, TypeError, RecursionError, SyntaxError, tokenize.TokenError) as e:
                 raise ValueError(f"{where} is not a valid .npy array ({e})") from None
             data_size = info.file_size - member.tell()
         if dtype.hasobject:
@@ -359,7 +372,7 @@ def _check_max_bytes(path, total, max_bytes):
                          f"max_bytes={max_bytes}")
 
 
-def load_state_dict(path, *, max_bytes=None):
+def load_state_dict(path: _Path, *, max_bytes: int | None = None) -> dict[str, npt.NDArray[Any]]:
     """name -> array from a .npz or .safetensors file (by its extension).
 
     A malformed file raises ValueError naming the file. max_bytes: if given,
@@ -376,7 +389,7 @@ def load_state_dict(path, *, max_bytes=None):
     raise ValueError(f"{path}: expected a .npz or .safetensors file")
 
 
-def save_state_dict(state, path):
+def save_state_dict(state: Mapping[str, npt.ArrayLike], path: _Path) -> None:
     """Write name -> array to a .npz or .safetensors file (by its extension).
 
     Whatever is written loads back with the same names, dtypes, shapes and

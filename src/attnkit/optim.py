@@ -36,8 +36,12 @@ agree with PyTorch's to rounding (about 1e-15 relative in float64), not
 always bit for bit; attnkit's own results are deterministic, so a run resumed
 from state_dict() is bitwise the run that never stopped.
 """
+from __future__ import annotations
+
 import collections.abc
 import math
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -45,6 +49,13 @@ from . import _kernels
 from . import functional as F
 from .functional import _contiguous
 from .nn.module import key_mismatch
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
+
+    from .nn.module import Module
+
+    _Array = npt.NDArray[Any]
 
 __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "clip_grad_norm",
            "LRSchedule", "LinearWarmupCosine", "InverseSqrt"]
@@ -56,7 +67,7 @@ _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 # Argument checks: a wrong type is a TypeError, a wrong value a ValueError
 # naming it (PyTorch's "Invalid learning rate: -1", with the owner's name).
 
-def _at_least(value, owner, name, low=0.0):
+def _at_least(value: object, owner: str, name: str, low: float = 0.0) -> float:
     """A finite real number >= low, as a Python float (a Python float is a
     "weak" scalar to NumPy, so float32 arrays stay float32 in arithmetic)."""
     number = F._real(value, owner, name)
@@ -65,14 +76,14 @@ def _at_least(value, owner, name, low=0.0):
     return number
 
 
-def _finite(value, owner, name):
+def _finite(value: object, owner: str, name: str) -> float:
     number = F._real(value, owner, name)
     if not math.isfinite(number):
         raise ValueError(f"{owner}: {name} must be a finite number, got {value!r}")
     return number
 
 
-def _count(value, owner, name, low):
+def _count(value: object, owner: str, name: str, low: int) -> int:
     """An int >= low (a number of steps, a model width)."""
     number = F._index(value, owner, name)
     if number < low:
@@ -80,7 +91,7 @@ def _count(value, owner, name, low):
     return number
 
 
-def _betas(value, owner):
+def _betas(value: Any, owner: str) -> tuple[float, ...]:
     if isinstance(value, (str, bytes)) or not isinstance(value, collections.abc.Sequence) \
             or len(value) != 2:
         raise TypeError(f"{owner}: betas must be a pair (beta1, beta2), got {value!r}")
@@ -93,20 +104,20 @@ def _betas(value, owner):
     return tuple(betas)
 
 
-def _check_module(module, owner):
+def _check_module(module: Module, owner: str) -> Module:
     if not all(hasattr(module, attr) for attr in ("named_parameters", "trainable_parameters",
                                                   "grads", "zero_grad")):
         raise TypeError(f"{owner}: expected an attnkit.nn.Module, got {type(module).__name__}")
     return module
 
 
-def _mapping(value, owner, what):
+def _mapping(value: Any, owner: str, what: str) -> Mapping[str, Any]:
     if not isinstance(value, collections.abc.Mapping):
         raise TypeError(f"{owner}: {what} must be a dict, got {type(value).__name__}")
     return value
 
 
-def _same_keys(given, expected, owner, what):
+def _same_keys(given: Iterable[object], expected: Iterable[object], owner: str, what: str) -> None:
     """KeyError (as Module.load_state_dict's) listing missing and unexpected keys."""
     missing = [k for k in expected if k not in given]
     unexpected = [k for k in given if k not in expected]
@@ -126,58 +137,59 @@ class Optimizer:
     """
 
     # the names of the arrays in a parameter's state; set by each optimizer
-    _buffers = ()
+    _buffers: tuple[str, ...] = ()
 
-    def __init__(self, module, **hyperparameters):
+    def __init__(self, module: Module, **hyperparameters: Any) -> None:
         owner = type(self).__name__
         self._module = _check_module(module, owner)
         if next(iter(module.named_parameters()), None) is None:
             raise ValueError(f"{owner}: the module has no parameters to optimise")
         self._hyper = self._validated(owner, **hyperparameters)
-        self._state = {}
+        self._state: dict[str, dict[str, Any]] = {}
 
     # -- hyperparameters ---------------------------------------------------
     @classmethod
-    def _validated(cls, owner, **hyperparameters):
+    def _validated(cls, owner: str, **hyperparameters: Any) -> dict[str, Any]:
         """The hyperparameters checked and normalised, lr first (subclasses
         check theirs; the same code checks a loaded state dict's)."""
         raise NotImplementedError
 
     @property
-    def module(self):
+    def module(self) -> Module:
+        """The module whose trainable parameters step() updates."""
         return self._module
 
     @property
-    def lr(self):
+    def lr(self) -> float:
         """The learning rate the next step() uses; schedules set it."""
         return self._hyper["lr"]
 
     @lr.setter
-    def lr(self, value):
+    def lr(self, value: float) -> None:
         self._hyper["lr"] = _at_least(value, type(self).__name__, "lr")
 
     @property
-    def hyperparameters(self):
+    def hyperparameters(self) -> dict[str, Any]:
         """A copy of the hyperparameters (only lr can be changed, through .lr)."""
         return dict(self._hyper)
 
-    def __getattr__(self, name):
+    def __getattr__(self, name: str) -> Any:
         # momentum, betas, eps, weight_decay, ... read as attributes
         hyper = self.__dict__.get("_hyper", {})
         if name in hyper:
             return hyper[name]
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self._hyper.items())
         return f"{type(self).__name__}({args})"
 
     # -- stepping ------------------------------------------------------------
-    def zero_grad(self):
+    def zero_grad(self) -> None:
         """Zero the module's gradients (module.zero_grad())."""
         self._module.zero_grad()
 
-    def step(self):
+    def step(self) -> None:
         """Update every trainable parameter in place from its gradient.
 
         Everything is checked before anything is written, so a step that
@@ -189,10 +201,10 @@ class Optimizer:
             state["step"] += 1
             self._update(param, grad, state)
 
-    def _work(self, owner):
+    def _work(self, owner: str) -> list[tuple[str, _Array, _Array]]:
         """(name, parameter, gradient) for the trainable parameters, checked."""
         grads = self._module.grads(trainable_only=True)
-        seen = {}
+        seen: dict[int, str] = {}
         work = []
         for name, param in self._module.trainable_parameters():
             if id(param) in seen:
@@ -217,7 +229,7 @@ class Optimizer:
             work.append((name, param, grad))
         return work
 
-    def _state_for(self, name, param):
+    def _state_for(self, name: str, param: _Array) -> dict[str, Any]:
         state = self._state.get(name)
         if state is None:
             state = self._state[name] = self._new_state(param)
@@ -236,14 +248,14 @@ class Optimizer:
                 state[key] = np.ascontiguousarray(buffer, dtype=param.dtype)
         return state
 
-    def _new_state(self, param):
+    def _new_state(self, param: _Array) -> dict[str, Any]:
         raise NotImplementedError
 
-    def _update(self, param, grad, state):
+    def _update(self, param: _Array, grad: _Array, state: dict[str, Any]) -> None:
         raise NotImplementedError
 
     # -- state dicts -----------------------------------------------------------
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume: {"optimizer": class name,
         "hyperparameters": {"lr": ..., ...}, "state": {parameter name:
         {"step": int, buffer name: array}}}. The arrays are copies, so later
@@ -256,7 +268,7 @@ class Optimizer:
                       for name, state in self._state.items()},
         }
 
-    def load_state_dict(self, state_dict):
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Resume from state_dict(): the hyperparameters (lr included) and
         each parameter's state are replaced by copies of the saved ones,
         converted to the parameter's dtype. Keys, names, shapes and values
@@ -276,12 +288,12 @@ class Optimizer:
         if unknown:
             raise KeyError(f"{owner}: the state dict has state for {', '.join(map(str, unknown))}, "
                            f"which the module does not have; its parameters: {', '.join(params)}")
-        state = {}
+        state: dict[str, dict[str, Any]] = {}
         for name, entry in saved.items():
             entry = _mapping(entry, owner, f"the state of {name!r}")
             buffers = self._buffers_for(hyper)
             _same_keys(entry, ("step",) + buffers, owner, f"the state of {name!r}")
-            new = {"step": _count(entry["step"], owner, f"the step of {name!r}", 0)}
+            new: dict[str, Any] = {"step": _count(entry["step"], owner, f"the step of {name!r}", 0)}
             param = params[name]
             for key in buffers:
                 new[key] = self._loaded_buffer(entry[key], param, owner, f"{key!r} of {name!r}")
@@ -289,11 +301,11 @@ class Optimizer:
         self._hyper = hyper
         self._state = state
 
-    def _buffers_for(self, hyper):
+    def _buffers_for(self, hyper: Mapping[str, Any]) -> tuple[str, ...]:
         """The state's buffer names under these hyperparameters."""
         return self._buffers
 
-    def _loaded_buffer(self, value, param, owner, what):
+    def _loaded_buffer(self, value: Any, param: _Array, owner: str, what: str) -> _Array | None:
         value = np.asarray(value)
         if value.shape != param.shape:
             raise ValueError(f"{owner}: {what} has shape {value.shape}, but the parameter "
@@ -319,12 +331,14 @@ class SGD(Optimizer):
 
     _buffers = ("momentum_buffer",)
 
-    def __init__(self, module, lr, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False):
+    def __init__(self, module: Module, lr: float, momentum: float = 0.0, dampening: float = 0.0,
+                 weight_decay: float = 0.0, nesterov: bool = False) -> None:
         super().__init__(module, lr=lr, momentum=momentum, dampening=dampening,
                          weight_decay=weight_decay, nesterov=nesterov)
 
     @classmethod
-    def _validated(cls, owner, lr, momentum, dampening, weight_decay, nesterov):
+    def _validated(cls, owner: str, lr: Any, momentum: Any,  # type: ignore[override]  # named, not **
+                   dampening: Any, weight_decay: Any, nesterov: Any) -> dict[str, Any]:
         hyper = {"lr": _at_least(lr, owner, "lr"),
                  "momentum": _at_least(momentum, owner, "momentum"),
                  "dampening": _finite(dampening, owner, "dampening"),
@@ -335,15 +349,15 @@ class SGD(Optimizer):
                              f"momentum={momentum!r} and dampening={dampening!r}")
         return hyper
 
-    def _new_state(self, param):
+    def _new_state(self, param: _Array) -> dict[str, Any]:
         # the buffer starts as a copy of the first step's gradient (PyTorch's rule)
         return {"step": 0, "momentum_buffer": None}
 
-    def _loaded_buffer(self, value, param, owner, what):
+    def _loaded_buffer(self, value: Any, param: _Array, owner: str, what: str) -> _Array | None:
         # None: momentum is 0, or the parameter has not been stepped yet
         return None if value is None else super()._loaded_buffer(value, param, owner, what)
 
-    def _update(self, p, g, state):
+    def _update(self, p: _Array, g: _Array, state: dict[str, Any]) -> None:
         h = self._hyper
         lr, momentum, dampening = h["lr"], h["momentum"], h["dampening"]
         d, owned = g, False  # owned: d is a temporary this step may overwrite
@@ -391,29 +405,30 @@ class Adam(Optimizer):
     _buffers = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
     _decoupled = False  # AdamW's decoupled weight decay
 
-    def __init__(self, module, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 amsgrad=False):
+    def __init__(self, module: Module, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False) -> None:
         super().__init__(module, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          amsgrad=amsgrad)
 
     @classmethod
-    def _validated(cls, owner, lr, betas, eps, weight_decay, amsgrad):
+    def _validated(cls, owner: str, lr: Any, betas: Any,  # type: ignore[override]  # named, not **
+                   eps: Any, weight_decay: Any, amsgrad: Any) -> dict[str, Any]:
         return {"lr": _at_least(lr, owner, "lr"),
                 "betas": _betas(betas, owner),
                 "eps": _at_least(eps, owner, "eps"),
                 "weight_decay": _at_least(weight_decay, owner, "weight_decay"),
                 "amsgrad": F._flag(amsgrad, owner, "amsgrad")}
 
-    def _buffers_for(self, hyper):
+    def _buffers_for(self, hyper: Mapping[str, Any]) -> tuple[str, ...]:
         return self._buffers if hyper["amsgrad"] else self._buffers[:2]
 
-    def _new_state(self, param):
-        state = {"step": 0}
+    def _new_state(self, param: _Array) -> dict[str, Any]:
+        state: dict[str, Any] = {"step": 0}
         for key in self._buffers_for(self._hyper):
             state[key] = np.zeros(param.shape, param.dtype)
         return state
 
-    def _update(self, p, g, state):
+    def _update(self, p: _Array, g: _Array, state: dict[str, Any]) -> None:
         """One pass of the C kernel (csrc/optim.c), torch's operations in
         torch's order: attnkit.reference.adam_step is the same in NumPy."""
         h = self._hyper
@@ -439,8 +454,8 @@ class AdamW(Adam):
 
     _decoupled = True
 
-    def __init__(self, module, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01,
-                 amsgrad=False):
+    def __init__(self, module: Module, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.01, amsgrad: bool = False) -> None:
         super().__init__(module, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          amsgrad=amsgrad)
 
@@ -448,7 +463,8 @@ class AdamW(Adam):
 # ---------------------------------------------------------------------------
 # Gradient clipping
 
-def clip_grad_norm(module, max_norm, norm_type=2.0, error_if_nonfinite=False):
+def clip_grad_norm(module: Module, max_norm: float, norm_type: float = 2.0,
+                   error_if_nonfinite: bool = False) -> float:
     """Scale the trainable parameters' gradients in place so that their norm,
     taken over all of them as one vector, is at most max_norm, as
     torch.nn.utils.clip_grad_norm_. Returns the norm before clipping, a float.
@@ -491,7 +507,7 @@ def clip_grad_norm(module, max_norm, norm_type=2.0, error_if_nonfinite=False):
     return total
 
 
-def _total_norm(grads, p):
+def _total_norm(grads: Iterable[_Array], p: float) -> float:
     """The p-norm of all the gradients' elements together, in float64."""
     if p == math.inf:
         return max(float(np.max(np.abs(g))) if g.size else 0.0 for g in grads)
@@ -519,9 +535,9 @@ class LRSchedule:
     next lr. last_step is PyTorch's last_epoch.
     """
 
-    _settings = ()  # the names of the schedule's settings, for state dicts
+    _settings: tuple[str, ...] = ()  # the names of the schedule's settings, for state dicts
 
-    def __init__(self, optimizer):
+    def __init__(self, optimizer: Optimizer) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"{type(self).__name__}: expected an attnkit.optim optimizer, got "
                             f"{type(optimizer).__name__}")
@@ -529,35 +545,35 @@ class LRSchedule:
         self.base_lr = optimizer.lr
         self.last_step = 0
 
-    def factor(self, step):
+    def factor(self, step: int) -> float:
         """The multiplier of base_lr after `step` calls of step()."""
         raise NotImplementedError
 
-    def lr_at(self, step):
+    def lr_at(self, step: int) -> float:
         """The lr after `step` calls of step()."""
         return self.base_lr * self.factor(step)
 
-    def step(self):
+    def step(self) -> None:
         """Advance one step and set the optimizer's lr."""
         self.last_step += 1
         self._apply()
 
-    def get_last_lr(self):
+    def get_last_lr(self) -> float:
         """The lr the schedule last set (a float: there is one lr, no groups)."""
         return self._last_lr
 
-    def _apply(self):
+    def _apply(self) -> None:
         self._last_lr = self.lr_at(self.last_step)
         self.optimizer.lr = self._last_lr
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Any]:
         """{"schedule": class name, "base_lr", "last_step", and the settings}."""
-        state = {"schedule": type(self).__name__, "base_lr": self.base_lr,
+        state: dict[str, Any] = {"schedule": type(self).__name__, "base_lr": self.base_lr,
                  "last_step": self.last_step}
         state.update({name: getattr(self, name) for name in self._settings})
         return state
 
-    def load_state_dict(self, state_dict):
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Resume: take the saved base_lr, step count and settings, and set
         the optimizer's lr to the saved step's. Checked first; on any error
         nothing changes."""
@@ -576,10 +592,10 @@ class LRSchedule:
         self._apply()
 
     @classmethod
-    def _validated(cls, owner, base_lr, **settings):
+    def _validated(cls, owner: str, base_lr: float, **settings: Any) -> dict[str, Any]:
         raise NotImplementedError
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         args = ", ".join(f"{k}={getattr(self, k)!r}" for k in self._settings)
         return f"{type(self).__name__}({args}, base_lr={self.base_lr!r}, last_step={self.last_step})"
 
@@ -602,8 +618,12 @@ class LinearWarmupCosine(LRSchedule):
     """
 
     _settings = ("warmup_steps", "total_steps", "min_lr")
+    warmup_steps: int
+    total_steps: int
+    min_lr: float
 
-    def __init__(self, optimizer, warmup_steps, total_steps, min_lr=0.0):
+    def __init__(self, optimizer: Optimizer, warmup_steps: int, total_steps: int,
+                 min_lr: float = 0.0) -> None:
         super().__init__(optimizer)
         self.__dict__.update(self._validated(type(self).__name__, self.base_lr,
                                              warmup_steps=warmup_steps, total_steps=total_steps,
@@ -611,7 +631,8 @@ class LinearWarmupCosine(LRSchedule):
         self._apply()
 
     @classmethod
-    def _validated(cls, owner, base_lr, warmup_steps, total_steps, min_lr):
+    def _validated(cls, owner: str, base_lr: float, warmup_steps: Any,  # type: ignore[override]
+                   total_steps: Any, min_lr: Any) -> dict[str, Any]:   # (named, not **)
         warmup_steps = _count(warmup_steps, owner, "warmup_steps", 0)
         total_steps = _count(total_steps, owner, "total_steps", 1)
         if warmup_steps > total_steps:
@@ -623,7 +644,7 @@ class LinearWarmupCosine(LRSchedule):
                              f"({base_lr!r})")
         return {"warmup_steps": warmup_steps, "total_steps": total_steps, "min_lr": min_lr}
 
-    def factor(self, step):
+    def factor(self, step: int) -> float:
         warmup, total = self.warmup_steps, self.total_steps
         if step < warmup:
             return float(step) / float(max(1, warmup))
@@ -652,23 +673,28 @@ class InverseSqrt(LRSchedule):
     """
 
     _settings = ("warmup_steps", "d_model")
+    warmup_steps: int
+    d_model: int | None
 
-    def __init__(self, optimizer, warmup_steps, d_model=None):
+    def __init__(self, optimizer: Optimizer, warmup_steps: int, d_model: int | None = None) -> None:
         super().__init__(optimizer)
         self.__dict__.update(self._validated(type(self).__name__, self.base_lr,
                                              warmup_steps=warmup_steps, d_model=d_model))
         self._apply()
 
     @classmethod
-    def _validated(cls, owner, base_lr, warmup_steps, d_model):
+    def _validated(cls, owner: str, base_lr: float, warmup_steps: Any,  # type: ignore[override]
+                   d_model: Any) -> dict[str, Any]:   # (named, not **)
         warmup_steps = _count(warmup_steps, owner, "warmup_steps", 1)
         d_model = None if d_model is None else _count(d_model, owner, "d_model", 1)
         return {"warmup_steps": warmup_steps, "d_model": d_model}
 
     @property
-    def scale(self):
+    def scale(self) -> float:
+        """The factor before the warmup and decay terms: d_model^-0.5, or
+        warmup_steps^0.5 without d_model."""
         return self.d_model ** -0.5 if self.d_model is not None else self.warmup_steps ** 0.5
 
-    def factor(self, step):
+    def factor(self, step: int) -> float:
         n = step + 1
         return self.scale * min(n ** -0.5, n * self.warmup_steps ** -1.5)

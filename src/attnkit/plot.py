@@ -16,13 +16,23 @@ Each function draws into the axes (or figure) it is given, or a new one,
 and returns it, so a caller can add to it, save it (`ax.figure.savefig(...)`)
 or show it.
 """
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 __all__ = ["attention_heatmap", "attention_grid", "positional_encoding_heatmap",
            "softmax_saturation", "cost_vs_length", "training_curves", "layer_vs_batch_norm"]
 
 
-def _pyplot():
+def _pyplot() -> Any:
     try:
         import matplotlib.pyplot as plt
     except ImportError:
@@ -31,7 +41,7 @@ def _pyplot():
     return plt
 
 
-def _labels(tokens, length, name, func):
+def _labels(tokens: Any, length: int, name: str, func: str) -> list[str] | None:
     if tokens is None:
         return None
     tokens = [str(t) for t in tokens]
@@ -41,8 +51,10 @@ def _labels(tokens, length, name, func):
     return tokens
 
 
-def attention_heatmap(weights, query_tokens=None, key_tokens=None, *, ax=None, title=None,
-                      cmap="viridis", colorbar=True, annotate=False):
+def attention_heatmap(weights: npt.ArrayLike, query_tokens: Sequence[object] | None = None,
+                      key_tokens: Sequence[object] | None = None, *, ax: Axes | None = None,
+                      title: str | None = None, cmap: str = "viridis", colorbar: bool = True,
+                      annotate: bool = False) -> Axes:
     """One head's weights (L, S) as a heatmap: row i is what query i attends
     to, column j key j; darker is less. query_tokens (L) and key_tokens (S)
     label the rows and columns (key_tokens defaults to query_tokens for
@@ -82,8 +94,10 @@ def attention_heatmap(weights, query_tokens=None, key_tokens=None, *, ax=None, t
     return ax
 
 
-def attention_grid(attentions, tokens=None, *, layers=None, heads=None, cmap="viridis",
-                   cell_size=1.6, title=None):
+def attention_grid(attentions: npt.ArrayLike | Sequence[npt.ArrayLike],
+                   tokens: Sequence[object] | None = None, *, layers: Sequence[int] | None = None,
+                   heads: Sequence[int] | None = None, cmap: str = "viridis",
+                   cell_size: float = 1.6, title: str | None = None) -> Figure:
     """Every head of every layer, a grid of heatmaps: rows are layers,
     columns heads. attentions: one sample's weights per layer, a sequence of
     (H, L, L) arrays (e.g. [a[n] for a in BertModel(..., output_attentions=
@@ -129,7 +143,8 @@ def attention_grid(attentions, tokens=None, *, layers=None, heads=None, cmap="vi
     return fig
 
 
-def positional_encoding_heatmap(table, *, ax=None, title="positional encoding", cmap="RdBu_r"):
+def positional_encoding_heatmap(table: npt.ArrayLike, *, ax: Axes | None = None,
+                                title: str = "positional encoding", cmap: str = "RdBu_r") -> Axes:
     """A position-encoding table (positions, dim), e.g.
     nn.sinusoidal_positional_encoding(64, 128) or a learned embedding's
     weight, as a heatmap: a row per position, a column per feature (the
@@ -151,7 +166,8 @@ def positional_encoding_heatmap(table, *, ax=None, title="positional encoding", 
     return ax
 
 
-def saturation_table(dims=(4, 16, 64, 256, 1024), keys=8, queries=1000, seed=0):
+def saturation_table(dims: Sequence[int] = (4, 16, 64, 256, 1024), keys: int = 8,
+                     queries: int = 1000, seed: int = 0) -> dict[str, dict[str, npt.NDArray[np.float64]]]:
     """What softmax_saturation draws, as numbers: for each d_k, scores of
     random unit-variance queries against `keys` keys, unscaled and divided by
     sqrt(d_k); returns {"unscaled": ..., "scaled": ...}, each a dict of
@@ -161,7 +177,8 @@ def saturation_table(dims=(4, 16, 64, 256, 1024), keys=8, queries=1000, seed=0):
     for a random upstream gradient)."""
     from . import functional as F
     rng = np.random.default_rng(seed)
-    table = {name: {"top_weight": [], "entropy": [], "gradient": []} for name in ("unscaled", "scaled")}
+    table: dict[str, dict[str, list[float]]] = {
+        name: {"top_weight": [], "entropy": [], "gradient": []} for name in ("unscaled", "scaled")}
     for d in dims:
         q, k = rng.standard_normal((queries, d)), rng.standard_normal((keys, d))
         upstream = rng.standard_normal((queries, keys))
@@ -174,7 +191,8 @@ def saturation_table(dims=(4, 16, 64, 256, 1024), keys=8, queries=1000, seed=0):
     return {name: {key: np.array(v) for key, v in row.items()} for name, row in table.items()}
 
 
-def softmax_saturation(dims=(4, 16, 64, 256, 1024), keys=8, *, seed=0):
+def softmax_saturation(dims: Sequence[int] = (4, 16, 64, 256, 1024), keys: int = 8, *,
+                       seed: int = 0) -> Figure:
     """Why attention divides by sqrt(d_k): as d_k grows, unscaled scores
     saturate softmax (the top weight goes to 1, the entropy to 0) and the
     gradient through it vanishes; scaled ones stay put. Three panels against
@@ -195,8 +213,8 @@ def softmax_saturation(dims=(4, 16, 64, 256, 1024), keys=8, *, seed=0):
     return fig
 
 
-def cost_vs_length(lengths=(256, 512, 1024, 2048, 4096), heads=8, head_dim=64, *, naive_limit=2048,
-                   repeat=3):
+def cost_vs_length(lengths: Sequence[int] = (256, 512, 1024, 2048, 4096), heads: int = 8,
+                   head_dim: int = 64, *, naive_limit: int = 2048, repeat: int = 3) -> Figure:
     """Time and memory of self-attention against sequence length, attnkit's
     fused kernel beside the naive computation (the (L, L) scores
     materialised, attnkit.reference in float32), one sequence of `heads`
@@ -248,7 +266,9 @@ def cost_vs_length(lengths=(256, 512, 1024, 2048, 4096), heads=8, head_dim=64, *
     return fig
 
 
-def training_curves(curves, *, ylabel="loss", title=None, smooth=1, ax=None, log_y=False):
+def training_curves(curves: Mapping[str, Sequence[Any]], *,
+                    ylabel: str = "loss", title: str | None = None, smooth: int = 1,
+                    ax: Axes | None = None, log_y: bool = False) -> Axes:
     """Lines of a value against training step, one per run: curves maps a
     run's name to a sequence of values (one per step, counted from 1) or of
     (step, value) pairs. smooth > 1 draws the running mean over that many
@@ -283,7 +303,9 @@ def training_curves(curves, *, ylabel="loss", title=None, smooth=1, ax=None, log
     return ax
 
 
-def layer_vs_batch_norm(x, padding_mask, sentence=1, token=0, partner=None):
+def layer_vs_batch_norm(x: npt.ArrayLike, padding_mask: npt.ArrayLike, sentence: int = 1,
+                        token: int = 0,
+                        partner: npt.ArrayLike | None = None) -> tuple[Figure, dict[str, npt.NDArray[Any]]]:
     """Layer norm against batch norm (training mode, the batch's statistics)
     on a padded batch of sentences x (N, L, C) with padding_mask (N, L), True
     = padded: bars of one token's normalised features (sentence `sentence`,
@@ -301,7 +323,7 @@ def layer_vs_batch_norm(x, padding_mask, sentence=1, token=0, partner=None):
     length = int((~mask[sentence]).sum())
     alone = x[sentence:sentence + 1, :length]
 
-    def batch_norm(batch, batch_mask=None):
+    def batch_norm(batch: npt.ArrayLike, batch_mask: npt.ArrayLike | None = None) -> Any:
         return BatchNorm1d(C, channels_last=True, dtype=np.float64)(batch, padding_mask=batch_mask)
 
     layer_norm = LayerNorm(C, dtype=np.float64)

@@ -17,13 +17,20 @@ returns.
 >>> stream.getvalue().splitlines()[-1].split(" [")[0]
 'batches: 4/4 batch (100%)'
 """
+from __future__ import annotations
+
 import sys
 import time
+from typing import IO, TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from typing import Self
 
 __all__ = ["progress_bar"]
 
 
-def progress_bar(total, *, desc=None, unit="it", enabled=True, file=None, use_tqdm=None):
+def progress_bar(total: int, *, desc: str | None = None, unit: str = "it", enabled: bool = True,
+                 file: IO[str] | None = None, use_tqdm: bool | None = None) -> _Silent:
     """A progress bar over `total` units of work, used as a context manager:
     `bar.update(n=1)` after each unit, `bar.set_postfix(loss=0.25)` for the
     figures beside it, `bar.write(line)` to print a line without breaking
@@ -48,39 +55,41 @@ def progress_bar(total, *, desc=None, unit="it", enabled=True, file=None, use_tq
 
 
 class _Silent:
-    def update(self, n=1):
+    """What progress_bar returns (this one shows nothing)."""
+
+    def update(self, n: int = 1) -> None:
         pass
 
-    def set_postfix(self, **figures):
+    def set_postfix(self, **figures: Any) -> None:
         pass
 
-    def write(self, line):
+    def write(self, line: str) -> None:
         print(line)
 
-    def close(self):
+    def close(self) -> None:
         pass
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
 class _Tqdm(_Silent):
-    def __init__(self, bar):
+    def __init__(self, bar: Any) -> None:
         self._bar = bar
 
-    def update(self, n=1):
+    def update(self, n: int = 1) -> None:
         self._bar.update(n)
 
-    def set_postfix(self, **figures):
+    def set_postfix(self, **figures: Any) -> None:
         self._bar.set_postfix(figures, refresh=False)
 
-    def write(self, line):
+    def write(self, line: str) -> None:
         self._bar.write(line)
 
-    def close(self):
+    def close(self) -> None:
         self._bar.close()
 
 
@@ -89,7 +98,7 @@ class _PlainLine(_Silent):
     place on a terminal at most ten times a second, or written as a new line
     at each tenth of the way (and at the end) anywhere else."""
 
-    def __init__(self, total, desc, unit, stream):
+    def __init__(self, total: int, desc: str | None, unit: str, stream: IO[str]) -> None:
         self._total, self._unit, self._stream = total, unit, stream
         self._prefix = f"{desc}: " if desc else ""
         self._done, self._postfix = 0, ""
@@ -100,7 +109,7 @@ class _PlainLine(_Silent):
         self._width = 0
         self._closed = False
 
-    def _line(self):
+    def _line(self) -> str:
         elapsed = time.perf_counter() - self._start
         rate = self._done / elapsed if elapsed > 0 else 0.0
         share = f" ({100 * self._done // self._total}%)" if self._total else ""
@@ -108,7 +117,7 @@ class _PlainLine(_Silent):
         return (f"{self._prefix}{self._done}/{self._total} {self._unit}{share} "
                 f"[{elapsed:.1f} s, {rate:.3g} {self._unit}/s{extra}]")
 
-    def _show(self, force=False):
+    def _show(self, force: bool = False) -> None:
         now = time.perf_counter()
         if self._terminal:
             if force or now - self._last >= 0.1:
@@ -123,15 +132,15 @@ class _PlainLine(_Silent):
             self._stream.write(self._line() + "\n")
             self._stream.flush()
 
-    def update(self, n=1):
+    def update(self, n: int = 1) -> None:
         self._done += n
         self._show(force=self._done >= self._total)
 
-    def set_postfix(self, **figures):
+    def set_postfix(self, **figures: Any) -> None:
         self._postfix = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                   for k, v in figures.items())
 
-    def write(self, line):
+    def write(self, line: str) -> None:
         """The line goes to stdout, as print's would; on a terminal the bar
         is cleared first and drawn again below it."""
         if self._terminal and self._width:
@@ -142,7 +151,7 @@ class _PlainLine(_Silent):
             self._stream.write(self._line())
             self._stream.flush()
 
-    def close(self):
+    def close(self) -> None:
         if self._closed:
             return
         self._closed = True

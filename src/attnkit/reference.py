@@ -8,10 +8,38 @@ Nothing here is fast, and nothing here is clever.
 
 Shape names: x is any shape (...); a reduced axis has length C.
 """
+from __future__ import annotations
+
 import functools
 import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal, SupportsIndex, TypeVar
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
+
+    _Float = npt.NDArray[Any]     # of `dtype`
+    _Axis = SupportsIndex | Sequence[SupportsIndex] | None
+    # `dtype` is a scalar type (np.float32, np.float64, np.longdouble), which
+    # some functions call to round a constant: not a string or an np.dtype
+    _Scalar = npt.DTypeLike
+
+_Func = TypeVar("_Func", bound=Callable[..., Any])
+
+
+def _cast(value: Any, dtype: Any) -> Any:
+    """value as a NumPy scalar of dtype, which may be given as any NumPy
+    accepts (np.float32, "float32", np.dtype("f4"))."""
+    return np.dtype(dtype).type(value)
+
+
+def _seed_for(dropout_p: float, dropout_seed: int | None, func: str) -> int:
+    if dropout_seed is None:
+        raise ValueError(f"{func}: dropout_p={dropout_p} needs dropout_seed (the hash's seed, "
+                         "as attnkit's kernel was given it); got None")
+    return dropout_seed
 
 __all__ = ["softmax", "log_softmax", "layer_norm", "rms_norm", "scaled_dot_product_attention",
            "dropout_keep_mask", "linear", "relu", "sigmoid", "gelu", "silu", "batch_norm",
@@ -20,14 +48,14 @@ __all__ = ["softmax", "log_softmax", "layer_norm", "rms_norm", "scaled_dot_produ
            "bias_activation_backward", "adam_step", "dropout"]
 
 
-def _ieee(func):
+def _ieee(func: _Func) -> _Func:
     """Let infinities and NaNs follow IEEE arithmetic without warnings: the
     reference must give the answer for inputs like [inf, 1], not complain."""
     @functools.wraps(func)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
         with np.errstate(all="ignore"):
             return func(*args, **kwargs)
-    return wrapper
+    return wrapper  # type: ignore[return-value]  # functools.wraps keeps the signature
 
 
 def _masked(x, where, dtype):
@@ -45,11 +73,13 @@ def _shifted_exp(x, axis):
 
 
 @_ieee
-def softmax(x, axis=-1, where=None, *, dtype=np.float64):
+def softmax(x: npt.ArrayLike, axis: _Axis = -1, where: npt.ArrayLike | None = None, *,
+            dtype: _Scalar = np.float64) -> _Float:
     """exp(x - max) / sum(exp(x - max)) along axis (int, tuple or None).
 
-    Elements where `where` is False count as -inf. A slice with nothing to
-    attend to gives 0; a NaN makes its slice NaN.
+    x of any shape (...), where broadcast to it. Elements where `where` is
+    False count as -inf. A slice with nothing to attend to gives 0; a NaN
+    makes its slice NaN.
     """
     x = _masked(x, where, dtype)                                 # (...)
     e, _ = _shifted_exp(x, axis)                                 # (...)
@@ -58,7 +88,8 @@ def softmax(x, axis=-1, where=None, *, dtype=np.float64):
 
 
 @_ieee
-def log_softmax(x, axis=-1, where=None, *, dtype=np.float64):
+def log_softmax(x: npt.ArrayLike, axis: _Axis = -1, where: npt.ArrayLike | None = None, *,
+                dtype: _Scalar = np.float64) -> _Float:
     """(x - max) - log(sum(exp(x - max))) along axis; -inf where softmax is 0."""
     x = _masked(x, where, dtype)                                 # (...)
     e, m = _shifted_exp(x, axis)                                 # (...), (..., 1, ...)
@@ -72,7 +103,9 @@ def _kept(where, shape):
 
 
 @_ieee
-def softmax_backward(grad, y, axis=-1, where=None, *, dtype=np.float64):
+def softmax_backward(grad: npt.ArrayLike, y: npt.ArrayLike, axis: _Axis = -1,
+                     where: npt.ArrayLike | None = None, *,
+                     dtype: _Scalar = np.float64) -> _Float:
     """dx = y * (grad - sum(grad * y)) along axis, y = softmax's output; the
     sum over kept elements. Masked-out elements, and slices with nothing
     kept, get 0."""
@@ -84,7 +117,9 @@ def softmax_backward(grad, y, axis=-1, where=None, *, dtype=np.float64):
 
 
 @_ieee
-def log_softmax_backward(grad, y, axis=-1, where=None, *, dtype=np.float64):
+def log_softmax_backward(grad: npt.ArrayLike, y: npt.ArrayLike, axis: _Axis = -1,
+                         where: npt.ArrayLike | None = None, *,
+                         dtype: _Scalar = np.float64) -> _Float:
     """dx = grad - exp(y) * sum(grad) along axis, y = log_softmax's output; the
     sum over kept elements. Masked-out elements, and slices with nothing kept
     (y all -inf), get 0."""
@@ -104,8 +139,11 @@ def _trailing_axes(x, normalized_shape):
 
 
 @_ieee
-def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, dtype=np.float64):
-    """(x - mean) / sqrt(var + eps) * weight + bias over the trailing dimensions.
+def layer_norm(x: npt.ArrayLike, normalized_shape: int | tuple[int, ...],
+               weight: npt.ArrayLike | None = None, bias: npt.ArrayLike | None = None,
+               eps: float = 1e-5, *, dtype: _Scalar = np.float64) -> _Float:
+    """(x - mean) / sqrt(var + eps) * weight + bias over the trailing dimensions:
+    x (..., *normalized_shape), weight and bias of normalized_shape or None.
 
     var is the biased variance (divided by C, not C - 1), as in PyTorch.
     """
@@ -115,7 +153,7 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, dtype=n
         return x.copy()                                          # nothing to normalise
     mean = np.mean(x, axis=axes, keepdims=True)                  # (..., 1, ..., 1)
     var = np.mean((x - mean) ** 2, axis=axes, keepdims=True)     # (..., 1, ..., 1)
-    y = (x - mean) / np.sqrt(var + dtype(eps))                   # (..., *normalized_shape)
+    y = (x - mean) / np.sqrt(var + _cast(eps, dtype))        # (..., *normalized_shape)
     if weight is not None:
         y = y * np.asarray(weight, dtype=dtype)                  # weight: normalized_shape
     if bias is not None:
@@ -124,8 +162,11 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, dtype=n
 
 
 @_ieee
-def rms_norm(x, normalized_shape, weight=None, eps=None, *, dtype=np.float64):
-    """x / sqrt(mean(x**2) + eps) * weight over the trailing dimensions.
+def rms_norm(x: npt.ArrayLike, normalized_shape: int | tuple[int, ...],
+             weight: npt.ArrayLike | None = None, eps: float | None = None, *,
+             dtype: _Scalar = np.float64) -> _Float:
+    """x / sqrt(mean(x**2) + eps) * weight over the trailing dimensions: x
+    (..., *normalized_shape), weight of normalized_shape or None.
 
     eps=None is the machine epsilon of x's own dtype, as in PyTorch.
     """
@@ -136,14 +177,17 @@ def rms_norm(x, normalized_shape, weight=None, eps=None, *, dtype=np.float64):
     if x.size == 0:
         return x.copy()
     mean_square = np.mean(x * x, axis=axes, keepdims=True)       # (..., 1, ..., 1)
-    y = x / np.sqrt(mean_square + dtype(eps))                    # (..., *normalized_shape)
+    y = x / np.sqrt(mean_square + _cast(eps, dtype))         # (..., *normalized_shape)
     if weight is not None:
         y = y * np.asarray(weight, dtype=dtype)
     return y.astype(dtype)
 
 
 @_ieee
-def layer_norm_backward(grad, x, mean, rstd, normalized_shape, weight=None, *, dtype=np.float64):
+def layer_norm_backward(grad: npt.ArrayLike, x: npt.ArrayLike, mean: npt.ArrayLike,
+                        rstd: npt.ArrayLike, normalized_shape: int | tuple[int, ...],
+                        weight: npt.ArrayLike | None = None, *,
+                        dtype: _Scalar = np.float64) -> tuple[_Float, _Float, _Float]:
     """(dx, dweight, dbias) of layer_norm, from the forward's mean and rstd
     (shape x.shape[:-k] + (1,) * k):
 
@@ -172,8 +216,11 @@ def layer_norm_backward(grad, x, mean, rstd, normalized_shape, weight=None, *, d
 
 
 @_ieee
-def rms_norm_backward(grad, x, rstd, normalized_shape, weight=None, *, dtype=np.float64):
-    """(dx, dweight) of rms_norm: xhat = x * rstd, g = grad * weight,
+def rms_norm_backward(grad: npt.ArrayLike, x: npt.ArrayLike, rstd: npt.ArrayLike,
+                      normalized_shape: int | tuple[int, ...], weight: npt.ArrayLike | None = None,
+                      *, dtype: _Scalar = np.float64) -> tuple[_Float, _Float]:
+    """(dx, dweight) of rms_norm, grad and x (..., *normalized_shape), rstd
+    x.shape[:-k] + (1,) * k: xhat = x * rstd, g = grad * weight,
     dx = rstd * (g - xhat * mean(g * xhat)), dweight = sum over rows of grad * xhat."""
     x = np.asarray(x, dtype)
     g0 = np.asarray(grad, dtype)
@@ -196,7 +243,7 @@ def _mix32(x):
     return x ^ (x >> np.uint32(16))
 
 
-def dropout_keep_mask(seed, shape, p):
+def dropout_keep_mask(seed: int, shape: tuple[int, ...], p: float) -> npt.NDArray[np.bool_]:
     """Which weights dropout keeps: a bool array of shape (*batch, H, L, S).
 
     Element (b, h, i, j), with bh = b*H + h counted over the flattened batch,
@@ -217,7 +264,7 @@ def dropout_keep_mask(seed, shape, p):
     return ((h >> np.uint32(8)) >= threshold).reshape(shape)
 
 
-def dropout(x, p, seed, *, dtype=np.float64):
+def dropout(x: npt.ArrayLike, p: float, seed: int, *, dtype: _Scalar = np.float64) -> _Float:
     """Dropout as attnkit.dropout(x, p, seed=seed) computes it: element i of
     the flattened x is kept when dropout_keep_mask's hash of (seed, bh = 0,
     row i // 4096, column i % 4096) keeps it, and kept elements are scaled by
@@ -226,16 +273,22 @@ def dropout(x, p, seed, *, dtype=np.float64):
     n, row = x.size, 4096
     rows = -(-n // row)
     keep = dropout_keep_mask(seed, (1, rows, row), p).reshape(-1)[:n].reshape(x.shape)
-    scale = dtype(1 / (1 - p)) if p < 1 else dtype(0)
-    return np.where(keep, x * scale, dtype(0))
+    scale = _cast(1 / (1 - p), dtype) if p < 1 else _cast(0, dtype)
+    return np.where(keep, x * scale, _cast(0, dtype))
 
 
 @_ieee
-def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
-                                 is_causal=False, *, scale=None, enable_gqa=False,
-                                 causal_alignment="top_left", dropout_seed=None,
-                                 dtype=np.float64):
+def scaled_dot_product_attention(query: npt.ArrayLike, key: npt.ArrayLike, value: npt.ArrayLike,
+                                 attn_mask: npt.ArrayLike | None = None, dropout_p: float = 0.0,
+                                 is_causal: bool = False, *, scale: float | None = None,
+                                 enable_gqa: bool = False,
+                                 causal_alignment: Literal["top_left", "bottom_right"] = "top_left",
+                                 dropout_seed: int | None = None,
+                                 dtype: _Scalar = np.float64) -> tuple[_Float, _Float, _Float]:
     """softmax(q @ k^T * scale + mask) @ v, materialised, in `dtype`.
+
+    query (..., H, L, E), key (..., Hkv, S, E), value (..., Hkv, S, Ev),
+    attn_mask broadcastable to (..., H, L, S): as attnkit's.
 
     Returns (output, weights, lse): output (..., H, L, Ev), the weights that
     multiplied v (..., H, L, S) and the log-sum-exp of each row's scores
@@ -253,7 +306,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         v = np.repeat(v, H // v.shape[-3], axis=-3)              # (..., H, S, Ev)
     if scale is None:
         scale = 1.0 / np.sqrt(q.shape[-1]) if q.shape[-1] > 0 else 1.0   # E = 0: every score is 0
-    scores = (q @ np.swapaxes(k, -1, -2)) * dtype(scale)         # (..., H, L, S)
+    scores = (q @ np.swapaxes(k, -1, -2)) * _cast(scale, dtype) # (..., H, L, S)
     if is_causal:
         offset = 0 if causal_alignment == "top_left" else S - L
         visible = np.arange(S)[None, :] <= np.arange(L)[:, None] + offset   # (L, S)
@@ -271,7 +324,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     weights = np.where(total == 0, 0, e / total)                 # (..., H, L, S)
     lse = np.where(total == 0, -np.inf, m + np.log(total))[..., 0]   # (..., H, L)
     if dropout_p > 0:
-        keep = dropout_keep_mask(dropout_seed, weights.shape, dropout_p)
+        keep = dropout_keep_mask(_seed_for(dropout_p, dropout_seed, "scaled_dot_product_attention"),
+                                 weights.shape, dropout_p)
         weights = np.where(keep, weights / (1 - dropout_p) if dropout_p < 1 else 0, 0)
     out = weights @ v                                            # (..., H, L, Ev)
     return out.astype(dtype), weights.astype(dtype), lse.astype(dtype)
@@ -286,11 +340,17 @@ def _sum_to_shape(grad, shape):
 
 
 @_ieee
-def scaled_dot_product_attention_backward(grad_out, query, key, value, attn_mask=None,
-                                          dropout_p=0.0, is_causal=False, *, scale=None,
-                                          enable_gqa=False, causal_alignment="top_left",
-                                          dropout_seed=None, dtype=np.float64):
-    """(dq, dk, dv) of scaled_dot_product_attention, materialised, in `dtype`.
+def scaled_dot_product_attention_backward(grad_out: npt.ArrayLike, query: npt.ArrayLike,
+                                          key: npt.ArrayLike, value: npt.ArrayLike,
+                                          attn_mask: npt.ArrayLike | None = None,
+                                          dropout_p: float = 0.0, is_causal: bool = False, *,
+                                          scale: float | None = None, enable_gqa: bool = False,
+                                          causal_alignment: Literal["top_left", "bottom_right"] = "top_left",
+                                          dropout_seed: int | None = None,
+                                          dtype: _Scalar = np.float64) -> tuple[_Float, _Float, _Float]:
+    """(dq, dk, dv) of scaled_dot_product_attention, materialised, in `dtype`:
+    grad_out (..., H, L, Ev), the rest as the forward's; dq, dk, dv of
+    query's, key's and value's shapes.
 
     With P the weights before dropout, Z the kept pattern and ks = 1/(1-p):
         dV = (P Z ks)^T dO,   dP = (dO V^T) Z ks,
@@ -313,7 +373,9 @@ def scaled_dot_product_attention_backward(grad_out, query, key, value, attn_mask
     p = weights                                                  # (..., H, L, S)
     kept = np.ones_like(p)
     if dropout_p > 0:
-        keep = dropout_keep_mask(dropout_seed, np.broadcast_shapes(p.shape, g.shape[:-1] + (1,)),
+        keep = dropout_keep_mask(_seed_for(dropout_p, dropout_seed,
+                                           "scaled_dot_product_attention_backward"),
+                                 np.broadcast_shapes(p.shape, g.shape[:-1] + (1,)),
                                  dropout_p)
         kept = np.where(keep, 1 / (1 - dropout_p) if dropout_p < 1 else 0, 0)
     dv = np.swapaxes(p * kept, -1, -2) @ g                       # (..., H, S, Ev)
@@ -331,22 +393,26 @@ def scaled_dot_product_attention_backward(grad_out, query, key, value, attn_mask
 # ---------------------------------------------------------------------------
 # The pieces of layers
 
-def linear(x, weight, bias=None, *, dtype=np.float64):
-    """x @ weight.T + bias."""
+def linear(x: npt.ArrayLike, weight: npt.ArrayLike, bias: npt.ArrayLike | None = None, *,
+           dtype: _Scalar = np.float64) -> _Float:
+    """x (..., in) @ weight (out, in).T + bias (out) -> (..., out)."""
     y = np.asarray(x, dtype) @ np.asarray(weight, dtype).T       # (..., out)
     return y if bias is None else y + np.asarray(bias, dtype)
 
 
-def relu(x, *, dtype=np.float64):
+def relu(x: npt.ArrayLike, *, dtype: _Scalar = np.float64) -> _Float:
+    """max(x, 0) for x of any shape (...)."""
     return np.maximum(np.asarray(x, dtype), 0)
 
 
 @_ieee
-def sigmoid(x, *, dtype=np.float64):
+def sigmoid(x: npt.ArrayLike, *, dtype: _Scalar = np.float64) -> _Float:
+    """1 / (1 + exp(-x)) for x of any shape (...)."""
     return 1 / (1 + np.exp(-np.asarray(x, dtype)))
 
 
-def gelu(x, approximate="none", *, dtype=np.float64):
+def gelu(x: npt.ArrayLike, approximate: Literal["none", "tanh"] = "none", *,
+         dtype: _Scalar = np.float64) -> _Float:
     """x * Phi(x) with Phi(x) = (1 + erf(x / sqrt(2))) / 2, erf from Python's
     math module element by element; or the tanh approximation."""
     x = np.asarray(x, dtype)
@@ -357,44 +423,51 @@ def gelu(x, approximate="none", *, dtype=np.float64):
     return (0.5 * x * (1 + erf(x / np.sqrt(2)))).astype(dtype)
 
 
-def silu(x, *, dtype=np.float64):
+def silu(x: npt.ArrayLike, *, dtype: _Scalar = np.float64) -> _Float:
+    """x * sigmoid(x) for x of any shape (...)."""
     x = np.asarray(x, dtype)
     return x * sigmoid(x, dtype=dtype)
 
 
-def relu_backward(grad, x, *, dtype=np.float64):
+def relu_backward(grad: npt.ArrayLike, x: npt.ArrayLike, *,
+                  dtype: _Scalar = np.float64) -> _Float:
     """grad where x > 0, 0 where x <= 0 (PyTorch's), NaN where x is NaN."""
     x = np.asarray(x, dtype)
     return np.where(x > 0, np.asarray(grad, dtype), np.where(np.isnan(x), x, 0)).astype(dtype)
 
 
 @_ieee
-def gelu_backward(grad, x, approximate="none", *, dtype=np.float64):
+def gelu_backward(grad: npt.ArrayLike, x: npt.ArrayLike,
+                  approximate: Literal["none", "tanh"] = "none", *,
+                  dtype: _Scalar = np.float64) -> _Float:
     """grad * gelu'(x): Phi(x) + x phi(x), or the tanh approximation's
     0.5 (1 + tanh u) + 0.5 x (1 - tanh(u)^2) u', u = sqrt(2/pi) (x + 0.044715 x^3)."""
     x = np.asarray(x, dtype)
     g = np.asarray(grad, dtype)
     if approximate == "tanh":
-        k0 = np.sqrt(dtype(2) / dtype(np.pi))
-        u = k0 * (x + dtype(0.044715) * x**3)
+        k0 = np.sqrt(_cast(2, dtype) / _cast(np.pi, dtype))
+        u = k0 * (x + _cast(0.044715, dtype) * x**3)
         t = np.tanh(u)
-        du = k0 * (1 + 3 * dtype(0.044715) * x**2)
-        return (g * (dtype(0.5) * (1 + t) + dtype(0.5) * x * (1 - t * t) * du)).astype(dtype)
+        du = k0 * (1 + 3 * _cast(0.044715, dtype) * x**2)
+        return (g * (_cast(0.5, dtype) * (1 + t) + _cast(0.5, dtype) * x * (1 - t * t) * du)).astype(dtype)
     erfc = np.vectorize(math.erfc, otypes=[np.float64])
     cdf = (0.5 * erfc(-x / np.sqrt(2))).astype(dtype)          # Phi(x), the tails kept exact
-    pdf = np.exp(-x * x / 2) / np.sqrt(dtype(2) * dtype(np.pi))
+    pdf = np.exp(-x * x / 2) / np.sqrt(_cast(2, dtype) * _cast(np.pi, dtype))
     return (g * (cdf + x * pdf)).astype(dtype)
 
 
 @_ieee
-def silu_backward(grad, x, *, dtype=np.float64):
+def silu_backward(grad: npt.ArrayLike, x: npt.ArrayLike, *,
+                  dtype: _Scalar = np.float64) -> _Float:
     """grad * s (1 + x (1 - s)), s = sigmoid(x)."""
     x = np.asarray(x, dtype)
     s = sigmoid(x, dtype=dtype)
     return (np.asarray(grad, dtype) * s * (1 + x * (1 - s))).astype(dtype)
 
 
-def bias_activation_backward(grad, x, bias=None, activation=None, *, dtype=np.float64):
+def bias_activation_backward(grad: npt.ArrayLike, x: npt.ArrayLike,
+                             bias: npt.ArrayLike | None = None, activation: str | None = None, *,
+                             dtype: _Scalar = np.float64) -> tuple[_Float, _Float]:
     """(dx, dbias) of activation(x + bias): dx = grad * activation'(x + bias),
     dbias = dx summed over every row (x.shape[-1],)."""
     h = np.asarray(x, dtype)
@@ -414,10 +487,13 @@ def bias_activation_backward(grad, x, bias=None, activation=None, *, dtype=np.fl
     return dx, dx.reshape(-1, h.shape[-1]).sum(axis=0).astype(dtype)
 
 
-def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, training=True,
-               eps=1e-5, *, dtype=np.float64):
-    """(N, C) or (N, C, L): normalised per channel by the batch's mean and
-    biased variance (training) or by the running statistics."""
+def batch_norm(x: npt.ArrayLike, running_mean: npt.ArrayLike | None = None,
+               running_var: npt.ArrayLike | None = None, weight: npt.ArrayLike | None = None,
+               bias: npt.ArrayLike | None = None, training: bool = True, eps: float = 1e-5, *,
+               dtype: _Scalar = np.float64) -> _Float:
+    """x (N, C) or (N, C, L): normalised per channel by the batch's mean and
+    biased variance (training) or by the running statistics; running_mean,
+    running_var, weight and bias (C) or None."""
     x = np.asarray(x, dtype)
     axes = (0,) if x.ndim == 2 else (0, 2)
     shape = (1, -1) if x.ndim == 2 else (1, -1, 1)
@@ -433,14 +509,20 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     return y
 
 
-def multi_head_attention(query, key, value, state, num_heads, key_padding_mask=None,
-                         attn_mask=None, is_causal=False, batch_first=False, add_zero_attn=False,
-                         *, dtype=np.float64):
+def multi_head_attention(query: npt.ArrayLike, key: npt.ArrayLike, value: npt.ArrayLike,
+                         state: Mapping[str, npt.ArrayLike], num_heads: int,
+                         key_padding_mask: npt.ArrayLike | None = None,
+                         attn_mask: npt.ArrayLike | None = None, is_causal: bool = False,
+                         batch_first: bool = False, add_zero_attn: bool = False, *,
+                         dtype: _Scalar = np.float64) -> tuple[_Float, _Float]:
     """PyTorch's multi-head attention, composed from linear and
     scaled_dot_product_attention, with the parameters of a state dict
     (in_proj_weight or q/k/v_proj_weight, in_proj_bias, bias_k, bias_v,
     out_proj.weight, out_proj.bias). Masks have MultiheadAttention's meaning:
-    True = hidden. Returns (output, weights (N, H, L, S))."""
+    True = hidden. query (L, N, E), key (S, N, kdim), value (S, N, vdim), or
+    (N, L, E) etc. with batch_first, or unbatched (L, E); key_padding_mask
+    (N, S); attn_mask (L, S) or (N*H, L, S). Returns (output, like query,
+    weights (N, H, L, S))."""
     p = {k: np.asarray(v, dtype) for k, v in state.items()}
     q, k, v = (np.asarray(a, dtype) for a in (query, key, value))
     unbatched = q.ndim == 2
@@ -458,7 +540,7 @@ def multi_head_attention(query, key, value, state, num_heads, key_padding_mask=N
     bq, bk, bv = (None, None, None) if b is None else (b[:E], b[E:E + kv], b[E + kv:])
     qp, kp, vp = linear(q, Wq, bq, dtype=dtype), linear(k, Wk, bk, dtype=dtype), linear(v, Wv, bv, dtype=dtype)
     N, L, S = q.shape[0], q.shape[1], k.shape[1]
-    hidden = np.zeros((N, 1, 1, S), bool)                                   # (N, 1, 1, S) True = hidden
+    hidden: npt.NDArray[Any] | None = np.zeros((N, 1, 1, S), bool)          # (N, 1, 1, S) True = hidden
     if key_padding_mask is not None:
         kpm = np.asarray(key_padding_mask)
         kpm = kpm[None] if unbatched else kpm
@@ -498,14 +580,17 @@ def multi_head_attention(query, key, value, state, num_heads, key_padding_mask=N
     return (out if batch_first else out.swapaxes(0, 1)), weights
 
 
-def adam_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq=None, *, lr, betas, eps,
-              weight_decay, step, decoupled):
+def adam_step(param: npt.ArrayLike, grad: npt.ArrayLike, exp_avg: npt.ArrayLike,
+              exp_avg_sq: npt.ArrayLike, max_exp_avg_sq: npt.ArrayLike | None = None, *, lr: float,
+              betas: tuple[float, float], eps: float, weight_decay: float, step: int,
+              decoupled: bool) -> tuple[_Float, _Float, _Float, _Float | None]:
     """Adam's update (AdamW's with decoupled=True) as torch.optim's
     single-tensor implementation computes it, operation for operation in
     param's dtype, each scalar rounded to it first: the oracle of the C
     kernel (csrc/optim.c), which must agree bit for bit. `step` counts this
-    update (1 for the first). Returns new arrays (param, exp_avg, exp_avg_sq,
-    max_exp_avg_sq or None); nothing given is changed.
+    update (1 for the first). grad and the moments have param's shape (any).
+    Returns new arrays (param, exp_avg, exp_avg_sq, max_exp_avg_sq or None);
+    nothing given is changed.
     """
     p, g, m, v = (np.array(a) for a in (param, grad, exp_avg, exp_avg_sq))
     vmax = None if max_exp_avg_sq is None else np.array(max_exp_avg_sq)

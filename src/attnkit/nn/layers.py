@@ -5,7 +5,11 @@ Every layer takes `dtype` (float32, the default, or float64) and `rng`, a
 NumPy Generator its initial weights are drawn from (a seeded one gives the
 same weights every time).
 """
+from __future__ import annotations
+
 import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -13,24 +17,30 @@ from .. import functional as F
 from . import init
 from .module import Module
 
+if TYPE_CHECKING:
+    import numpy.typing as npt
+
+    _Array = npt.NDArray[Any]
+    _Float = npt.NDArray[np.floating]
+
 __all__ = ["Linear", "LayerNorm", "RMSNorm", "BatchNorm1d", "Dropout", "Embedding", "Identity",
            "ReLU", "GELU", "SiLU", "Sigmoid", "Tanh", "get_activation"]
 
 
-def _float_dtype(dtype):
+def _float_dtype(dtype: npt.DTypeLike) -> np.dtype[Any]:
     dtype = np.dtype(dtype)
     if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
         raise TypeError(f"layers compute in float32 or float64, not {dtype}")
     return dtype
 
 
-def _positive(value, name, owner):
+def _positive(value: object, name: str, owner: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
         raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}")
     return int(value)
 
 
-def _input(layer, x):
+def _input(layer: Module, x: npt.ArrayLike) -> _Array:
     """x as a float array; when the layer has parameters, of their dtype
     (another float dtype is an error, as in PyTorch)."""
     x = F._as_float_array(x, type(layer).__name__, "input")
@@ -42,12 +52,17 @@ def _input(layer, x):
 
 
 class Identity(Module):
-    def forward(self, x):
-        self._save(np.shape(x))
+    """Returns its input (..., any shape) as it is."""
+
+    def forward(self, x: Any) -> Any:
+        dtype = getattr(x, "dtype", None)
+        floating = dtype is not None and np.issubdtype(dtype, np.floating)
+        self._save(np.shape(x), dtype if floating else np.result_type(float))
         return x
 
-    def _backward(self, grad):
-        return np.asarray(grad)
+    def _backward(self, grad: npt.ArrayLike) -> _Array:
+        shape, dtype = self._saved
+        return self._check_grad(grad, shape, dtype)
 
 
 class Linear(Module):
@@ -57,7 +72,12 @@ class Linear(Module):
     PyTorch's: uniform in +-1/sqrt(in_features) (kaiming_uniform_ with a = sqrt(5)).
     """
 
-    def __init__(self, in_features, out_features, bias=True, *, dtype=np.float32, rng=None):
+    # parameters (typed as arrays: one made without, bias=False, is None)
+    weight: _Array
+    bias: _Array
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 dtype: npt.DTypeLike = np.float32, rng: np.random.Generator | None = None) -> None:
         super().__init__()
         self.in_features = _positive(in_features, "in_features", "Linear")
         self.out_features = _positive(out_features, "out_features", "Linear")
@@ -71,7 +91,7 @@ class Linear(Module):
             b = init.uniform_(np.empty(self.out_features, dtype), -bound, bound, rng=rng)
         self.register_parameter("bias", b)
 
-    def forward(self, x, residual=None):
+    def forward(self, x: npt.ArrayLike, residual: npt.ArrayLike | None = None) -> _Float:
         """x (..., in_features) -> (..., out_features). residual (an attnkit
         extension): an array of the output's shape added in the same pass
         (F.linear's residual), for a skip connection."""
@@ -80,7 +100,7 @@ class Linear(Module):
         self._save(x, out.shape)
         return out
 
-    def _backward(self, grad):
+    def _backward(self, grad: npt.ArrayLike) -> _Array:
         """d_input = grad @ weight; weight.grad += grad^T x; bias.grad += sum of
         grad's rows. (A residual's gradient is grad itself.)"""
         x, shape = self._saved
@@ -89,16 +109,22 @@ class Linear(Module):
                                      bias_grad=self._grad_buffer("bias"))
         return dx
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
 class LayerNorm(Module):
     """Layer normalisation over the trailing normalized_shape dimensions
-    (attnkit.layer_norm); weight starts at 1, bias at 0."""
+    (attnkit.layer_norm); weight starts at 1, bias at 0. Call: x (...,
+    *normalized_shape) -> x's shape."""
 
-    def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True, *,
-                 dtype=np.float32):
+    # parameters (typed as arrays: None with elementwise_affine=False, or bias=False)
+    weight: _Array
+    bias: _Array
+
+    def __init__(self, normalized_shape: int | tuple[int, ...], eps: float = 1e-5,
+                 elementwise_affine: bool = True, bias: bool = True, *,
+                 dtype: npt.DTypeLike = np.float32) -> None:
         super().__init__()
         self.normalized_shape = F._shape_tuple(normalized_shape, "LayerNorm", "normalized_shape")
         self.eps = F._real(eps, "LayerNorm", "eps")
@@ -107,7 +133,7 @@ class LayerNorm(Module):
         self.register_parameter("bias", np.zeros(self.normalized_shape, dtype)
                                 if elementwise_affine and bias else None)
 
-    def forward(self, x):
+    def forward(self, x: npt.ArrayLike) -> _Float:
         x = _input(self, x)
         if not self.training:
             return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
@@ -116,7 +142,7 @@ class LayerNorm(Module):
         self._save(x, mean, rstd)
         return out
 
-    def _backward(self, grad):
+    def _backward(self, grad: npt.ArrayLike) -> _Array:
         x, mean, rstd = self._saved
         grad = self._check_grad(grad, x.shape, x.dtype)
         dx, dweight, dbias = F.layer_norm_backward(grad, x, mean, rstd, self.normalized_shape,
@@ -125,15 +151,19 @@ class LayerNorm(Module):
         self._accumulate("bias", dbias)
         return dx
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return f"{self.normalized_shape}, eps={self.eps}"
 
 
 class RMSNorm(Module):
     """x / sqrt(mean(x^2) + eps) * weight over the trailing dimensions
-    (attnkit.rms_norm); eps None is the dtype's machine epsilon."""
+    (attnkit.rms_norm); eps None is the dtype's machine epsilon. Call: x
+    (..., *normalized_shape) -> x's shape."""
 
-    def __init__(self, normalized_shape, eps=None, elementwise_affine=True, *, dtype=np.float32):
+    weight: _Array        # None with elementwise_affine=False
+
+    def __init__(self, normalized_shape: int | tuple[int, ...], eps: float | None = None,
+                 elementwise_affine: bool = True, *, dtype: npt.DTypeLike = np.float32) -> None:
         super().__init__()
         self.normalized_shape = F._shape_tuple(normalized_shape, "RMSNorm", "normalized_shape")
         self.eps = None if eps is None else F._real(eps, "RMSNorm", "eps")
@@ -141,7 +171,7 @@ class RMSNorm(Module):
         self.register_parameter("weight", np.ones(self.normalized_shape, self._dtype)
                                 if elementwise_affine else None)
 
-    def forward(self, x):
+    def forward(self, x: npt.ArrayLike) -> _Float:
         x = _input(self, x)
         if not self.training:
             return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
@@ -149,14 +179,14 @@ class RMSNorm(Module):
         self._save(x, rstd)
         return out
 
-    def _backward(self, grad):
+    def _backward(self, grad: npt.ArrayLike) -> _Array:
         x, rstd = self._saved
         grad = self._check_grad(grad, x.shape, x.dtype)
         dx, dweight = F.rms_norm_backward(grad, x, rstd, self.normalized_shape, self.weight)
         self._accumulate("weight", dweight)
         return dx
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return f"{self.normalized_shape}, eps={self.eps}"
 
 
@@ -183,9 +213,17 @@ class BatchNorm1d(Module):
     """
 
     channels_last = False       # the default, also for layers pickled before it existed
+    # parameters and buffers (typed as arrays: None with affine=False, or
+    # track_running_stats=False)
+    weight: _Array
+    bias: _Array
+    running_mean: _Array
+    running_var: _Array
+    num_batches_tracked: _Array
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, *, channels_last=False, dtype=np.float32):
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, *,
+                 channels_last: bool = False, dtype: npt.DTypeLike = np.float32) -> None:
         super().__init__()
         self.num_features = _positive(num_features, "num_features", "BatchNorm1d")
         self.eps = F._real(eps, "BatchNorm1d", "eps")
@@ -205,7 +243,7 @@ class BatchNorm1d(Module):
             self.register_buffer("running_var", None)
             self.register_buffer("num_batches_tracked", None)
 
-    def _check_layout(self, x):
+    def _check_layout(self, x: _Array) -> None:
         """A ValueError naming the shape received, the layout wanted and how
         to ask for the other one, unless x is (N, C) or the layer's 3-d layout."""
         C = self.num_features
@@ -222,7 +260,9 @@ class BatchNorm1d(Module):
         if not ok:
             raise ValueError(f"{name} expects {want}, got {tuple(x.shape)}; {other}")
 
-    def forward(self, x, padding_mask=None):
+    def forward(self, x: npt.ArrayLike, padding_mask: npt.ArrayLike | None = None) -> _Float:
+        """x (N, C), (N, C, L), or (N, L, C) with channels_last; padding_mask
+        (N,) or (N, L), True = padding. Returns x's shape."""
         x = _input(self, x)
         self._check_layout(x)
         transposed = self.channels_last and x.ndim == 3
@@ -241,7 +281,7 @@ class BatchNorm1d(Module):
         self._save(xc, mean, rstd, use_batch, keep if use_batch else None, transposed)
         return out.transpose(0, 2, 1) if transposed else out
 
-    def _backward(self, grad):
+    def _backward(self, grad: npt.ArrayLike) -> _Array:
         """With the batch's statistics (per channel c, over the batch and
         length axes): xhat = (x - mean) * rstd, g = grad * weight, and with k
         = 1 at the n kept positions, 0 at padded ones (all 1 without a mask),
@@ -276,23 +316,24 @@ class BatchNorm1d(Module):
         dx = (g * rstd.reshape(shape)).astype(x.dtype)
         return dx.transpose(0, 2, 1) if transposed else dx
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         last = ", channels_last=True" if self.channels_last else ""
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}{last}"
 
 
 class Dropout(Module):
     """Zeroes elements with probability p while training (scaling the rest by
-    1/(1-p)); the identity in eval(). Masks come from `rng`."""
+    1/(1-p)); the identity in eval(). Masks come from `rng`. Call: x (...,
+    any shape) -> x's shape."""
 
-    def __init__(self, p=0.5, *, rng=None):
+    def __init__(self, p: float = 0.5, *, rng: np.random.Generator | None = None) -> None:
         super().__init__()
         self.p = F._real(p, "Dropout", "p")
         if not 0.0 <= self.p <= 1.0:
             raise ValueError(f"Dropout: p must be in [0, 1], got {p}")
         self.rng = rng if rng is not None else np.random.default_rng()
 
-    def forward(self, x):
+    def forward(self, x: npt.ArrayLike) -> _Float:
         x = F._as_float_array(x, "Dropout", "input")
         if not self.training or self.p == 0.0:
             self._save(None, x.shape, x.dtype)
@@ -301,22 +342,26 @@ class Dropout(Module):
         self._save(seed, x.shape, x.dtype)
         return F.dropout(x, self.p, seed=seed)
 
-    def _backward(self, grad):
+    def _backward(self, grad: npt.ArrayLike) -> _Array:
         """The same elements dropped, the rest scaled by 1/(1-p), as forward:
         dropout of the gradient with the forward's seed."""
         seed, shape, dtype = self._saved
         grad = self._check_grad(grad, shape, dtype)
         return grad if seed is None else F.dropout(grad, self.p, seed=seed)
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return f"p={self.p}"
 
 
 class Embedding(Module):
     """A lookup table: integer indices (...) -> rows of weight (..., embedding_dim).
-    weight starts N(0, 1) as PyTorch's, with the padding_idx row 0."""
+    weight (num_embeddings, embedding_dim) starts N(0, 1) as PyTorch's, with
+    the padding_idx row 0."""
 
-    def __init__(self, num_embeddings, embedding_dim, padding_idx=None, *, dtype=np.float32, rng=None):
+    weight: _Array
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None, *,
+                 dtype: npt.DTypeLike = np.float32, rng: np.random.Generator | None = None) -> None:
         super().__init__()
         self.num_embeddings = _positive(num_embeddings, "num_embeddings", "Embedding")
         self.embedding_dim = _positive(embedding_dim, "embedding_dim", "Embedding")
@@ -331,7 +376,8 @@ class Embedding(Module):
             weight[padding_idx] = 0
         self.register_parameter("weight", weight)
 
-    def forward(self, indices):
+    def forward(self, indices: npt.ArrayLike) -> _Float:
+        """indices (...) of an integer dtype -> (..., embedding_dim)."""
         indices = np.asarray(indices)
         if indices.dtype.kind not in "iu":
             raise TypeError(f"Embedding: indices must be integers, got dtype {indices.dtype}")
@@ -341,7 +387,7 @@ class Embedding(Module):
         self._save(indices)
         return self.weight[indices]
 
-    def _backward(self, grad):
+    def _backward(self, grad: npt.ArrayLike) -> None:
         """Adds each row of grad into the weight row it was read from (rows
         read several times get the sum, added in index order, so the result
         does not depend on threads); the padding_idx row gets nothing.
@@ -359,76 +405,91 @@ class Embedding(Module):
         np.add.at(buffer, rows, grad)
         return None
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}"
 
 
 class _Activation(Module):
     """An elementwise activation; backward from the saved input (or output)."""
 
-    def forward(self, x):
+    def forward(self, x: npt.ArrayLike) -> _Float:
+        """x (..., any shape) -> x's shape."""
         x = F._as_float_array(x, type(self).__name__, "input")
         out = self._apply(x)
         self._save(x, out)
         return out
 
-    def _backward(self, grad):
+    def _backward(self, grad: npt.ArrayLike) -> _Array:
         x, out = self._saved
         return self._derivative(self._check_grad(grad, x.shape, x.dtype), x, out)
 
+    def _apply(self, x: _Array) -> _Array:
+        raise NotImplementedError
+
+    def _derivative(self, grad: _Array, x: _Array, out: _Array) -> _Array:
+        raise NotImplementedError
+
 
 class ReLU(_Activation):
-    def _apply(self, x):
+    """max(x, 0), elementwise."""
+
+    def _apply(self, x: _Array) -> _Array:
         return F.relu(x)
 
-    def _derivative(self, grad, x, out):
+    def _derivative(self, grad: _Array, x: _Array, out: _Array) -> _Array:
         return F.relu_backward(grad, x)
 
 
 class GELU(_Activation):
     """x * Phi(x) (approximate="none") or its tanh approximation ("tanh")."""
 
-    def __init__(self, approximate="none"):
+    def __init__(self, approximate: Literal["none", "tanh"] = "none") -> None:
         super().__init__()
         if approximate not in ("none", "tanh"):
             raise ValueError(f"GELU: approximate must be 'none' or 'tanh', got {approximate!r}")
-        self.approximate = approximate
+        self.approximate: Literal["none", "tanh"] = approximate
 
-    def _apply(self, x):
+    def _apply(self, x: _Array) -> _Array:
         return F.gelu(x, self.approximate)
 
-    def _derivative(self, grad, x, out):
+    def _derivative(self, grad: _Array, x: _Array, out: _Array) -> _Array:
         return F.gelu_backward(grad, x, self.approximate)
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return f"approximate={self.approximate!r}"
 
 
 class SiLU(_Activation):
-    def _apply(self, x):
+    """x * sigmoid(x), elementwise."""
+
+    def _apply(self, x: _Array) -> _Array:
         return F.silu(x)
 
-    def _derivative(self, grad, x, out):
+    def _derivative(self, grad: _Array, x: _Array, out: _Array) -> _Array:
         return F.silu_backward(grad, x)
 
 
 class Sigmoid(_Activation):
-    def _apply(self, x):
+    """1 / (1 + exp(-x)), elementwise."""
+
+    def _apply(self, x: _Array) -> _Array:
         return F.sigmoid(x)
 
-    def _derivative(self, grad, x, out):
+    def _derivative(self, grad: _Array, x: _Array, out: _Array) -> _Array:
         return grad * out * (1 - out)                     # s' = s (1 - s)
 
 
 class Tanh(_Activation):
-    def _apply(self, x):
+    """tanh(x), elementwise."""
+
+    def _apply(self, x: _Array) -> _Array:
         return np.tanh(x)
 
-    def _derivative(self, grad, x, out):
+    def _derivative(self, grad: _Array, x: _Array, out: _Array) -> _Array:
         return grad * (1 - out * out)                     # tanh' = 1 - tanh^2
 
 
-def gelu_tanh(x, *, out=None):
+def gelu_tanh(x: npt.ArrayLike, *, out: _Float | None = None) -> _Float:
     """GELU's tanh approximation, F.gelu(x, "tanh").
 
     A named module-level function rather than a lambda: layers store their
@@ -438,27 +499,29 @@ def gelu_tanh(x, *, out=None):
     return F.gelu(x, "tanh", out=out)
 
 
-def gelu_tanh_backward(grad, x):
+def gelu_tanh_backward(grad: npt.ArrayLike, x: npt.ArrayLike) -> _Float:
     """The gradient of gelu_tanh, F.gelu_backward(grad, x, "tanh")."""
     return F.gelu_backward(grad, x, "tanh")
 
 
-def sigmoid_backward(grad, x):
+def sigmoid_backward(grad: _Array, x: npt.ArrayLike) -> _Float:
     s = F.sigmoid(x)
     return grad * s * (1 - s)
 
 
-_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "gelu_tanh": gelu_tanh,
-                "silu": F.silu, "sigmoid": F.sigmoid}
+_ACTIVATIONS: dict[str, Callable[..., Any]] = {
+    "relu": F.relu, "gelu": F.gelu, "gelu_tanh": gelu_tanh, "silu": F.silu, "sigmoid": F.sigmoid}
 # each named activation's gradient, (grad, x) -> grad * f'(x), keyed by the function
-ACTIVATION_BACKWARDS = {F.relu: F.relu_backward, F.gelu: F.gelu_backward, gelu_tanh: gelu_tanh_backward,
-                        F.silu: F.silu_backward, F.sigmoid: sigmoid_backward}
+ACTIVATION_BACKWARDS: dict[Callable[..., Any], Callable[..., Any]] = {
+    F.relu: F.relu_backward, F.gelu: F.gelu_backward, gelu_tanh: gelu_tanh_backward,
+    F.silu: F.silu_backward, F.sigmoid: sigmoid_backward}
 # the ones F.linear can apply in the same pass as its bias; keyed by the
 # functions themselves, which unpickling resolves by name to these same objects
-LINEAR_ACTIVATION_NAMES = {_ACTIVATIONS[name]: name for name in ("relu", "gelu", "gelu_tanh", "silu")}
+LINEAR_ACTIVATION_NAMES: dict[Callable[..., Any], str] = {
+    _ACTIVATIONS[name]: name for name in ("relu", "gelu", "gelu_tanh", "silu")}
 
 
-def get_activation(activation):
+def get_activation(activation: str | Callable[..., Any]) -> Callable[..., Any]:
     """A function for "relu", "gelu", "gelu_tanh", "silu" or "sigmoid"; a
     callable is returned as it is. A layer keeps what this returns, so a layer
     given a lambda or a nested function cannot be pickled: pass a name, a

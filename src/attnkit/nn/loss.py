@@ -17,17 +17,28 @@ returns the gradient of the loss with respect to `input` (times
 Formulas are the numerically stable ones: cross-entropy through
 log_softmax, BCE with logits through softplus, so no logit overflows.
 """
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Literal
+
 import numpy as np
 
 from .. import functional as F
 from ..functional import log_softmax, log_softmax_backward
 from .module import Module
 
+if TYPE_CHECKING:
+    import numpy.typing as npt
+
+    _Array = npt.NDArray[Any]
+    _Float = npt.NDArray[np.floating]
+    _Reduction = Literal["none", "mean", "sum"]
+
 _REDUCTIONS = ("none", "mean", "sum")
 
 
 class _Loss(Module):
-    def __init__(self, reduction):
+    def __init__(self, reduction: _Reduction) -> None:
         super().__init__()
         if reduction not in _REDUCTIONS:
             raise ValueError(f"{type(self).__name__}: reduction must be 'none', 'mean' or 'sum', "
@@ -35,10 +46,10 @@ class _Loss(Module):
         self.reduction = reduction
         self._saved = None
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return f"reduction={self.reduction!r}"
 
-    def _reduced(self, per_element, divisor):
+    def _reduced(self, per_element: _Array, divisor: float) -> float | _Array:
         """The loss from its per-element values (float64 sums)."""
         if self.reduction == "none":
             return per_element
@@ -47,7 +58,8 @@ class _Loss(Module):
             return total
         return total / divisor if divisor else float("nan")   # nothing counted: 0/0, as PyTorch
 
-    def _upstream(self, grad_output, loss_shape, dtype):
+    def _upstream(self, grad_output: npt.ArrayLike | None, loss_shape: Any,
+                  dtype: npt.DTypeLike) -> Any:
         """grad_output as a factor of each element's gradient."""
         name = type(self).__name__
         if self._saved is None:
@@ -66,7 +78,7 @@ class _Loss(Module):
         return float(g.reshape(()))
 
 
-def _input_and_target(input, target, name):
+def _input_and_target(input: npt.ArrayLike, target: npt.ArrayLike, name: str) -> tuple[_Array, _Array]:
     """input as a float array, and target as one of its dtype and shape."""
     x = F._as_float_array(input, name, "input")
     y = np.asarray(target)
@@ -78,7 +90,8 @@ def _input_and_target(input, target, name):
     return x, y
 
 
-def _weight_vector(weight, n, dtype, name, what="weight"):
+def _weight_vector(weight: npt.ArrayLike | None, n: int, dtype: npt.DTypeLike, name: str,
+                   what: str = "weight") -> _Array | None:
     if weight is None:
         return None
     w = np.asarray(weight, dtype=dtype)
@@ -102,7 +115,8 @@ class CrossEntropyLoss(_Loss):
     number of elements); "sum" adds; "none" gives each element's loss.
     """
 
-    def __init__(self, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0):
+    def __init__(self, weight: npt.ArrayLike | None = None, ignore_index: int = -100,
+                 reduction: _Reduction = "mean", label_smoothing: float = 0.0) -> None:
         super().__init__(reduction)
         self.weight = None if weight is None else np.array(weight, copy=True)
         self.ignore_index = F._index(ignore_index, "CrossEntropyLoss", "ignore_index")
@@ -110,11 +124,14 @@ class CrossEntropyLoss(_Loss):
         if not 0.0 <= self.label_smoothing <= 1.0:
             raise ValueError(f"CrossEntropyLoss: label_smoothing must be in [0, 1], got {label_smoothing}")
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
                 f"label_smoothing={self.label_smoothing}")
 
-    def forward(self, input, target):
+    def forward(self, input: npt.ArrayLike, target: npt.ArrayLike) -> float | _Float:
+        """input (C,), (N, C) or (N, C, d1, ...); target (), (N) or (N, d1, ...)
+        class indices, or probabilities of input's shape. Returns a float, or
+        the loss of each element, (), (N) or (N, d1, ...), with "none"."""
         name = "CrossEntropyLoss"
         x = F._as_float_array(input, name, "input")
         if x.ndim == 0:
@@ -175,9 +192,14 @@ class CrossEntropyLoss(_Loss):
         loss = self._reduced(per_element.astype(x.dtype), divisor)
         return loss
 
-    def backward(self, grad_output=None):
-        """d loss / d input: log_softmax's backward of -coef, scaled as the
-        reduction and grad_output say."""
+    def backward(self, grad_output: npt.ArrayLike | None = None) -> _Float:
+        """d loss / d input, input's shape: log_softmax's backward of -coef,
+        scaled as the reduction and grad_output (a number, or the loss's
+        shape with "none") say."""
+        # (None, ...) only when nothing is saved, which _upstream refuses
+        logp: Any
+        coef: Any
+        axis: Any
         logp, coef, axis, divisor, rest = self._saved if self._saved else (None,) * 5
         g = self._upstream(grad_output, rest, logp.dtype if logp is not None else np.float64)
         if self.reduction == "mean":
@@ -206,14 +228,17 @@ class BCEWithLogitsLoss(_Loss):
     elements.
     """
 
-    def __init__(self, weight=None, reduction="mean", pos_weight=None):
+    def __init__(self, weight: npt.ArrayLike | None = None, reduction: _Reduction = "mean",
+                 pos_weight: npt.ArrayLike | None = None) -> None:
         super().__init__(reduction)
         self.weight = None if weight is None else np.array(weight, copy=True)
         self.pos_weight = None if pos_weight is None else np.array(pos_weight, copy=True)
 
-    def forward(self, input, target):
+    def forward(self, input: npt.ArrayLike, target: npt.ArrayLike) -> float | _Float:
+        """input (...) logits, target (...) of input's shape. Returns a float,
+        or input's shape with "none"."""
         x, y = _input_and_target(input, target, "BCEWithLogitsLoss")
-        log_weight = 1.0
+        log_weight: float | _Array = 1.0
         if self.pos_weight is not None:
             log_weight = (np.asarray(self.pos_weight, x.dtype) - 1) * y + 1
         softplus = np.logaddexp(0, -x)                      # log(1 + exp(-x)), stably
@@ -230,8 +255,10 @@ class BCEWithLogitsLoss(_Loss):
         self._saved = (x, y, log_weight, w)
         return self._reduced(per_element, x.size)
 
-    def backward(self, grad_output=None):
-        """d loss / d input = w ((1 - y) - log_weight * sigmoid(-x))."""
+    def backward(self, grad_output: npt.ArrayLike | None = None) -> _Float:
+        """d loss / d input = w ((1 - y) - log_weight * sigmoid(-x)), input's shape."""
+        x: Any
+        y: Any
         x, y, log_weight, w = self._saved if self._saved else (None,) * 4
         g = self._upstream(grad_output, None if x is None else x.shape,
                            np.float64 if x is None else x.dtype)
@@ -247,17 +274,19 @@ class BCEWithLogitsLoss(_Loss):
 class MSELoss(_Loss):
     """torch.nn.MSELoss: (input - target)^2, averaged or summed."""
 
-    def __init__(self, reduction="mean"):
+    def __init__(self, reduction: _Reduction = "mean") -> None:
         super().__init__(reduction)
 
-    def forward(self, input, target):
+    def forward(self, input: npt.ArrayLike, target: npt.ArrayLike) -> float | _Float:
+        """input (...) and target (...) of one shape. Returns a float, or
+        input's shape with "none"."""
         x, y = _input_and_target(input, target, "MSELoss")
         diff = x - y
         self._saved = diff
         return self._reduced(diff * diff, x.size)
 
-    def backward(self, grad_output=None):
-        """d loss / d input = 2 (input - target), scaled by the reduction."""
+    def backward(self, grad_output: npt.ArrayLike | None = None) -> _Float:
+        """d loss / d input = 2 (input - target), input's shape, scaled by the reduction."""
         diff = self._saved
         g = self._upstream(grad_output, None if diff is None else diff.shape,
                            np.float64 if diff is None else diff.dtype)

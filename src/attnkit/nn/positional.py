@@ -15,7 +15,10 @@ the table (a negative slice start would wrap to the end of it). Positions
 past a table's max_length are computed by the sinusoidal encoding and
 refused by the learned one, which has no rows for them.
 """
+from __future__ import annotations
+
 import math
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -24,11 +27,17 @@ from . import init
 from .layers import _float_dtype, _positive
 from .module import Module
 
+if TYPE_CHECKING:
+    import numpy.typing as npt
+
+    _Array = npt.NDArray[Any]
+    _Float = npt.NDArray[np.floating]
+
 __all__ = ["sinusoidal_positional_encoding", "SinusoidalPositionalEncoding",
            "LearnedPositionalEmbedding", "RotaryEmbedding", "alibi_slopes", "alibi_bias"]
 
 
-def _count(value, owner, name):
+def _count(value: object, owner: str, name: str) -> int:
     """A length as an int >= 0."""
     value = F._index(value, owner, name)
     if value < 0:
@@ -36,7 +45,7 @@ def _count(value, owner, name):
     return value
 
 
-def _offset(offset, length, owner):
+def _offset(offset: object, length: int, owner: str) -> int:
     """The first row's position as an int >= 0."""
     offset = F._index(offset, owner, "offset")
     if offset < 0:
@@ -45,7 +54,8 @@ def _offset(offset, length, owner):
     return offset
 
 
-def sinusoidal_positional_encoding(length, dim, base=10000.0, *, offset=0, dtype=np.float32):
+def sinusoidal_positional_encoding(length: int, dim: int, base: float = 10000.0, *, offset: int = 0,
+                                   dtype: npt.DTypeLike = np.float32) -> _Float:
     """(length, dim): row p is the encoding of position offset + p. Computed in
     float64 and rounded once. length and offset are ints >= 0."""
     owner = "sinusoidal_positional_encoding"
@@ -60,7 +70,7 @@ def sinusoidal_positional_encoding(length, dim, base=10000.0, *, offset=0, dtype
     return pe.astype(dtype)
 
 
-def _sequence_input(layer, x, dim):
+def _sequence_input(layer: Module, x: npt.ArrayLike, dim: int) -> _Array:
     x = F._as_float_array(x, type(layer).__name__, "input")
     if x.ndim < 2 or x.shape[-1] != dim:
         raise ValueError(f"{type(layer).__name__}: input must be (..., length, {dim}), got {x.shape}")
@@ -73,7 +83,8 @@ class SinusoidalPositionalEncoding(Module):
     max_length are computed rather than refused: the table is a cache, not a
     limit. No parameters."""
 
-    def __init__(self, dim, max_length=4096, base=10000.0, *, dtype=np.float32):
+    def __init__(self, dim: int, max_length: int = 4096, base: float = 10000.0, *,
+                 dtype: npt.DTypeLike = np.float32) -> None:
         super().__init__()
         self.dim = _positive(dim, "dim", "SinusoidalPositionalEncoding")
         self.base = F._real(base, "SinusoidalPositionalEncoding", "base")
@@ -83,7 +94,8 @@ class SinusoidalPositionalEncoding(Module):
         self._table = sinusoidal_positional_encoding(self.max_length, self.dim, self.base,
                                                      dtype=np.float64)
 
-    def forward(self, x, offset=0):
+    def forward(self, x: npt.ArrayLike, offset: int = 0) -> _Float:
+        """x (..., length, dim) -> x's shape."""
         x = _sequence_input(self, x, self.dim)
         L = x.shape[-2]
         offset = _offset(offset, L, "SinusoidalPositionalEncoding")
@@ -94,7 +106,7 @@ class SinusoidalPositionalEncoding(Module):
         self._save(x.shape, x.dtype)
         return x + table
 
-    def _backward(self, grad_output):
+    def _backward(self, grad_output: npt.ArrayLike) -> _Array:
         """The gradient passes through to x unchanged (the table is constant)."""
         shape, dtype = self._saved
         return self._check_grad(grad_output, shape, dtype)
@@ -105,14 +117,18 @@ class LearnedPositionalEmbedding(Module):
     an int >= 0; positions past max_length are refused (no row was trained
     for them). weight (max_length, dim) starts N(0, 1), as an Embedding's."""
 
-    def __init__(self, max_length, dim, *, dtype=np.float32, rng=None):
+    weight: _Array
+
+    def __init__(self, max_length: int, dim: int, *, dtype: npt.DTypeLike = np.float32,
+                 rng: np.random.Generator | None = None) -> None:
         super().__init__()
         self.max_length = _positive(max_length, "max_length", "LearnedPositionalEmbedding")
         self.dim = _positive(dim, "dim", "LearnedPositionalEmbedding")
         self.register_parameter("weight", init.normal_(np.empty((self.max_length, self.dim),
                                                                 _float_dtype(dtype)), rng=rng))
 
-    def forward(self, x, offset=0):
+    def forward(self, x: npt.ArrayLike, offset: int = 0) -> _Float:
+        """x (..., length, dim) -> x's shape."""
         x = _sequence_input(self, x, self.dim)
         L = x.shape[-2]
         offset = _offset(offset, L, "LearnedPositionalEmbedding")
@@ -124,7 +140,7 @@ class LearnedPositionalEmbedding(Module):
         self._save(offset, x.shape, x.dtype, out.dtype)
         return out
 
-    def _backward(self, grad_output):
+    def _backward(self, grad_output: npt.ArrayLike) -> _Array:
         """The gradient passes through to x; weight rows offset .. offset + L - 1
         get it summed over the leading (batch) dimensions."""
         offset, shape, x_dtype, dtype = self._saved
@@ -151,7 +167,7 @@ class RotaryEmbedding(Module):
     the trained context); the rotation is defined for any real position.
     Negative, NaN or infinite positions are refused, as are bools."""
 
-    def __init__(self, head_dim, base=10000.0, interleaved=False):
+    def __init__(self, head_dim: int, base: float = 10000.0, interleaved: bool = False) -> None:
         super().__init__()
         self.head_dim = _positive(head_dim, "head_dim", "RotaryEmbedding")
         if self.head_dim % 2:
@@ -159,17 +175,17 @@ class RotaryEmbedding(Module):
         self.base = F._real(base, "RotaryEmbedding", "base")
         self.interleaved = F._flag(interleaved, "RotaryEmbedding", "interleaved")
 
-    def angles(self, positions):
+    def angles(self, positions: npt.ArrayLike) -> npt.NDArray[np.float64]:
         """(len(positions), head_dim / 2), in float64. positions as forward
         takes them: ints or floats >= 0."""
         return self._angles(self._positions(positions))
 
-    def _angles(self, positions):
+    def _angles(self, positions: npt.ArrayLike) -> npt.NDArray[np.float64]:
         inv = self.base ** (-np.arange(0, self.head_dim, 2, dtype=np.float64) / self.head_dim)
         return np.asarray(positions, np.float64)[:, None] * inv[None, :]
 
     @staticmethod
-    def _positions(positions):
+    def _positions(positions: npt.ArrayLike) -> _Array:
         positions = np.asarray(positions)
         if positions.dtype.kind not in "iuf":
             raise TypeError(f"RotaryEmbedding: positions must be ints or floats, got dtype "
@@ -180,7 +196,9 @@ class RotaryEmbedding(Module):
                              f"{bad[:5].tolist()} among the {positions.size} given")
         return positions
 
-    def forward(self, x, offset=0, positions=None):
+    def forward(self, x: npt.ArrayLike, offset: int = 0,
+                positions: npt.ArrayLike | None = None) -> _Float:
+        """x (..., length, head_dim) -> x's shape; positions (length,) or None."""
         x = _sequence_input(self, x, self.head_dim)
         L = x.shape[-2]
         offset = _offset(offset, L, "RotaryEmbedding")
@@ -198,7 +216,7 @@ class RotaryEmbedding(Module):
         self._save(cos, sin, x.shape, x.dtype)
         return self._rotate(x, cos, sin)
 
-    def _rotate(self, x, cos, sin):
+    def _rotate(self, x: _Array, cos: _Array, sin: _Array) -> _Array:
         """Each feature pair (a, b) of x (..., L, d) rotated by the angle whose
         cosine and sine are cos, sin (L, d/2)."""
         if self.interleaved:
@@ -213,7 +231,7 @@ class RotaryEmbedding(Module):
             out[..., : self.head_dim // 2], out[..., self.head_dim // 2:] = ra, rb
         return out
 
-    def _backward(self, grad_output):
+    def _backward(self, grad_output: npt.ArrayLike) -> _Array:
         """A rotation's transpose is the rotation by the opposite angle: the
         gradient's pairs rotated back (cos, -sin)."""
         cos, sin, shape, dtype = self._saved
@@ -221,13 +239,13 @@ class RotaryEmbedding(Module):
         return self._rotate(grad, cos, -sin)
 
 
-def alibi_slopes(num_heads):
-    """ALiBi's slopes: 2^(-8/n), 2^(-16/n), ... for n heads when n is a power of
+def alibi_slopes(num_heads: int) -> npt.NDArray[np.float64]:
+    """ALiBi's slopes (num_heads,): 2^(-8/n), 2^(-16/n), ... for n heads when n is a power of
     two; otherwise those of the power of two below, then every other slope of
     the one above (the paper's recipe)."""
     num_heads = _positive(num_heads, "num_heads", "alibi_slopes")
 
-    def power_of_two(n):
+    def power_of_two(n: int) -> list[float]:
         start = 2.0 ** (-8.0 / n)
         return [start ** (i + 1) for i in range(n)]
 
@@ -238,7 +256,8 @@ def alibi_slopes(num_heads):
     return np.array(slopes)
 
 
-def alibi_bias(num_heads, query_length, key_length, *, dtype=np.float32):
+def alibi_bias(num_heads: int, query_length: int, key_length: int, *,
+               dtype: npt.DTypeLike = np.float32) -> _Float:
     """(num_heads, L, S) to add to the scores (a float attn_mask): -slope_h
     times the distance between query i, at position S - L + i (the queries are
     the last L positions), and key j. Causal use adds is_causal=True with

@@ -17,12 +17,16 @@ the products' own passes). In training mode it calls each child in turn, so
 that backward can call each child's backward in reverse: a layer's gradient is
 its children's, chained, and their parameters' gradients land in their grads().
 """
+from __future__ import annotations
+
 import copy
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import numpy as np
 
 from .. import functional as F
-from .attention import MultiHeadAttention
+from .attention import KVCache, MultiHeadAttention
 from .layers import (
     ACTIVATION_BACKWARDS,
     LINEAR_ACTIVATION_NAMES,
@@ -33,6 +37,13 @@ from .layers import (
 )
 from .module import Module, ModuleList
 
+if TYPE_CHECKING:
+    import numpy.typing as npt
+
+    _Array = npt.NDArray[Any]
+    _Float = npt.NDArray[np.floating]
+    _ActivationArg = str | Callable[..., Any]
+
 __all__ = ["TransformerEncoderLayer", "TransformerDecoderLayer", "TransformerEncoder",
            "TransformerDecoder"]
 
@@ -40,13 +51,20 @@ __all__ = ["TransformerEncoderLayer", "TransformerDecoderLayer", "TransformerEnc
 class _FeedForward:
     """linear2(dropout(activation(linear1(x)))) and its residual, shared by both layers."""
 
-    def _build_feed_forward(self, d_model, dim_feedforward, dropout, activation, bias, dtype, rng):
+    linear1: Linear
+    linear2: Linear
+    dropout: Dropout
+    activation: Callable[..., Any]
+
+    def _build_feed_forward(self, d_model: int, dim_feedforward: int, dropout: float,
+                            activation: _ActivationArg, bias: bool, dtype: npt.DTypeLike,
+                            rng: np.random.Generator | None) -> None:
         self.linear1 = Linear(d_model, dim_feedforward, bias=bias, dtype=dtype, rng=rng)
         self.dropout = Dropout(dropout, rng=rng)
         self.linear2 = Linear(dim_feedforward, d_model, bias=bias, dtype=dtype, rng=rng)
         self.activation = get_activation(activation)
 
-    def _feed_forward_hidden(self, x):
+    def _feed_forward_hidden(self, x: npt.ArrayLike) -> _Array:
         """dropout(activation(linear1(x))): linear2's input."""
         try:
             name = LINEAR_ACTIVATION_NAMES.get(self.activation)
@@ -55,20 +73,20 @@ class _FeedForward:
         if name is None:
             h = self.activation(self.linear1(x))
         else:                                               # bias and activation in one pass
-            h = F.linear(x, self.linear1.weight, self.linear1.bias, activation=name)
+            h = F.linear(x, self.linear1.weight, self.linear1.bias, activation=name)  # type: ignore[arg-type]
         return self.dropout(h)
 
-    def _feed_forward(self, x):
+    def _feed_forward(self, x: npt.ArrayLike) -> _Array:
         return self.linear2(self._feed_forward_hidden(x))
 
     # training: each child called, and its backward in reverse
-    def _feed_forward_train(self, x):
+    def _feed_forward_train(self, x: npt.ArrayLike) -> tuple[_Array, _Array]:
         """linear2(dropout(activation(linear1(x)))), and the activation's input
         (which the layer saves for _feed_forward_backward)."""
         pre = self.linear1(x)
         return self.linear2(self.dropout(self.activation(pre))), pre
 
-    def _feed_forward_backward(self, grad, pre):
+    def _feed_forward_backward(self, grad: _Array, pre: _Array) -> _Array:
         g = self.dropout.backward(self.linear2.backward(grad))
         if isinstance(self.activation, Module):
             g = self.activation.backward(g)
@@ -85,7 +103,7 @@ class _FeedForward:
             g = derivative(g, pre)
         return self.linear1.backward(g)
 
-    def _feed_forward_residual(self, x, residual, dropout):
+    def _feed_forward_residual(self, x: npt.ArrayLike, residual: _Array, dropout: Dropout) -> _Array:
         """residual + dropout(feed_forward(x)): when that dropout is idle
         (eval mode, or p = 0) the residual is added in linear2's own pass."""
         h = self._feed_forward_hidden(x)
@@ -94,7 +112,7 @@ class _FeedForward:
         return residual + dropout(self.linear2(h))
 
 
-def _layer_extra_repr(layer):
+def _layer_extra_repr(layer: TransformerEncoderLayer | TransformerDecoderLayer) -> str:
     """extra_repr of the encoder and decoder layers: their sizes, flags and
     activation (by name: relu, gelu, gelu_tanh, silu, sigmoid; another
     callable by its __name__; a Module activation prints as a child)."""
@@ -114,14 +132,17 @@ def _layer_extra_repr(layer):
 class TransformerEncoderLayer(Module, _FeedForward):
     """Self-attention then a feed-forward block, each with a residual and a
     layer norm. forward(src, src_mask=None, src_key_padding_mask=None,
-    is_causal=False); masks as MultiHeadAttention's (True = hide)."""
+    is_causal=False): src (S, N, E), (N, S, E) with batch_first, or (S, E);
+    src_mask (S, S) or (N*nhead, S, S); src_key_padding_mask (N, S); masks
+    as MultiHeadAttention's (True = hide). Returns src's shape."""
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return _layer_extra_repr(self)
 
-    def __init__(self, d_model, nhead, dim_feedforward=2048, dropout=0.1, activation="relu",
-                 layer_norm_eps=1e-5, batch_first=False, norm_first=False, bias=True, *,
-                 dtype=np.float32, rng=None):
+    def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.1,
+                 activation: _ActivationArg = "relu", layer_norm_eps: float = 1e-5,
+                 batch_first: bool = False, norm_first: bool = False, bias: bool = True, *,
+                 dtype: npt.DTypeLike = np.float32, rng: np.random.Generator | None = None) -> None:
         super().__init__()
         self.self_attn = MultiHeadAttention(d_model, nhead, dropout=dropout, bias=bias,
                                             batch_first=batch_first, dtype=dtype, rng=rng)
@@ -132,7 +153,8 @@ class TransformerEncoderLayer(Module, _FeedForward):
         self.dropout1 = Dropout(dropout, rng=rng)
         self.dropout2 = Dropout(dropout, rng=rng)
 
-    def _self_attention(self, x, mask, key_padding_mask, is_causal, weights=None):
+    def _self_attention(self, x: Any, mask: Any, key_padding_mask: Any, is_causal: bool,
+                        weights: list[Any] | None = None) -> _Array:
         """dropout1(self_attn(x, x, x)); each head's weights appended to
         `weights` when it is a list."""
         out, w = self.self_attn(x, x, x, attn_mask=mask, key_padding_mask=key_padding_mask,
@@ -142,12 +164,25 @@ class TransformerEncoderLayer(Module, _FeedForward):
             weights.append(w)
         return self.dropout1(out)
 
-    def forward(self, src, src_mask=None, src_key_padding_mask=None, is_causal=False,
-                need_weights=False):
+    @overload
+    def forward(self, src: npt.ArrayLike, src_mask: npt.ArrayLike | None = None,
+                src_key_padding_mask: npt.ArrayLike | None = None, is_causal: bool = False,
+                need_weights: Literal[False] = False) -> _Float: ...
+    @overload
+    def forward(self, src: npt.ArrayLike, src_mask: npt.ArrayLike | None = None,
+                src_key_padding_mask: npt.ArrayLike | None = None, is_causal: bool = False, *,
+                need_weights: Literal[True]) -> tuple[_Float, _Float]: ...
+    @overload
+    def forward(self, src: npt.ArrayLike, src_mask: npt.ArrayLike | None = None,
+                src_key_padding_mask: npt.ArrayLike | None = None, is_causal: bool = False,
+                need_weights: bool = False) -> _Float | tuple[_Float, _Float]: ...
+    def forward(self, src: npt.ArrayLike, src_mask: npt.ArrayLike | None = None,
+                src_key_padding_mask: npt.ArrayLike | None = None, is_causal: bool = False,
+                need_weights: bool = False) -> _Float | tuple[_Float, _Float]:
         """need_weights (an attnkit extension, for looking inside): also
         return the self-attention's weights, each head's, (N, H, L, L):
         (output, weights)."""
-        weights = [] if F._flag(need_weights, type(self).__name__, "need_weights") else None
+        weights: list[Any] | None = [] if F._flag(need_weights, type(self).__name__, "need_weights") else None
         if self.training:
             out = self._forward_train(src, src_mask, src_key_padding_mask, is_causal, weights)
         else:
@@ -162,7 +197,8 @@ class TransformerEncoderLayer(Module, _FeedForward):
                 out = self.norm2(self._feed_forward_residual(x, x, self.dropout2))
         return out if weights is None else (out, weights[0])
 
-    def _forward_train(self, src, mask, key_padding_mask, is_causal, weights):
+    def _forward_train(self, src: npt.ArrayLike, mask: Any, key_padding_mask: Any, is_causal: bool,
+                       weights: list[Any] | None) -> _Array:
         x = F._as_float_array(src, type(self).__name__, "src")
         if self.norm_first:
             x = x + self._self_attention(self.norm1(x), mask, key_padding_mask, is_causal, weights)
@@ -175,7 +211,7 @@ class TransformerEncoderLayer(Module, _FeedForward):
         self._save(out.shape, out.dtype, pre)
         return out
 
-    def _backward(self, grad):
+    def _backward(self, grad: npt.ArrayLike) -> _Array:
         """d_src. Self-attention got src three times (query, key, value): its
         three gradients add."""
         shape, dtype, pre = self._saved
@@ -187,7 +223,7 @@ class TransformerEncoderLayer(Module, _FeedForward):
         g = self.norm1.backward(g + self._feed_forward_backward(self.dropout2.backward(g), pre))
         return g + self._self_attention_backward(g)
 
-    def _self_attention_backward(self, grad):
+    def _self_attention_backward(self, grad: _Array) -> _Array:
         dq, dk, dv = self.self_attn.backward(self.dropout1.backward(grad))
         return dq + dk + dv
 
@@ -201,14 +237,20 @@ class TransformerDecoderLayer(Module, _FeedForward):
     kv_cache (an attnkit extension, for decoding one step at a time): a
     KVCache of this layer's self-attention keys and values. tgt then holds
     only the new positions; they attend causally to everything cached and to
-    each other. Inference only (eval mode): backward refuses it."""
+    each other. Inference only (eval mode): backward refuses it.
 
-    def extra_repr(self):
+    Shapes: tgt (T, N, E), (N, T, E) with batch_first, or (T, E); memory
+    (S, N, E), (N, S, E) or (S, E); tgt_mask (T, T) or (N*nhead, T, T);
+    memory_mask (T, S) or (N*nhead, T, S); tgt_key_padding_mask (N, T),
+    memory_key_padding_mask (N, S). Returns tgt's shape."""
+
+    def extra_repr(self) -> str:
         return _layer_extra_repr(self)
 
-    def __init__(self, d_model, nhead, dim_feedforward=2048, dropout=0.1, activation="relu",
-                 layer_norm_eps=1e-5, batch_first=False, norm_first=False, bias=True, *,
-                 dtype=np.float32, rng=None):
+    def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.1,
+                 activation: _ActivationArg = "relu", layer_norm_eps: float = 1e-5,
+                 batch_first: bool = False, norm_first: bool = False, bias: bool = True, *,
+                 dtype: npt.DTypeLike = np.float32, rng: np.random.Generator | None = None) -> None:
         super().__init__()
         self.self_attn = MultiHeadAttention(d_model, nhead, dropout=dropout, bias=bias,
                                             batch_first=batch_first, dtype=dtype, rng=rng)
@@ -223,7 +265,8 @@ class TransformerDecoderLayer(Module, _FeedForward):
         self.dropout2 = Dropout(dropout, rng=rng)
         self.dropout3 = Dropout(dropout, rng=rng)
 
-    def _self_attention(self, x, mask, key_padding_mask, is_causal, kv_cache=None, weights=None):
+    def _self_attention(self, x: Any, mask: Any, key_padding_mask: Any, is_causal: bool,
+                        kv_cache: KVCache | None = None, weights: list[Any] | None = None) -> _Array:
         out, w = self.self_attn(x, x, x, attn_mask=mask, key_padding_mask=key_padding_mask,
                                 need_weights=weights is not None, average_attn_weights=False,
                                 is_causal=is_causal, kv_cache=kv_cache)
@@ -231,7 +274,8 @@ class TransformerDecoderLayer(Module, _FeedForward):
             weights.append(w)
         return self.dropout1(out)
 
-    def _cross_attention(self, x, memory, mask, key_padding_mask, is_causal, weights=None):
+    def _cross_attention(self, x: Any, memory: Any, mask: Any, key_padding_mask: Any, is_causal: bool,
+                         weights: list[Any] | None = None) -> _Array:
         out, w = self.multihead_attn(x, memory, memory, attn_mask=mask,
                                      key_padding_mask=key_padding_mask,
                                      need_weights=weights is not None, average_attn_weights=False,
@@ -240,14 +284,38 @@ class TransformerDecoderLayer(Module, _FeedForward):
             weights.append(w)
         return self.dropout2(out)
 
-    def forward(self, tgt, memory, tgt_mask=None, memory_mask=None, tgt_key_padding_mask=None,
-                memory_key_padding_mask=None, tgt_is_causal=False, memory_is_causal=False,
-                kv_cache=None, need_weights=False):
+    @overload
+    def forward(self, tgt: npt.ArrayLike, memory: npt.ArrayLike, tgt_mask: npt.ArrayLike | None = None,
+                memory_mask: npt.ArrayLike | None = None,
+                tgt_key_padding_mask: npt.ArrayLike | None = None,
+                memory_key_padding_mask: npt.ArrayLike | None = None, tgt_is_causal: bool = False,
+                memory_is_causal: bool = False, kv_cache: KVCache | None = None,
+                need_weights: Literal[False] = False) -> _Float: ...
+    @overload
+    def forward(self, tgt: npt.ArrayLike, memory: npt.ArrayLike, tgt_mask: npt.ArrayLike | None = None,
+                memory_mask: npt.ArrayLike | None = None,
+                tgt_key_padding_mask: npt.ArrayLike | None = None,
+                memory_key_padding_mask: npt.ArrayLike | None = None, tgt_is_causal: bool = False,
+                memory_is_causal: bool = False, kv_cache: KVCache | None = None, *,
+                need_weights: Literal[True]) -> tuple[_Float, tuple[_Float, _Float]]: ...
+    @overload
+    def forward(self, tgt: npt.ArrayLike, memory: npt.ArrayLike, tgt_mask: npt.ArrayLike | None = None,
+                memory_mask: npt.ArrayLike | None = None,
+                tgt_key_padding_mask: npt.ArrayLike | None = None,
+                memory_key_padding_mask: npt.ArrayLike | None = None, tgt_is_causal: bool = False,
+                memory_is_causal: bool = False, kv_cache: KVCache | None = None,
+                need_weights: bool = False) -> _Float | tuple[_Float, tuple[_Float, _Float]]: ...
+    def forward(self, tgt: npt.ArrayLike, memory: npt.ArrayLike, tgt_mask: npt.ArrayLike | None = None,
+                memory_mask: npt.ArrayLike | None = None,
+                tgt_key_padding_mask: npt.ArrayLike | None = None,
+                memory_key_padding_mask: npt.ArrayLike | None = None, tgt_is_causal: bool = False,
+                memory_is_causal: bool = False, kv_cache: KVCache | None = None,
+                need_weights: bool = False) -> _Float | tuple[_Float, tuple[_Float, _Float]]:
         """need_weights (an attnkit extension, for looking inside): also
         return each head's self-attention weights (N, H, L, L) and
         cross-attention weights (N, H, L, S): (output, (self_weights,
         cross_weights))."""
-        weights = [] if F._flag(need_weights, type(self).__name__, "need_weights") else None
+        weights: list[Any] | None = [] if F._flag(need_weights, type(self).__name__, "need_weights") else None
         if self.training:
             if kv_cache is not None:
                 raise ValueError(f"{type(self).__name__}: kv_cache is for decoding in eval mode; "
@@ -272,8 +340,9 @@ class TransformerDecoderLayer(Module, _FeedForward):
             out = self.norm3(self._feed_forward_residual(x, x, self.dropout3))
         return out if weights is None else (out, tuple(weights))
 
-    def _forward_train(self, tgt, memory, tgt_mask, memory_mask, tgt_key_padding_mask,
-                       memory_key_padding_mask, tgt_is_causal, memory_is_causal, weights):
+    def _forward_train(self, tgt: npt.ArrayLike, memory: npt.ArrayLike, tgt_mask: Any, memory_mask: Any,
+                       tgt_key_padding_mask: Any, memory_key_padding_mask: Any, tgt_is_causal: bool,
+                       memory_is_causal: bool, weights: list[Any] | None) -> _Array:
         x = F._as_float_array(tgt, type(self).__name__, "tgt")
         memory = F._as_float_array(memory, type(self).__name__, "memory")
         if self.norm_first:
@@ -293,7 +362,7 @@ class TransformerDecoderLayer(Module, _FeedForward):
         self._save(out.shape, out.dtype, pre)
         return out
 
-    def _backward(self, grad):
+    def _backward(self, grad: npt.ArrayLike) -> tuple[_Array, _Array]:
         """(d_tgt, d_memory): memory is cross-attention's key and value, so
         its gradient is the sum of those two."""
         shape, dtype, pre = self._saved
@@ -312,7 +381,7 @@ class TransformerDecoderLayer(Module, _FeedForward):
         return g + dq1 + dk1 + dv1, dk + dv
 
 
-def _clones(layer, num_layers):
+def _clones(layer: Module, num_layers: int) -> ModuleList:
     """num_layers deep copies of layer, as PyTorch makes them; each copy's
     dropout draws from its own generator, seeded from the original's."""
     if isinstance(num_layers, bool) or not isinstance(num_layers, (int, np.integer)) or num_layers < 1:
@@ -328,23 +397,26 @@ def _clones(layer, num_layers):
 class TransformerEncoder(Module):
     """num_layers copies of encoder_layer (state-dict keys layers.0., layers.1.,
     ...) and an optional final norm. forward(src, mask=None,
-    src_key_padding_mask=None, is_causal=False)."""
+    src_key_padding_mask=None, is_causal=False), shapes as
+    TransformerEncoderLayer's."""
 
-    def __init__(self, encoder_layer, num_layers, norm=None):
+    def __init__(self, encoder_layer: TransformerEncoderLayer, num_layers: int,
+                 norm: Module | None = None) -> None:
         super().__init__()
         self.layers = _clones(encoder_layer, num_layers)
         self.num_layers = len(self.layers)
         self.norm = norm
 
-    def forward(self, src, mask=None, src_key_padding_mask=None, is_causal=False):
-        x = src
+    def forward(self, src: npt.ArrayLike, mask: npt.ArrayLike | None = None,
+                src_key_padding_mask: npt.ArrayLike | None = None, is_causal: bool = False) -> _Float:
+        x: Any = src
         for layer in self.layers:
             x = layer(x, src_mask=mask, src_key_padding_mask=src_key_padding_mask, is_causal=is_causal)
         x = x if self.norm is None else self.norm(x)
         self._save(True)
         return x
 
-    def _backward(self, grad):
+    def _backward(self, grad: Any) -> _Array:
         """d_src: through the final norm, then each layer in reverse."""
         if self.norm is not None:
             grad = self.norm.backward(grad)
@@ -361,21 +433,24 @@ class TransformerDecoder(Module):
 
     kv_caches (eval mode, for decoding a step at a time): one KVCache per
     layer, e.g. [nn.KVCache() for _ in range(decoder.num_layers)]; tgt then
-    holds only the new positions (see TransformerDecoderLayer)."""
+    holds only the new positions (see TransformerDecoderLayer, and its shapes)."""
 
-    def __init__(self, decoder_layer, num_layers, norm=None):
+    def __init__(self, decoder_layer: TransformerDecoderLayer, num_layers: int,
+                 norm: Module | None = None) -> None:
         super().__init__()
         self.layers = _clones(decoder_layer, num_layers)
         self.num_layers = len(self.layers)
         self.norm = norm
 
-    def forward(self, tgt, memory, tgt_mask=None, memory_mask=None, tgt_key_padding_mask=None,
-                memory_key_padding_mask=None, tgt_is_causal=False, memory_is_causal=False,
-                kv_caches=None):
+    def forward(self, tgt: npt.ArrayLike, memory: npt.ArrayLike, tgt_mask: npt.ArrayLike | None = None,
+                memory_mask: npt.ArrayLike | None = None,
+                tgt_key_padding_mask: npt.ArrayLike | None = None,
+                memory_key_padding_mask: npt.ArrayLike | None = None, tgt_is_causal: bool = False,
+                memory_is_causal: bool = False, kv_caches: Sequence[KVCache] | None = None) -> _Float:
         if kv_caches is not None and len(kv_caches) != self.num_layers:
             raise ValueError(f"TransformerDecoder: kv_caches needs one KVCache per layer "
                              f"({self.num_layers}), got {len(kv_caches)}")
-        x = tgt
+        x: Any = tgt
         for i, layer in enumerate(self.layers):
             x = layer(x, memory, tgt_mask=tgt_mask, memory_mask=memory_mask,
                       tgt_key_padding_mask=tgt_key_padding_mask,
@@ -386,12 +461,12 @@ class TransformerDecoder(Module):
         self._save(True)
         return x
 
-    def _backward(self, grad):
+    def _backward(self, grad: Any) -> tuple[_Array, _Array]:
         """(d_tgt, d_memory): every layer reads memory, so its gradient is the
         sum of theirs."""
         if self.norm is not None:
             grad = self.norm.backward(grad)
-        d_memory = None
+        d_memory: Any = None
         for layer in reversed(list(self.layers)):
             grad, d = layer.backward(grad)
             d_memory = d if d_memory is None else d_memory + d
