@@ -112,3 +112,17 @@ def test_reference_attention_dropout_needs_its_seed():
         reference.scaled_dot_product_attention(q, q, q, dropout_p=0.5)
     with pytest.raises(ValueError, match="dropout_p=0.5 needs dropout_seed"):
         reference.scaled_dot_product_attention_backward(q, q, q, q, dropout_p=0.5)
+
+
+# nn.Tanh's forward on a 0-d array gave a NumPy scalar (np.float64), not a 0-d
+# ndarray as every other activation module does (np.tanh of a 0-d array
+# returns a scalar). Found through t_module_layers on a shape () input.
+@pytest.mark.parametrize("name", ["Tanh", "GELU", "ReLU", "SiLU", "Sigmoid", "Identity"])
+def test_activation_module_on_a_0d_array_returns_an_ndarray(name):
+    from attnkit import nn
+    m = getattr(nn, name)()
+    m.train()
+    y = m(np.array(0.5))
+    assert isinstance(y, np.ndarray) and y.shape == () and y.dtype == np.float64
+    dx = m.backward(np.array(1.0))                      # and so does its backward
+    assert isinstance(dx, np.ndarray) and dx.shape == () and dx.dtype == np.float64

@@ -415,13 +415,15 @@ class _Activation(Module):
     def forward(self, x: npt.ArrayLike) -> _Float:
         """x (..., any shape) -> x's shape."""
         x = F._as_float_array(x, type(self).__name__, "input")
-        out = self._apply(x)
+        # np.asarray: a ufunc given a 0-d array returns a NumPy scalar, and a
+        # module returns an array whatever the input's rank
+        out = np.asarray(self._apply(x))
         self._save(x, out)
         return out
 
     def _backward(self, grad: npt.ArrayLike) -> _Array:
         x, out = self._saved
-        return self._derivative(self._check_grad(grad, x.shape, x.dtype), x, out)
+        return np.asarray(self._derivative(self._check_grad(grad, x.shape, x.dtype), x, out))
 
     def _apply(self, x: _Array) -> _Array:
         raise NotImplementedError
