@@ -654,15 +654,19 @@ def t_dropout(g):
     p = g.pick((0.5, 0.1, 0.0, 1.0, 0.999999, -0.5, 2.0, float("nan"), "0.5", np.float32(0.3)))
     seed = g.pick((None, 0, 123, 2**32 - 1, 2**32, -1, True))
     x0 = np.array(x, copy=True) if is_float(x) else None
+    training = g.pick((True, True, False, 1))
     try:
-        y = F.dropout(x, p, training=g.pick((True, True, False, 1)), seed=seed)
+        y = F.dropout(x, p, training=training, seed=seed)
     except CLEAN:
         return
     check(y.shape == np.shape(x), "dropout: shape")
     if is_float(x) and finite(x0) and isinstance(p, float) and p < 1:
         kept = y != 0
-        check(np.allclose(np.asarray(y)[kept], x0[kept] / (1 - p) if y is not x else x0[kept],
-                          rtol=1e-5, atol=0, equal_nan=False) or not g.moderate, "dropout: kept values wrong")
+        # in training, kept values are scaled by 1/(1-p); out of it (and a
+        # Python float or 0-d input comes back as a new 0-d array) untouched
+        expected = x0[kept] / (1 - p) if training else x0[kept]
+        check(np.allclose(np.asarray(y)[kept], expected, rtol=1e-5, atol=0, equal_nan=False)
+              or not g.moderate, "dropout: kept values wrong")
 
 
 # ---------------------------------------------------------------------------
