@@ -171,9 +171,14 @@ class Gen:
         return self.layout(self.values(shape, dtype, scale, specials))
 
     def weird(self):
-        """Something that is not an array at all, now and then."""
-        return self.pick((None, "abc", [1.0, 2.0], [[1.0], [2.0, 3.0]], 3.0, np.float32(1.5), {}, (),
-                          np.array(1.0), np.array([], dtype=np.float32), 1 << 70, float("nan"), b"x"))
+        """Something that is not an array at all, now and then. NaN and
+        1 << 70 are not moderate values: the invariants on finite inputs do
+        not hold for them."""
+        value = self.pick((None, "abc", [1.0, 2.0], [[1.0], [2.0, 3.0]], 3.0, np.float32(1.5), {}, (),
+                           np.array(1.0), np.array([], dtype=np.float32), 1 << 70, float("nan"), b"x"))
+        if isinstance(value, (int, float)) and not (math.isfinite(value) and abs(value) < 1e4):
+            self.moderate = False
+        return value
 
     def maybe_weird(self, arr):
         return self.weird() if self.int(0, 40) == 0 else arr
