@@ -329,6 +329,7 @@ def t_softmax_backward(g):
     except CLEAN:
         return
     check(is_float(y) and is_float(grad), "softmax_backward accepted a non-float operand")
+    y = np.asarray(y)                   # a list of floats is array-like, and accepted
     check(dx.shape == y.shape and dx.dtype == y.dtype, f"{fn.__name__}: result {dx.shape} {dx.dtype}")
     if g.moderate and y.size:
         check(finite(dx), f"{fn.__name__}: non-finite gradient from finite input")
