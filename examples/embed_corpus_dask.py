@@ -71,9 +71,10 @@ checkpoint installed on each machine, and pass --threads-per-worker so that
 W x threads fits each machine's cores). You should see one line saying how
 the corpus was cut, and one with the sentences per second and the workers x
 threads; np.load(output) is an (n, 384) float32 array. On one machine Dask
-only adds overhead: on 2 busy cores, 2000 sentences went at 89 a second in
-one process on 2 threads, 82 on 1 worker x 2 threads and 58 on 2 workers x
-1 thread. It pays off when there are more machines than one.
+only adds overhead: on 2 cores, 2000 sentences went at 285 a second in one
+process on 2 threads (plain encode()), 243 on 2 workers x 1 thread and 196
+on 1 worker x 2 threads (median of 3 rounds). It pays off when there are
+more machines than one.
 
 main(argv) returns the key figures as a dict (tests/test_embed_corpus_dask.py
 uses it).
