@@ -20,8 +20,8 @@ measured it: 120 sentences encoded one at a time instead of in batches of
 worker an arbitrary slice of the corpus, which encode() then batches its own
 way, does NOT reproduce the single-process result. What does:
 
-  1. the driver orders the corpus exactly as encode() does (longest first,
-     ties in file order: a stable sort on -len(sentence)) and cuts that
+  1. the driver orders the corpus with encode()'s own order (longest first,
+     ties in file order: SentenceEncoder.length_order) and cuts that
      order into encode()'s batches of --batch-size;
   2. a partition is a run of WHOLE batches (--partition-size is rounded
      down to a multiple of --batch-size), so the worker's encode() of its
@@ -117,9 +117,11 @@ def read_corpus(path):
 
 def plan_partitions(sentences, batch_size, partition_size):
     """The corpus cut as SentenceEncoder.encode() would batch it: row
-    indices longest first (a stable sort on -len, as encode() does), in
-    partitions of whole batches. Returns a list of index arrays."""
-    order = sorted(range(len(sentences)), key=lambda i: -len(sentences[i]))
+    indices in encode()'s own order (SentenceEncoder.length_order, longest
+    first), in partitions of whole batches. Returns a list of index arrays."""
+    from attnkit.models import SentenceEncoder
+
+    order = SentenceEncoder.length_order(sentences)
     per_partition = max(1, partition_size // batch_size) * batch_size
     return [np.array(order[s:s + per_partition], dtype=np.int64)
             for s in range(0, len(order), per_partition)]

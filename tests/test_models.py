@@ -115,6 +115,12 @@ def test_encode_edge_cases(encoder):
     np.testing.assert_array_equal(encoder.encode(texts), encoder.encode(list(texts)))
 
 
+def test_length_order_is_a_stable_longest_first_order():
+    # encode()'s batches, which examples/embed_corpus_dask.py cuts partitions by
+    assert SentenceEncoder.length_order(["a", "ccc", "bb", "dd", ""]) == [1, 2, 3, 0, 4]
+    assert SentenceEncoder.length_order([]) == []
+
+
 @needs_checkpoint
 def test_encode_shows_progress_only_when_asked(encoder, capsys, monkeypatch):
     texts = [f"sentence number {i}" for i in range(10)]

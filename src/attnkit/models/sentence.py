@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -99,6 +99,13 @@ class SentenceEncoder:
         mask = np.array([e.attention_mask for e in encodings], dtype=np.int64).reshape(shape)
         return ids, mask
 
+    @staticmethod
+    def length_order(sentences: Sequence[str]) -> list[int]:
+        """The indices of sentences (n) longest first, ties in their given
+        order: the order encode() batches them in (a stable sort on -len).
+        Cut into runs of batch_size, it gives encode()'s batches."""
+        return sorted(range(len(sentences)), key=lambda i: -len(sentences[i]))
+
     def encode(self, sentences: Iterable[str], batch_size: int = 32,
                show_progress_bar: bool = False) -> npt.NDArray[np.float32]:
         """(n, hidden) float32 embeddings of n sentences, in their order.
@@ -122,7 +129,7 @@ class SentenceEncoder:
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"batch_size must be an integer of at least 1, got {batch_size!r}")
         out = np.empty((len(sentences), self.model.config.hidden_size), np.float32)
-        order = sorted(range(len(sentences)), key=lambda i: -len(sentences[i]))
+        order = self.length_order(sentences)
         batches = range(0, len(order), batch_size)
         with progress_bar(len(batches), desc="encode", unit="batch", enabled=bool(show_progress_bar)) as bar:
             for start in batches:
